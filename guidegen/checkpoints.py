@@ -1,0 +1,24 @@
+"""Shipped demo checkpoints (package data under ``guidegen/checkpoints/``).
+
+A checkpoint is a directory with ``model.safetensors``, ``config.yaml`` and ``meta.json``
+(DESIGN §7). The shipped ones live in ``guidegen/checkpoints/<preset>/<stage>/``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+STAGES = ("tcss", "autoencoder", "ldm")
+
+
+def shipped_root() -> Path:
+    return Path(str(resources.files("guidegen") / "checkpoints"))
+
+
+def list_shipped() -> list[str]:
+    """Names ``<preset>/<stage>`` of shipped checkpoint directories that hold weights."""
+    root = shipped_root()
+    if not root.is_dir():
+        return []
+    return sorted(f"{p.parent.name}/{p.name}" for p in root.glob("*/*") if (p / "model.safetensors").is_file())

@@ -1,0 +1,174 @@
+"""Typed configuration: one pydantic model per stage, loaded from YAML with readable errors.
+
+``load_config("demo")`` loads the shipped preset ``guidegen/configs/demo.yaml``;
+``load_config("my.yaml")`` a user's file. A YAML file only has to name what it changes: the
+defaults below fill the rest. An unknown key or a value of the wrong type is reported as one
+line naming the file and the dotted key (``demo.yaml: tcss.train.lr: Input should be a valid
+number``).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from guidegen.errors import GuideGenError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(_Strict):
+    """Optimisation loop settings shared by the three trainers."""
+
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(2000, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(250, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+
+
+class DataConfig(_Strict):
+    """Training grid and label set (shared by all stages)."""
+
+    grid: tuple[int, int, int] = (48, 48, 64)  # (X, Y, Z) voxels, RAS; every axis divisible by 8
+    label_set: str = "guidegen22"
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_divisible(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(n < 8 or n % 8 for n in v):
+            raise ValueError(f"every grid axis must be a multiple of 8 and >= 8, got {list(v)}")
+        return v
+
+
+class TextConfig(_Strict):
+    """Text encoder and knowledge-injection settings (DESIGN §5)."""
+
+    encoder: Literal["minilm", "hf", "trainable"] = "minilm"
+    hf_path: str | None = None  # local Hugging Face encoder directory when encoder == "hf"
+    max_tokens: int = Field(64, ge=4)
+    num_queries: int = Field(16, ge=1)  # learnable queries of the knowledge-injection module
+    context_dim: int = Field(128, ge=8)  # width of the context tokens the UNets cross-attend to
+    cond_drop_prob: float = Field(0.1, ge=0, le=1)  # classifier-free guidance training dropout
+
+
+class TCSSConfig(_Strict):
+    """Stage 1: categorical diffusion over label maps (DESIGN §6)."""
+
+    timesteps: int = Field(1000, ge=2)
+    schedule: Literal["cosine"] = "cosine"
+    t_power: float = Field(1.5, ge=0)  # training t sampled with probability ∝ t^t_power
+    aux_ce_weight: float = Field(0.0, ge=0)
+    channels: tuple[int, ...] = (32, 64, 96, 128)
+    attention_levels: tuple[bool, ...] = (False, False, True, True)
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(32, ge=1)
+    sample_steps: int = Field(50, ge=1)
+    guidance: float = Field(1.5, ge=0)
+    train: TrainConfig = TrainConfig()
+
+
+class AutoencoderConfig(_Strict):
+    """Stage 2: anatomy-aware HDR KL autoencoder (DESIGN §6)."""
+
+    hu_range: tuple[float, float] = (-1024.0, 2048.0)  # mapped linearly to [-1, 1]
+    channels: tuple[int, ...] = (16, 32, 64)  # ×2 downsampling between levels → ×4 in all
+    latent_channels: int = Field(4, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    label_embed_dim: int = Field(8, ge=1)
+    kl_weight: float = Field(1e-6, ge=0)
+    window_weight: float = Field(1.0, ge=0)
+    ssim_weight: float = Field(0.2, ge=0)
+    full_range_weight: float = Field(1.0, ge=0)
+    adv_weight: float = Field(0.05, ge=0)
+    disc_start: int = Field(1000, ge=0)
+    train: TrainConfig = TrainConfig()
+
+
+class LDMConfig(_Strict):
+    """Stage 3: Gaussian latent diffusion conditioned on labels and text (DESIGN §6)."""
+
+    timesteps: int = Field(1000, ge=2)
+    prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sample_steps: int = Field(50, ge=1)
+    guidance: float = Field(1.5, ge=0)
+    channels: tuple[int, ...] = (64, 128)
+    attention_levels: tuple[bool, ...] = (False, True)
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(32, ge=1)
+    train: TrainConfig = TrainConfig()
+
+
+class GuideGenConfig(_Strict):
+    name: str = "custom"
+    data: DataConfig = DataConfig()
+    text: TextConfig = TextConfig()
+    tcss: TCSSConfig = TCSSConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    ldm: LDMConfig = LDMConfig()
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset (``demo``, ``torso-128``, ...)."""
+    return Path(str(resources.files("guidegen") / "configs" / f"{name}.yaml"))
+
+
+def _format_validation_error(origin: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        msg = f"{origin}: unknown key '{key}'"
+    else:
+        msg = f"{origin}: {key}: {err['msg']} (got {err.get('input')!r})"
+    more = len(exc.errors()) - 1
+    return msg + (f" (+{more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def config_from_dict(raw: dict, origin: str = "config") -> GuideGenConfig:
+    try:
+        return GuideGenConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise GuideGenError(_format_validation_error(origin, exc)) from None
+
+
+def load_config(name_or_path: str | Path | None = None) -> GuideGenConfig:
+    """Load a preset by name or a YAML file by path; ``None`` gives the ``demo`` preset."""
+    source = str(name_or_path) if name_or_path is not None else "demo"
+    path = Path(source)
+    if path.suffix not in (".yaml", ".yml"):
+        path = preset_path(source)
+        if not path.is_file():
+            raise GuideGenError(f"unknown config preset {source!r} (give a .yaml path or a preset name)")
+    if not path.is_file():
+        raise GuideGenError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise GuideGenError(f"{path}: malformed YAML{where} ({getattr(exc, 'problem', None) or 'parse error'})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise GuideGenError(f"{path}: a config must be a YAML mapping, got {type(raw).__name__}")
+    return config_from_dict(raw, origin=path.name)
+
+
+def dump_config(cfg: GuideGenConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

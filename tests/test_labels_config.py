@@ -1,0 +1,69 @@
+import pytest
+
+from guidegen.config import GuideGenConfig, config_from_dict, load_config
+from guidegen.errors import GuideGenError
+from guidegen.labels import load_label_set
+
+
+def test_guidegen22_has_paper_classes_plus_body(label_set):
+    assert label_set.num_classes == 22
+    assert label_set.names[:4] == ["background", "spleen", "kidney", "liver"]
+    assert label_set.tumor_id == 20 and label_set.body_id == 21
+    assert len(label_set.organ_ids) == 19 and 0 not in label_set.organ_ids
+    assert label_set.colors().shape == (22, 3)
+
+
+@pytest.mark.parametrize(
+    "source,version,expected",
+    [("kidney_left", 2, "kidney"), ("lung_middle_lobe_right", 2, "lung"), ("vertebrae_T12", 2, "vertebrae"), ("rib_left_7", 2, "rib"),
+     ("heart_ventricle_left", 1, "heart"), ("heart", 2, "heart"), ("portal_vein_and_splenic_vein", 2, "portal_splenic_vein"), ("femur_left", 2, None)],
+)
+def test_totalsegmentator_names_map_to_groups(label_set, source, version, expected):
+    got = label_set.class_for_source(source, version=version)
+    assert (label_set.name_of(got) if got is not None else None) == expected
+
+
+def test_unknown_label_set_is_one_clear_error():
+    with pytest.raises(GuideGenError, match="unknown label set 'nope'"):
+        load_label_set("nope")
+
+
+def test_user_label_set_file_with_bad_ids(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\nclasses:\n  - {id: 0, name: background}\n  - {id: 5, name: liver}\n")
+    with pytest.raises(GuideGenError, match="entry 1 has id 5"):
+        load_label_set(str(p))
+
+
+def test_demo_preset_loads_and_defaults_fill_in():
+    cfg = load_config("demo")
+    assert isinstance(cfg, GuideGenConfig)
+    assert cfg.name == "demo" and cfg.data.grid == (48, 48, 64)
+    assert cfg.tcss.timesteps == 1000 and cfg.tcss.t_power == 1.5
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(GuideGenError, match=r"x\.yaml: unknown key 'tcss\.train\.learning_rate'"):
+        config_from_dict({"tcss": {"train": {"learning_rate": 1}}}, "x.yaml")
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(GuideGenError, match=r"x\.yaml: autoencoder\.latent_channels"):
+        config_from_dict({"autoencoder": {"latent_channels": "four"}}, "x.yaml")
+
+
+def test_grid_must_be_divisible_by_8():
+    with pytest.raises(GuideGenError, match="multiple of 8"):
+        config_from_dict({"data": {"grid": [48, 48, 60]}}, "x.yaml")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data:\n  grid: [48, 48\n  label_set: x\n")
+    with pytest.raises(GuideGenError, match=r"bad\.yaml: malformed YAML at line"):
+        load_config(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(GuideGenError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
