@@ -44,10 +44,12 @@ def orthogonal_slices(vol: np.ndarray, center: tuple[int, int, int] | None = Non
     axial = vol[:, :, cz]  # (X, Y)
     coronal = vol[:, cy, :]  # (X, Z)
     sagittal = vol[cx, :, :]  # (Y, Z)
+    # x grows towards the patient's right, so columns run x-descending to put the patient's
+    # right on the image left; rows run y- (or z-) descending to put anterior (superior) on top.
     return {
-        "axial": np.flipud(axial.T),  # rows: anterior at top; cols: right→left becomes image left→right
-        "coronal": np.flipud(coronal.T),  # rows: superior at top
-        "sagittal": np.flipud(sagittal.T)[:, ::-1],  # anterior on the left
+        "axial": np.flipud(axial.T)[:, ::-1],
+        "coronal": np.flipud(coronal.T)[:, ::-1],
+        "sagittal": np.flipud(sagittal.T)[:, ::-1],  # anterior on the image left
     }
 
 

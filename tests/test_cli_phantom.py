@@ -1,0 +1,117 @@
+"""The foundation issue's end-to-end checks of `guidegen phantom` (through the real CLI)."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from guidegen.data.layout import DatasetReader
+from guidegen.io import load_nifti
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "guidegen", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted((root / "ct").glob("*.nii.gz")) + sorted((root / "labels").glob("*.nii.gz")) + [root / "reports.jsonl"]:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ph") / "D"
+    res = run_cli("phantom", "--n", 4, "--size", 64, "--seed", 1, "--out", out, "--workers", 2)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_phantom_writes_the_layout(phantom_dir, label_set):
+    d = phantom_dir
+    info = json.loads((d / "dataset.json").read_text())
+    assert info["num_cases"] == 4 and info["format_version"] == 1
+    cts = sorted((d / "ct").glob("*.nii.gz"))
+    labs = sorted((d / "labels").glob("*.nii.gz"))
+    assert len(cts) == 4 and len(labs) == 4
+    for ct_path, lab_path in zip(cts, labs):
+        ct, ct_aff = load_nifti(ct_path, reorient_to_ras=False)
+        lab, lab_aff = load_nifti(lab_path, reorient_to_ras=False)
+        assert ct.dtype == np.int16 and lab.dtype == np.uint8
+        assert ct.shape == lab.shape == (64, 64, 64)
+        np.testing.assert_allclose(ct_aff, lab_aff)
+        assert lab.max() <= 21
+        present = set(np.unique(lab).tolist())
+        assert sum(i in present for i in label_set.organ_ids) >= 18
+        assert label_set.body_id in present
+    lines = [json.loads(x) for x in (d / "reports.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    assert all({"case", "text", "findings"} <= set(x) and x["text"] for x in lines)
+    assert len(list((d / "previews").glob("*.png"))) == 4
+
+
+def test_hu_medians_are_realistic(phantom_dir, label_set):
+    reader = DatasetReader(phantom_dir)
+    for case in reader.case_ids():
+        rec = reader.load_case(case)
+        med = lambda name: float(np.median(rec.ct[rec.labels == label_set.id_of(name)]))  # noqa: E731
+        assert med("lung") < -600
+        assert 20 <= med("liver") <= 200
+        assert med("vertebrae") > 150 and med("rib") > 150
+        assert np.median(rec.ct[rec.labels == 0]) < -900  # air outside the body
+        body = rec.ct[rec.labels == label_set.body_id]
+        fat = body[(body > -200) & (body < 0)]
+        assert -140 < np.median(fat) < -60  # subcutaneous/visceral fat
+        muscle = body[(body > 0) & (body < 150)]
+        assert 20 <= np.median(muscle) <= 200
+
+
+def test_same_seed_is_bitwise_identical_and_seeds_differ(phantom_dir, tmp_path):
+    again = tmp_path / "again"
+    assert run_cli("phantom", "--n", 4, "--size", 64, "--seed", 1, "--out", again, "--no-previews").returncode == 0
+    assert _digest(again) == _digest(phantom_dir)
+    other = tmp_path / "other"
+    assert run_cli("phantom", "--n", 4, "--size", 64, "--seed", 2, "--out", other, "--no-previews").returncode == 0
+    a, _ = load_nifti(phantom_dir / "labels" / "phantom_000002.nii.gz")
+    b, _ = load_nifti(other / "labels" / "phantom_000002.nii.gz")  # same seed 2 in both runs
+    np.testing.assert_array_equal(a, b)
+    c, _ = load_nifti(other / "labels" / "phantom_000005.nii.gz")
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("size", ["abc", "3", "48,48", "0", "9999"])
+def test_bad_size_is_one_line_error(tmp_path, size):
+    res = run_cli("phantom", "--n", 1, "--size", size, "--out", tmp_path / "x")
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: --size") and len(res.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in res.stderr
+
+
+def test_non_empty_out_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    res = run_cli("phantom", "--n", 1, "--size", 16, "--out", out, "--no-previews")
+    assert res.returncode == 2 and "not empty" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("phantom", "--n", 1, "--size", 16, "--out", out, "--no-previews", "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert DatasetReader(out).case_ids() == ["phantom_000000"]
+
+
+def test_unwritable_out(tmp_path):
+    res = run_cli("phantom", "--n", 1, "--size", 16, "--out", "/proc/guidegen_cannot_write_here")
+    assert res.returncode == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr
+
+
+def test_preview_and_info_commands(phantom_dir, tmp_path):
+    png = tmp_path / "one.png"
+    res = run_cli("preview", "--data", phantom_dir, "--case", "phantom_000001", "--out", png)
+    assert res.returncode == 0, res.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = run_cli("info")
+    assert res.returncode == 0 and "guidegen22" in res.stdout and "torch" in res.stdout
