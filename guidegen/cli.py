@@ -84,6 +84,72 @@ def preview(
         typer.echo(str(target))
 
 
+# ------------------------------------------------------------------------------- prepare
+@app.command()
+def prepare(
+    ct: Path = typer.Option(..., "--ct", help="Folder of CT volumes: <case>.nii[.gz] files or <case>/ DICOM series folders."),
+    labels: Path = typer.Option(..., "--labels", help="TotalSegmentator output: <case>.nii.gz multi-label files or <case>/ folders of per-class masks."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output dataset directory (a re-run skips complete cases)."),
+    tumors: Optional[Path] = typer.Option(None, "--tumors", help="Folder of <case>.nii.gz tumour masks (non-zero = tumour)."),
+    body: Optional[Path] = typer.Option(None, "--body", help="Folder of <case>.nii.gz body masks (default: derived from the CT)."),
+    reports: Optional[Path] = typer.Option(None, "--reports", help="CSV/TSV or JSONL file with a case id and a report text per row."),
+    report_id_column: str = typer.Option("case", "--report-id-column", help="Case id column (default 'case'; 'id'/'case_id' also found)."),
+    report_text_column: str = typer.Option("text", "--report-text-column", help="Report text column (default 'text'; 'report' also found)."),
+    label_set: str = typer.Option("guidegen22", "--label-set", help="Label set name or YAML path."),
+    totalseg_version: int = typer.Option(2, "--totalseg-version", help="TotalSegmentator class ids of multi-label files: 2 (117 classes) or 1 (104)."),
+    size: str = typer.Option("48,48,64", "--size", help="Training-cache grid: S or X,Y,Z."),
+    margin_mm: float = typer.Option(10.0, "--margin-mm", help="Margin around the torso bounding box (mm)."),
+    workers: int = typer.Option(1, "--workers", help="Parallel worker processes."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only validate and print a summary table; write nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset in --out instead of resuming it."),
+    previews: bool = typer.Option(True, "--previews/--no-previews", help="Write previews/<case>.png."),
+) -> None:
+    """Validate a user's CT, TotalSegmentator masks and reports; write the dataset and its training cache."""
+    from rich.console import Console
+
+    from guidegen.data.layout import parse_grid
+    from guidegen.data.prepare import PrepareOptions, prepare_dataset, summary_table
+
+    if margin_mm < 0:
+        raise GuideGenError(f"--margin-mm must be >= 0, got {margin_mm}")
+    opts = PrepareOptions(label_set=label_set, totalseg_version=totalseg_version, grid=parse_grid(size, option="--size"), margin_mm=margin_mm, previews=previews)
+    report = prepare_dataset(
+        ct, labels, out, tumors=tumors, body=body, reports=reports, report_id_column=report_id_column,
+        report_text_column=report_text_column, options=opts, workers=workers, dry_run=dry_run, overwrite=overwrite,
+    )
+    if dry_run:
+        Console(width=max(Console().width, 140)).print(summary_table(report))
+    typer.echo(f"{report.summary_line()} in {report.seconds:.1f} s")
+    report.raise_for_problems()
+
+
+# --------------------------------------------------------------------------------- parse
+@app.command()
+def parse(
+    text: str = typer.Argument(..., help="Report or prompt text (quote it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object (sex, age, tumors, t/n/m_stage, phase, smoking)."),
+) -> None:
+    """Print the findings read from a report or prompt (and the canonical prompt built from them)."""
+    from guidegen.text.findings import parse_findings
+    from guidegen.text.prompts import canonical_prompt
+
+    if not text.strip():
+        raise GuideGenError("parse: the prompt is empty; give a report or prompt text, e.g. guidegen parse \"62-year-old man, 4 cm mass in the left kidney\"")
+    findings = parse_findings(text)
+    if as_json:
+        typer.echo(findings.to_json())
+        return
+    d = findings.to_dict()
+    for key in ("sex", "age", "t_stage", "n_stage", "m_stage", "phase", "smoking"):
+        typer.echo(f"{key:<10} {'unknown' if d[key] is None else d[key]}")
+    if not findings.tumors:
+        typer.echo(f"{'tumors':<10} none")
+    for i, t in enumerate(findings.tumors, 1):
+        size = "size unknown" if t.size_mm is None else f"{t.size_mm:g} mm"
+        typer.echo(f"{'tumor ' + str(i):<10} {t.site}{' (' + t.side + ')' if t.side else ''}, {size}")
+    typer.echo(f"{'prompt':<10} {canonical_prompt(findings)}")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning known errors into one line + exit 2."""
     try:

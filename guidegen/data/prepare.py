@@ -1,0 +1,777 @@
+"""``guidegen prepare``: turn a user's CT, TotalSegmentator masks and reports into a dataset.
+
+Inputs (matched to cases by id):
+
+- CT: ``<id>.nii[.gz]`` files, or ``<id>/`` folders holding one DICOM series each.
+- Organ labels: TotalSegmentator output, either one multi-label ``<id>.nii.gz`` with the
+  ``total`` task's ids (v2 by default, v1 with ``totalseg_version=1``) or one folder ``<id>/``
+  of per-class binary masks named by class (``liver.nii.gz``, ``kidney_left.nii.gz``, ...; a
+  ``body.nii.gz`` there is used as the body envelope). Classes are mapped to the label set by
+  name (lateral pairs, lung lobes, vertebrae, ribs merged); TotalSegmentator classes that the
+  label set does not use (trachea, femur, muscles, ...) fall back to background / body.
+- Tumour masks (optional): ``<id>.nii.gz``; every non-zero voxel becomes the tumour class.
+- Body masks (optional): ``<id>.nii.gz``; otherwise the envelope is derived from the CT.
+- Reports (optional): CSV/TSV or JSONL with a case-id and a text column.
+
+Design decision — one pass, per case: every case is validated completely (all of its problems
+collected, not just the first) and, only if it has none, written right away by the same worker.
+A bad case therefore never writes anything and never stops the good ones; at the end every
+problem of the run (input matching, reports and all cases) is listed, one line each with the
+file and the reason, and the CLI exits with code 2. Validating everything first and writing in
+a second pass would read every volume twice, which is the slow part on real data.
+
+A case is complete when its ``meta/<id>.json`` exists (the layout's commit marker), so a re-run
+into the same ``--out`` skips complete cases and redoes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from guidegen.data.cache import PreprocessCache, PreprocessConfig, preprocess_case, torso_bbox
+from guidegen.data.dicom import looks_like_dicom_folder, read_dicom_series
+from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check_case_id
+from guidegen.data.totalseg import BODY_CLASS_NAMES, known_class_names, totalseg_classes
+from guidegen.errors import GuideGenError
+from guidegen.io import is_nifti, load_nifti, spacing_from_affine, strip_nifti_suffix
+from guidegen.labels import LabelSet, load_label_set
+
+BODY_HU_THRESHOLD = -500.0  # DESIGN §2: tissue of the body envelope is denser than this
+AIR_HU_REQUIRED = -500.0  # a torso CT in HU has air (outside, lungs) below this somewhere
+ID_COLUMNS = ("case", "id", "case_id")
+TEXT_COLUMNS = ("text", "report", "report_text")
+
+
+# ----------------------------------------------------------------------------- data types
+@dataclass
+class PrepareOptions:
+    """Settings of one prepare run (picklable: it travels to the worker processes)."""
+
+    label_set: str = "guidegen22"
+    totalseg_version: int = 2
+    grid: tuple[int, int, int] = (48, 48, 64)
+    margin_mm: float = 10.0
+    geometry_tol_mm: float = 1e-3
+    direction_tol: float = 1e-4
+    previews: bool = True
+
+
+@dataclass
+class CaseInputs:
+    """The matched input files of one case."""
+
+    case: str
+    ct: Path  # NIfTI file or DICOM series folder
+    labels: Path  # multi-label NIfTI file or per-class folder
+    tumor: Path | None = None
+    body: Path | None = None
+    report: str | None = None  # report text, when the reports file has one
+
+    @property
+    def ct_kind(self) -> str:
+        return "dicom" if self.ct.is_dir() else "nifti"
+
+    @property
+    def labels_kind(self) -> str:
+        return "per-class" if self.labels.is_dir() else "multi-label"
+
+
+@dataclass
+class CaseResult:
+    """Outcome of one case: ``status`` is written, valid (dry run), skipped or invalid."""
+
+    case: str
+    status: str
+    problems: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class PrepareReport:
+    """What a run did: per-case results plus problems that belong to no single case."""
+
+    results: list[CaseResult]
+    input_problems: list[str]
+    out: Path | None
+    dry_run: bool
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def problems(self) -> list[str]:
+        return self.input_problems + [p for r in self.results for p in r.problems]
+
+    def summary_line(self) -> str:
+        if self.dry_run:
+            return f"dry run: {self.count('valid')} valid case(s), {self.count('invalid')} invalid, {len(self.problems)} problem(s); nothing written"
+        return (
+            f"wrote {self.count('written')} case(s) to {self.out} ({self.count('skipped')} already done, skipped); "
+            f"{self.count('invalid')} case(s) with problems not written; {len(self.problems)} problem(s)"
+        )
+
+    def raise_for_problems(self) -> None:
+        """Raise one :class:`GuideGenError` listing every problem (one line each), if any."""
+        problems = self.problems
+        if problems:
+            head = f"{len(problems)} problem(s) in the input; {self.summary_line()}"
+            raise GuideGenError("\n".join([head, *(f"  {p}" for p in problems)]))
+
+
+# ------------------------------------------------------------------------ input discovery
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _scan_volumes(folder: Path, what: str, *, allow_dirs: str | None) -> tuple[dict[str, Path], list[str]]:
+    """Map case id → NIfTI file (or sub-folder when ``allow_dirs``) in ``folder``; plus problems.
+
+    ``allow_dirs``: ``"dicom"`` (sub-folders must hold DICOM), ``"classes"`` (per-class mask
+    folders) or None (sub-folders are not inputs).
+    """
+    if not folder.is_dir():
+        raise GuideGenError(f"{what} {folder}: not a directory")
+    found: dict[str, Path] = {}
+    problems: list[str] = []
+    for p in _visible(folder):
+        if p.is_dir():
+            if allow_dirs is None:
+                problems.append(f"{p}: unexpected folder in {what} (expected <case>.nii.gz files)")
+                continue
+            if allow_dirs == "dicom" and not looks_like_dicom_folder(p):
+                problems.append(f"{p}: folder holds no DICOM files (expected one DICOM series per folder)")
+                continue
+            if allow_dirs == "classes" and not any(is_nifti(f) for f in p.iterdir()):
+                problems.append(f"{p}: per-class folder holds no NIfTI masks")
+                continue
+            case = p.name
+        elif is_nifti(p):
+            case = strip_nifti_suffix(p.name)
+        else:
+            problems.append(f"{p}: not a NIfTI file (expected .nii or .nii.gz{' or a DICOM series folder' if allow_dirs == 'dicom' else ''})")
+            continue
+        try:
+            check_case_id(case)
+        except GuideGenError:
+            problems.append(f"{p}: invalid case id {case!r} (use letters, digits, '.', '_' or '-')")
+            continue
+        if case in found:
+            problems.append(f"{p}: duplicate case id {case!r} (also {found[case].name}); case skipped")
+            found[case] = None  # type: ignore[assignment]  # poisoned: neither input is used
+        else:
+            found[case] = p
+    return found, problems
+
+
+def _pick_column(columns: list[str], requested: str, fallbacks: tuple[str, ...], option: str, source: Path) -> str:
+    if requested in columns:
+        return requested
+    if requested == fallbacks[0]:  # the default: accept the common alternatives too
+        for name in fallbacks[1:]:
+            if name in columns:
+                return name
+    raise GuideGenError(f"{source}: no column {requested!r} (set {option}); columns: {', '.join(columns) or 'none'}")
+
+
+def load_reports(path: str | os.PathLike, *, id_column: str = "case", text_column: str = "text") -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Read a CSV/TSV or JSONL reports file; return ``({case: (text, where)}, problems)``.
+
+    ``where`` is ``"file line N"`` for messages. The id column defaults to ``case`` (also
+    accepting ``id``/``case_id``) and the text column to ``text`` (also ``report``/``report_text``).
+    A missing column raises :class:`GuideGenError`; bad rows are returned as problems.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GuideGenError(f"--reports {path}: file not found")
+    rows: list[tuple[int, dict]] = []
+    problems: list[str] = []
+    suffix = path.suffix.lower()
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GuideGenError(f"--reports {path}: cannot read ({type(exc).__name__})") from None
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        columns = list(reader.fieldnames or [])
+        rows = [(i + 2, row) for i, row in enumerate(reader)]  # line 1 is the header
+    elif suffix in (".jsonl", ".ndjson", ".json"):
+        columns_seen: dict[str, None] = {}
+        for lineno, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path} line {lineno}: not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"{path} line {lineno}: expected a JSON object")
+                continue
+            columns_seen.update(dict.fromkeys(obj))
+            rows.append((lineno, obj))
+        columns = list(columns_seen)
+    else:
+        raise GuideGenError(f"--reports {path}: unknown format {suffix or '(no suffix)'}; use .csv, .tsv or .jsonl")
+    if not rows:
+        return {}, problems
+    id_col = _pick_column(columns, id_column, ID_COLUMNS, "--report-id-column", path)
+    text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "--report-text-column", path)
+    reports: dict[str, tuple[str, str]] = {}
+    for lineno, row in rows:
+        case = strip_nifti_suffix(str(row.get(id_col) or "").strip())
+        text = str(row.get(text_col) or "").strip()
+        where = f"{path} line {lineno}"
+        if not case:
+            problems.append(f"{where}: empty case id")
+        elif case in reports:
+            problems.append(f"{where}: duplicate report for case {case!r} (first at {reports[case][1].split()[-1]})")
+        elif text:
+            reports[case] = (text, where)
+    return reports, problems
+
+
+def discover_cases(
+    ct_dir: str | os.PathLike,
+    labels_dir: str | os.PathLike,
+    *,
+    tumors_dir: str | os.PathLike | None = None,
+    body_dir: str | os.PathLike | None = None,
+    reports: str | os.PathLike | None = None,
+    report_id_column: str = "case",
+    report_text_column: str = "text",
+) -> tuple[list[CaseInputs], list[str]]:
+    """Match the input files by case id; return the matched cases and the matching problems.
+
+    Problems (one line each): unreadable entries, duplicate ids, CT without labels, labels /
+    tumour / body files without a CT, report rows for cases that are not in the input.
+    """
+    cts, problems = _scan_volumes(Path(ct_dir), "--ct", allow_dirs="dicom")
+    labels, p = _scan_volumes(Path(labels_dir), "--labels", allow_dirs="classes")
+    problems += p
+    extra: dict[str, dict[str, Path]] = {}
+    for name, folder in (("--tumors", tumors_dir), ("--body", body_dir)):
+        if folder is not None:
+            extra[name], p = _scan_volumes(Path(folder), name, allow_dirs=None)
+            problems += p
+    texts: dict[str, tuple[str, str]] = {}
+    if reports is not None:
+        texts, p = load_reports(reports, id_column=report_id_column, text_column=report_text_column)
+        problems += p
+
+    cases: list[CaseInputs] = []
+    for case in sorted(cts):
+        if cts[case] is None:
+            continue  # duplicate id, already reported
+        if case not in labels:
+            problems.append(f"{cts[case]}: no labels for case {case!r} (looked for {Path(labels_dir) / case}.nii.gz or {Path(labels_dir) / case}/)")
+            continue
+        if labels[case] is None or any(extra[k].get(case, 0) is None for k in extra):
+            continue  # duplicate id in another input, already reported
+        cases.append(
+            CaseInputs(
+                case=case,
+                ct=cts[case],
+                labels=labels[case],
+                tumor=extra.get("--tumors", {}).get(case),
+                body=extra.get("--body", {}).get(case),
+                report=texts[case][0] if case in texts else None,
+            )
+        )
+    for name, found in (("--labels", labels), *extra.items()):
+        for case, path in sorted(found.items()):
+            if path is not None and case not in cts:
+                problems.append(f"{path}: {name} file has no matching CT (case {case!r})")
+    for case, (_, where) in sorted(texts.items()):
+        if case not in cts:
+            problems.append(f"{where}: report for case {case!r}, which has no CT/labels in the input")
+    return cases, problems
+
+
+# ------------------------------------------------------------------------------- loading
+def _check_geometry(path: Path, shape: tuple, affine: np.ndarray, ref_shape: tuple, ref_affine: np.ndarray, opts: PrepareOptions) -> str | None:
+    """One-line reason why a mask's grid differs from the CT's, or None when they match."""
+    if tuple(shape) != tuple(ref_shape):
+        return f"{path}: shape {tuple(shape)} differs from the CT's {tuple(ref_shape)}"
+    sp, ref_sp = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(ref_affine[:3, :3], axis=0)
+    if np.abs(sp - ref_sp).max() > opts.geometry_tol_mm:
+        return f"{path}: voxel spacing {np.round(sp, 4).tolist()} mm differs from the CT's {np.round(ref_sp, 4).tolist()} mm"
+    if np.abs(affine[:3, :3] / sp - ref_affine[:3, :3] / ref_sp).max() > opts.direction_tol:
+        return f"{path}: orientation (affine directions) differs from the CT's"
+    shift = float(np.abs(affine[:3, 3] - ref_affine[:3, 3]).max())
+    if shift > opts.geometry_tol_mm:
+        return f"{path}: origin differs from the CT's by {shift:.4g} mm (tolerance {opts.geometry_tol_mm} mm)"
+    return None
+
+
+def load_ct(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """CT of a case as ``(hu (X, Y, Z) float32, RAS affine, info)`` from NIfTI or DICOM."""
+    if path.is_dir():
+        hu, affine, info = read_dicom_series(path)
+        return hu, affine, {"format": "dicom", **info}
+    hu, affine = load_nifti(path, dtype=np.float32)
+    return hu, affine, {"format": "nifti"}
+
+
+def check_ct_values(path: Path, hu: np.ndarray) -> list[str]:
+    """Problems with the CT values: non-finite voxels, values that cannot be HU."""
+    problems = []
+    finite = np.isfinite(hu)
+    if not finite.all():
+        problems.append(f"{path}: {int((~finite).sum())} voxel(s) are NaN or infinite")
+        hu = hu[finite]
+    if hu.size:
+        lo, hi = float(hu.min()), float(hu.max())
+        if lo > AIR_HU_REQUIRED:
+            problems.append(
+                f"{path}: values {lo:.0f} to {hi:.0f} do not look like HU (no air below {AIR_HU_REQUIRED:.0f}); "
+                "raw scanner values without rescale slope/intercept?"
+            )
+    return problems
+
+
+def _is_integer_valued(data: np.ndarray) -> bool:
+    return np.issubdtype(data.dtype, np.integer) or bool(np.all(data == np.rint(data)))
+
+
+def _mask(data: np.ndarray) -> np.ndarray:
+    """Binary mask of a mask volume: non-zero for integers, >= 0.5 for float probabilities."""
+    return data != 0 if _is_integer_valued(data) else data >= 0.5
+
+
+def class_lookup(label_set: LabelSet, version: int) -> np.ndarray:
+    """``lut[totalseg_id] → label-set id`` (0 for classes the label set does not use)."""
+    table = totalseg_classes(version)
+    lut = np.zeros(max(table) + 1, dtype=np.uint8)
+    for tid, name in table.items():
+        lut[tid] = label_set.class_for_source(name, version) or 0
+    return lut
+
+
+def _source_class(label_set: LabelSet, name: str, version: int) -> int | None:
+    """Label-set id of a per-class file name, trying the given TotalSegmentator version first."""
+    for v in (version, 3 - version):
+        cid = label_set.class_for_source(name, v)
+        if cid is not None:
+            return cid
+    return None
+
+
+def load_multilabel(path: Path, label_set: LabelSet, version: int) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    """A multi-label TotalSegmentator NIfTI mapped to label-set ids: ``(labels, affine, problems)``."""
+    try:
+        data, affine = load_nifti(path)
+    except GuideGenError as exc:
+        return None, None, [str(exc)]
+    if not _is_integer_valued(data):
+        return None, affine, [f"{path}: label values are not integers; expected TotalSegmentator class ids"]
+    ids = np.unique(data).astype(np.int64)
+    lut = class_lookup(label_set, version)
+    bad = ids[(ids < 0) | (ids >= len(lut))]
+    if bad.size:
+        shown = ", ".join(str(v) for v in bad[:6]) + (" ..." if bad.size > 6 else "")
+        n = len(lut) - 1
+        hint = f" (TotalSegmentator v{version} `total` has ids 1..{n}" + ("; v2 output? use --totalseg-version 2)" if version == 1 else ")")
+        return None, affine, [f"{path}: unknown label id(s) {shown}{hint}"]
+    if ids.max(initial=0) == 0:
+        return None, affine, [f"{path}: label map is empty (all voxels 0)"]
+    return lut[data if np.issubdtype(data.dtype, np.integer) else data.astype(np.int32)], affine, []
+
+
+def load_class_folder(folder: Path, label_set: LabelSet, version: int, ref_shape: tuple | None, ref_affine: np.ndarray | None, opts: PrepareOptions) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[str]]:
+    """Merge per-class masks ``<class>.nii.gz`` into one label map.
+
+    Returns ``(labels (X, Y, Z) uint8 | None, body mask | None, affine, problems)``; the body
+    mask comes from ``body*.nii.gz`` files when present. Known TotalSegmentator classes that
+    the label set does not use are read (and checked) but not labelled.
+    """
+    known = known_class_names()
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    problems = [f"{p}: not a NIfTI mask" for p in files if not is_nifti(p)]
+    files = [p for p in files if is_nifti(p)]
+    unknown = [p for p in files if strip_nifti_suffix(p.name) not in known]
+    problems += [f"{p}: unknown class name {strip_nifti_suffix(p.name)!r} (not a TotalSegmentator v1/v2 `total` or body class)" for p in unknown]
+    labels = body = affine = None
+    any_voxel = False
+    for p in files:
+        if p in unknown:
+            continue
+        try:
+            data, aff = load_nifti(p)
+        except GuideGenError as exc:
+            problems.append(str(exc))
+            continue
+        if ref_shape is None:
+            ref_shape, ref_affine = data.shape, aff
+        reason = _check_geometry(p, data.shape, aff, ref_shape, ref_affine, opts)
+        if reason:
+            problems.append(reason)
+            continue
+        if labels is None:
+            labels, affine = np.zeros(data.shape, dtype=np.uint8), aff
+        mask = _mask(data)
+        name = strip_nifti_suffix(p.name)
+        if name in BODY_CLASS_NAMES:
+            body = mask if body is None else (body | mask)
+            continue
+        any_voxel |= bool(mask.any())
+        cid = _source_class(label_set, name, version)
+        if cid:  # classes outside the label set stay 0 here and become body later
+            labels[mask] = cid
+    if labels is not None and not any_voxel and not problems:
+        problems.append(f"{folder}: every class mask is empty")
+    return labels, body, affine, problems
+
+
+def _load_binary(path: Path, ref_shape: tuple, ref_affine: np.ndarray, opts: PrepareOptions) -> tuple[np.ndarray | None, list[str]]:
+    try:
+        data, aff = load_nifti(path)
+    except GuideGenError as exc:
+        return None, [str(exc)]
+    if not np.isfinite(data).all():
+        return None, [f"{path}: mask has NaN or infinite values"]
+    reason = _check_geometry(path, data.shape, aff, ref_shape, ref_affine, opts)
+    return (None, [reason]) if reason else (_mask(data), [])
+
+
+# ------------------------------------------------------------------ body and findings
+def body_mask_from_ct(hu: np.ndarray, threshold: float = BODY_HU_THRESHOLD) -> np.ndarray:
+    """Body envelope of an (X, Y, Z) HU volume: > ``threshold``, largest connected component,
+    holes filled per axial slice (closes the lungs, which touch no slice border) and in 3D."""
+    mask = hu > threshold
+    comps, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(comps.ravel())
+    sizes[0] = 0
+    mask = comps == int(sizes.argmax())
+    for z in range(mask.shape[2]):
+        mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
+    return ndimage.binary_fill_holes(mask)
+
+
+def _paired_classes(label_set: LabelSet) -> set[int]:
+    """Ids whose TotalSegmentator sources come as left/right pairs (kidney, lung, adrenal, rib)."""
+    paired = set()
+    for name in totalseg_classes(2).values():
+        cid = label_set.class_for_source(name, 2)
+        if cid and ("_left" in name or "_right" in name):
+            paired.add(cid)
+    return paired
+
+
+def findings_from_masks(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet) -> dict:
+    """Findings of a case read off its label map (for cases without a report).
+
+    Same shape as the phantom's findings (``{"tumors": [{"site", "side", "size_mm"}], ...}``,
+    unknown fields None). One tumour per connected tumour component, largest first: site = the
+    organ with most voxels touching it; size = equivalent-sphere diameter in mm; side (paired
+    organs only) from its centroid vs the body midline (RAS: +x is the patient's right).
+    """
+    findings: dict = {"sex": None, "age": None, "tumors": [], "t_stage": None, "n_stage": None, "m_stage": None, "phase": None, "smoking": None}
+    tid = label_set.tumor_id
+    if tid is None or not np.any(labels == tid):
+        return findings
+    tumor = labels == tid
+    cube = np.ones((3, 3, 3), dtype=bool)
+    comps, n = ndimage.label(tumor, structure=cube)
+    voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
+    paired = _paired_classes(label_set)
+    midline = float(affine[0, :3] @ np.argwhere(labels > 0).mean(axis=0) + affine[0, 3])
+    tumors = []
+    for index, sl in enumerate(ndimage.find_objects(comps), start=1):
+        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)  # room for the 1-voxel shell
+        comp = comps[grown] == index
+        shell = ndimage.binary_dilation(comp, structure=cube) & ~comp
+        touching = labels[grown][shell]
+        organ = touching[np.isin(touching, label_set.organ_ids)]
+        site_id = int(np.bincount(organ).argmax()) if organ.size else None
+        side = None
+        if site_id in paired:
+            centroid = np.argwhere(comp).mean(axis=0) + [s.start for s in grown]
+            side = "right" if float(affine[0, :3] @ centroid + affine[0, 3]) > midline else "left"
+        diameter = (6.0 * comp.sum() * voxel_mm3 / math.pi) ** (1 / 3)
+        tumors.append({"site": label_set.name_of(site_id) if site_id else None, "side": side, "size_mm": round(float(diameter), 1)})
+    findings["tumors"] = sorted(tumors, key=lambda t: -t["size_mm"])
+    return findings
+
+
+def render_findings_text(findings: dict) -> str:
+    """A short report from :func:`findings_from_masks` output (one sentence per tumour)."""
+    parts = ["CT of the chest, abdomen and pelvis."]
+    for t in findings.get("tumors") or []:
+        where = (t.get("site") or "unknown organ").replace("_", " ")
+        if t.get("side"):
+            where = f"{t['side']} {where}"
+        parts.append(f"A {t['size_mm'] / 10:.1f} cm mass in the {where}.")
+    if len(parts) == 1:
+        parts.append("No focal mass.")
+    return " ".join(parts)
+
+
+def parse_report(text: str) -> dict | None:
+    """Findings parsed by ``guidegen.text.findings.parse_findings`` if that module exists."""
+    try:
+        from guidegen.text.findings import parse_findings
+    except ImportError:
+        return None
+    result = parse_findings(text)
+    for attr in ("to_dict", "model_dump"):
+        if hasattr(result, attr):
+            return getattr(result, attr)()
+    if hasattr(result, "__dataclass_fields__"):
+        return json.loads(json.dumps(asdict(result), default=str))
+    return result if isinstance(result, dict) else None
+
+
+# --------------------------------------------------------------------------- one case
+def crop_box(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet, margin_mm: float) -> tuple[slice, slice, slice]:
+    """Torso bounding box (x/y: all labels, z: organs; see ``torso_bbox``) + a margin in mm."""
+    box = torso_bbox(labels, label_set, 0)
+    spacing = spacing_from_affine(affine)
+    out = []
+    for axis, s in enumerate(box):
+        m = int(math.ceil(margin_mm / spacing[axis] - 1e-9))
+        out.append(slice(max(s.start - m, 0), min(s.stop + m, labels.shape[axis])))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | None, dict, list[str]]:
+    """Load, validate and assemble one case at full resolution, cropped to the torso.
+
+    Returns ``(record or None, summary, problems)``; the record is None whenever there is any
+    problem. All problems of the case are collected (CT, labels, tumour, body, geometry).
+    """
+    label_set = load_label_set(opts.label_set)
+    problems: list[str] = []
+    summary: dict = {"case": inputs.case, "ct": inputs.ct_kind, "labels": inputs.labels_kind}
+    hu = ct_affine = None
+    try:
+        hu, ct_affine, ct_info = load_ct(inputs.ct)
+        problems += check_ct_values(inputs.ct, hu)
+        finite = hu[np.isfinite(hu)]
+        summary.update(hu_range=(float(finite.min()), float(finite.max())) if finite.size else None, spacing=spacing_from_affine(ct_affine), shape=hu.shape)
+    except GuideGenError as exc:
+        problems.append(str(exc))
+    ref_shape = hu.shape if hu is not None else None
+
+    body = None
+    if inputs.labels.is_dir():
+        labels, body, lab_affine, p = load_class_folder(inputs.labels, label_set, opts.totalseg_version, ref_shape, ct_affine, opts)
+        problems += p
+    else:
+        labels, lab_affine, p = load_multilabel(inputs.labels, label_set, opts.totalseg_version)
+        problems += p
+        if labels is not None and hu is not None:
+            reason = _check_geometry(inputs.labels, labels.shape, lab_affine, hu.shape, ct_affine, opts)
+            if reason:
+                problems.append(reason)
+                labels = None
+    tumor = None
+    if hu is not None:
+        for kind, path in (("tumor", inputs.tumor), ("body", inputs.body)):
+            if path is not None:
+                mask, p = _load_binary(path, hu.shape, ct_affine, opts)
+                problems += p
+                if kind == "tumor" and label_set.tumor_id is None:
+                    problems.append(f"{path}: label set {label_set.name!r} has no tumour class")
+                elif kind == "tumor":
+                    tumor = mask
+                else:
+                    body = mask if body is None else (body | mask)
+    if labels is not None and not np.isin(labels, label_set.organ_ids).any() and not any("empty" in p for p in problems):
+        problems.append(f"{inputs.labels}: no class of label set {label_set.name!r} present (after mapping TotalSegmentator classes)")
+    if problems or hu is None or labels is None:
+        return None, summary, problems
+
+    # Assemble: organs, then the tumour on top, then the body envelope where nothing else is.
+    body_source = "mask" if body is not None else "derived from CT (> -500 HU)"
+    if tumor is not None:
+        labels[tumor] = label_set.tumor_id
+    if label_set.body_id is not None:
+        if body is None:
+            body = body_mask_from_ct(hu)
+        labels[(labels == 0) & body] = label_set.body_id
+    box = crop_box(labels, ct_affine, label_set, opts.margin_mm)
+    start = np.array([s.start for s in box] + [1], dtype=np.float64)
+    affine = ct_affine.copy()
+    affine[:3, 3] = (ct_affine @ start)[:3]
+    labels, hu = np.ascontiguousarray(labels[box]), hu[box]
+
+    if inputs.report:
+        text, findings = inputs.report, parse_report(inputs.report)
+        text_source = "report"
+    else:
+        findings = findings_from_masks(labels, affine, label_set)
+        text, text_source = render_findings_text(findings), "derived from masks"
+    present = [label_set.name_of(int(i)) for i in np.unique(labels) if i != 0]
+    summary.update(classes=present, all_classes=label_set.names[1:], organs=label_set.organ_names, cropped_shape=labels.shape, tumor_voxels=int((labels == label_set.tumor_id).sum()) if label_set.tumor_id is not None else 0)
+    meta = {
+        "source": "prepare",
+        "inputs": {k: (str(v) if isinstance(v, Path) else None) for k, v in (("ct", inputs.ct), ("labels", inputs.labels), ("tumor", inputs.tumor), ("body", inputs.body))},
+        "ct_format": ct_info["format"],
+        "labels_format": inputs.labels_kind,
+        "totalseg_version": opts.totalseg_version,
+        "original_shape": list(ref_shape),
+        "crop_box": [[s.start, s.stop] for s in box],
+        "extent_mm": [round(float(n * s), 3) for n, s in zip(labels.shape, spacing_from_affine(affine))],
+        "hu_range": list(summary["hu_range"]),
+        "classes_present": present,
+        "body_source": body_source,
+        "text_source": text_source,
+    }
+    record = CaseRecord(case=inputs.case, labels=labels, affine=affine, ct=hu, text=text, findings=findings, meta=meta)
+    return record, summary, []
+
+
+def cache_configs(opts: PrepareOptions) -> tuple[PreprocessConfig, PreprocessConfig]:
+    """The grid-cache configs the training datasets use (CT + labels, labels only)."""
+    return (PreprocessConfig(grid=tuple(opts.grid), label_set=opts.label_set, with_ct=True), PreprocessConfig(grid=tuple(opts.grid), label_set=opts.label_set, with_ct=False))
+
+
+def store_cache(root: Path, record: CaseRecord, opts: PrepareOptions) -> None:
+    """Write the training-grid cache entries of one case (read by ``guidegen.data.datasets``)."""
+    label_set = load_label_set(opts.label_set)
+    with_ct, labels_only = cache_configs(opts)
+    item = preprocess_case(record.labels, record.ct, record.affine, with_ct, label_set)
+    PreprocessCache(root, with_ct).store(record.case, item)
+    PreprocessCache(root, labels_only).store(record.case, {**item, "ct": None})
+
+
+def process_case(inputs: CaseInputs, opts: PrepareOptions, out: str | None) -> CaseResult:
+    """Validate one case and, when ``out`` is given and it is valid, write it (worker entry)."""
+    try:
+        record, summary, problems = build_case(inputs, opts)
+        if record is None:
+            return CaseResult(inputs.case, "invalid", problems, summary)
+        if out is None:
+            return CaseResult(inputs.case, "valid", [], summary)
+        writer = DatasetWriter(out, name="prepared", label_set=opts.label_set, mode="resume")
+        writer.write_case(record, preview=opts.previews)
+        store_cache(Path(out), record, opts)
+        return CaseResult(inputs.case, "written", [], summary)
+    except GuideGenError as exc:
+        return CaseResult(inputs.case, "invalid", [str(exc).splitlines()[0]], {"case": inputs.case})
+    except Exception as exc:  # one broken case must not stop the run; report it as a problem
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        return CaseResult(inputs.case, "invalid", [f"{inputs.ct}: unexpected error ({type(exc).__name__}: {msg})"], {"case": inputs.case})
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # workers share the cores; one thread each
+
+
+# ------------------------------------------------------------------------------ the run
+def prepare_dataset(
+    ct: str | os.PathLike,
+    labels: str | os.PathLike,
+    out: str | os.PathLike | None,
+    *,
+    tumors: str | os.PathLike | None = None,
+    body: str | os.PathLike | None = None,
+    reports: str | os.PathLike | None = None,
+    report_id_column: str = "case",
+    report_text_column: str = "text",
+    options: PrepareOptions | None = None,
+    workers: int = 1,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PrepareReport:
+    """Validate the inputs and (unless ``dry_run``) write the dataset and its grid cache.
+
+    Data problems do not raise: they are in the returned report (``report.problems``; call
+    ``report.raise_for_problems()`` for the CLI behaviour). Option errors raise
+    :class:`GuideGenError`. A re-run into an existing ``out`` skips complete cases.
+    """
+    t0 = time.perf_counter()
+    opts = options or PrepareOptions()
+    label_set = load_label_set(opts.label_set)
+    totalseg_classes(opts.totalseg_version)  # validates the version
+    if workers < 1:
+        raise GuideGenError(f"--workers must be at least 1, got {workers}")
+    if out is None and not dry_run:
+        raise GuideGenError("--out is required (or use --dry-run)")
+    cases, input_problems = discover_cases(ct, labels, tumors_dir=tumors, body_dir=body, reports=reports, report_id_column=report_id_column, report_text_column=report_text_column)
+
+    results: list[CaseResult] = []
+    writer = None
+    if not dry_run:
+        out = Path(out)  # type: ignore[arg-type]
+        mode = "overwrite" if overwrite else ("resume" if (out / "dataset.json").is_file() else "new")
+        if mode == "resume":
+            existing = json.loads((out / "dataset.json").read_text()).get("label_set")
+            if existing != label_set.name:
+                raise GuideGenError(f"--out {out}: existing dataset uses label set {existing!r}, not {label_set.name!r} (use --overwrite)")
+        info = {"source": "guidegen prepare", "grid": list(opts.grid), "totalseg_version": opts.totalseg_version, "spacing_policy": "full-resolution crops; cache resized to grid"}
+        writer = DatasetWriter(out, name="prepared", label_set=label_set.name, mode=mode, info=info)
+        todo = []
+        for c in cases:
+            if writer.has_case(c.case):
+                results.append(CaseResult(c.case, "skipped", [], {"case": c.case}))
+                with_ct, _ = cache_configs(opts)
+                if not PreprocessCache(out, with_ct).path(c.case).is_file():  # resumed after the volumes
+                    store_cache(out, DatasetReader(out).load_case(c.case), opts)
+            else:
+                todo.append(c)
+    else:
+        todo = list(cases)
+
+    out_str = None if dry_run else str(out)
+    bar = tqdm(total=len(todo), desc="prepare" if not dry_run else "validate", unit="case", disable=not progress or not todo)
+    if workers == 1 or len(todo) <= 1:
+        for c in todo:
+            results.append(process_case(c, opts, out_str))
+            bar.update()
+    else:
+        # spawn: workers start clean (no forked OpenMP/torch thread state from this process)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = [pool.submit(process_case, c, opts, out_str) for c in todo]
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                bar.update()
+    bar.close()
+    if writer is not None:
+        writer.finalize()
+    results.sort(key=lambda r: r.case)
+    return PrepareReport(results=results, input_problems=input_problems, out=None if dry_run else Path(out), dry_run=dry_run, seconds=time.perf_counter() - t0)
+
+
+def summary_table(report: PrepareReport):
+    """A rich Table of the cases: classes present, HU range, spacing, size, status."""
+    from rich.table import Table
+
+    table = Table(title="guidegen prepare" + (" (dry run)" if report.dry_run else ""))
+    for col in ("case", "CT", "labels", "classes", "missing organs", "tumour vox", "HU range", "spacing mm", "size", "status"):
+        table.add_column(col, overflow="fold")
+    for r in report.results:
+        s = r.summary
+        hu = s.get("hu_range")
+        table.add_row(
+            r.case,
+            s.get("ct", ""),
+            s.get("labels", ""),
+            f"{len(s['classes'])}/{len(s['all_classes'])}" if "classes" in s else "",
+            ", ".join(c for c in s.get("all_classes", []) if c not in s["classes"] and c in s.get("organs", [])) if "classes" in s else "",
+            str(s.get("tumor_voxels", "")),
+            f"{hu[0]:.0f}..{hu[1]:.0f}" if hu else "",
+            "x".join(f"{v:.2f}" for v in s["spacing"]) if "spacing" in s else "",
+            ("x".join(map(str, s["shape"])) + (f" → {'x'.join(map(str, s['cropped_shape']))}" if "cropped_shape" in s else "")) if "shape" in s else "",
+            r.status if not r.problems else f"{r.status} ({len(r.problems)} problem{'s' if len(r.problems) > 1 else ''})",
+        )
+    return table
