@@ -150,6 +150,52 @@ def parse(
     typer.echo(f"{'prompt':<10} {canonical_prompt(findings)}")
 
 
+# --------------------------------------------------------------------------------- train
+def _train(stage: str, config: Optional[Path], data: Path, out: Path, max_steps: Optional[int]) -> None:
+    from guidegen.training.run import run_training
+
+    if max_steps is not None and max_steps < 1:
+        raise GuideGenError(f"--max-steps must be at least 1, got {max_steps}")
+    export = run_training(stage, config, data, out, max_steps=max_steps)
+    typer.echo(f"inference checkpoint: {export}")
+
+
+_CONFIG_HELP = "YAML config or preset name (default: demo)."
+
+
+@train_app.command("tcss")
+def train_tcss(
+    data: Path = typer.Option(..., "--data", help="Dataset directory (labels + reports)."),
+    out: Path = typer.Option(..., "--out", help="Run directory; resumes when it holds a checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+) -> None:
+    """Train stage 1 (TCSS label-map diffusion)."""
+    _train("tcss", config, data, out, max_steps)
+
+
+@train_app.command("autoencoder")
+def train_autoencoder(
+    data: Path = typer.Option(..., "--data", help="Dataset directory (CT + labels)."),
+    out: Path = typer.Option(..., "--out", help="Run directory; resumes when it holds a checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+) -> None:
+    """Train stage 2 (anatomy-aware HDR autoencoder)."""
+    _train("autoencoder", config, data, out, max_steps)
+
+
+@train_app.command("ldm")
+def train_ldm(
+    data: Path = typer.Option(..., "--data", help="Dataset directory (CT + labels + reports)."),
+    out: Path = typer.Option(..., "--out", help="Run directory; resumes when it holds a checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+) -> None:
+    """Train stage 3 (latent diffusion generator; needs a trained autoencoder)."""
+    _train("ldm", config, data, out, max_steps)
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning known errors into one line + exit 2."""
     try:

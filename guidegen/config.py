@@ -65,6 +65,11 @@ class TextConfig(_Strict):
     num_queries: int = Field(16, ge=1)  # learnable queries of the knowledge-injection module
     context_dim: int = Field(128, ge=8)  # width of the context tokens the UNets cross-attend to
     cond_drop_prob: float = Field(0.1, ge=0, le=1)  # classifier-free guidance training dropout
+    # what the encoder reads: the canonical prompt from the parsed findings, the raw report, or
+    # both (canonical first, then the raw text as a second segment; see guidegen.text.knowledge)
+    encode_text: Literal["both", "canonical", "raw"] = "both"
+    trainable_dim: int = Field(128, ge=8)  # token width of the 'trainable' fallback encoder
+    injection_layers: int = Field(2, ge=1)  # transformer-decoder blocks in KnowledgeInjection
 
 
 class TCSSConfig(_Strict):
@@ -74,6 +79,9 @@ class TCSSConfig(_Strict):
     schedule: Literal["cosine"] = "cosine"
     t_power: float = Field(1.5, ge=0)  # training t sampled with probability ∝ t^t_power
     aux_ce_weight: float = Field(0.0, ge=0)
+    # extra loss weight per class name (e.g. {"tumor": 4.0}): tumours are a tiny fraction of
+    # the voxels, so without it the denoiser under-learns exactly what the prompt asks for
+    class_weights: dict[str, float] = {}
     channels: tuple[int, ...] = (32, 64, 96, 128)
     attention_levels: tuple[bool, ...] = (False, False, True, True)
     num_res_blocks: int = Field(1, ge=1)

@@ -1,0 +1,98 @@
+"""``guidegen train {tcss,autoencoder,ldm}``: build a stage's dataset and task, fit, export.
+
+The run directory holds the training state (resumable) and, at the end, ``RUN/export/`` — the
+small inference checkpoint (DESIGN §7) that ``generate`` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from guidegen.config import GuideGenConfig, dump_config, load_config
+from guidegen.errors import GuideGenError
+from guidegen.io import write_text_atomic
+from guidegen.labels import load_label_set
+
+STAGES = ("tcss", "autoencoder", "ldm")
+
+
+def _check_run_config(out: Path, cfg: GuideGenConfig) -> None:
+    """A run keeps the config it started with; resuming with a different one is refused."""
+    saved = out / "config.yaml"
+    text = dump_config(cfg)
+    if saved.is_file() and (out / "checkpoint").exists():
+        old = load_config(saved)
+        same = old.model_copy(deep=True)
+        for stage in STAGES:  # the step budget may change between sessions
+            getattr(same, stage).train.max_steps = getattr(cfg, stage).train.max_steps
+        if dump_config(same) != text:
+            raise GuideGenError(f"{saved}: this run was started with a different config; use a new --out or the same --config")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(saved, text)
+
+
+def data_geometry(dataset) -> dict:
+    """Mean spacing / extent (mm) of the training grid over the dataset's cache (for output affines)."""
+    spacings = np.stack([np.asarray(dataset._item(c)["spacing_mm"], dtype=np.float64) for c in dataset.cases])
+    return {"grid": list(dataset.grid), "spacing_mm": spacings.mean(0).round(4).tolist(), "spacing_mm_std": spacings.std(0).round(4).tolist()}
+
+
+def run_training(stage: str, config: str | Path | None, data: str | Path, out: str | Path, *, max_steps: int | None = None,
+                 progress: bool = True) -> Path:
+    """Train ``stage`` on the dataset ``data`` in run directory ``out``; returns the export dir."""
+    if stage not in STAGES:
+        raise GuideGenError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    cfg = load_config(config)
+    out = Path(out)
+    _check_run_config(out, cfg)
+    label_set = load_label_set(cfg.data.label_set)
+    from guidegen.data.layout import DatasetReader
+
+    reader = DatasetReader(data)
+    if reader.label_set.name != label_set.name:
+        raise GuideGenError(f"{data}: dataset label set {reader.label_set.name!r} differs from the config's {label_set.name!r}")
+    from guidegen.training.trainer import Trainer, export_checkpoint
+
+    if stage == "tcss":
+        task, dataset, meta = _tcss_setup(cfg, label_set, data)
+    elif stage == "autoencoder":
+        task, dataset, meta = _autoencoder_setup(cfg, label_set, data)
+    else:
+        task, dataset, meta = _ldm_setup(cfg, label_set, data)
+    train_cfg = getattr(cfg, stage).train
+    trainer = Trainer(out, train_cfg, task, dataset, progress=progress)
+    result = trainer.fit(max_steps=max_steps)
+    meta.update(task.export_meta(trainer) if hasattr(task, "export_meta") else {})
+    export = export_checkpoint(trainer, out / "export", stage, cfg, {**meta, "interrupted": result.interrupted})
+    return export
+
+
+def _tcss_setup(cfg: GuideGenConfig, label_set, data):
+    from guidegen.data.datasets import LabelMapDataset
+    from guidegen.text.knowledge import TextConditioner
+    from guidegen.training.common import text_cache_dir
+    from guidegen.training.tcss import TCSSTask
+
+    dataset = LabelMapDataset(data, cfg.data.grid)
+    dataset.build_cache()
+    conditioner = TextConditioner(cfg.text, cache_dir=text_cache_dir(data))
+    meta = {"label_set": label_set.name, "text_encoder": conditioner.encoder.encoder_id, **data_geometry(dataset)}
+    return TCSSTask(cfg, label_set, conditioner), dataset, meta
+
+
+def _autoencoder_setup(cfg: GuideGenConfig, label_set, data):
+    from guidegen.data.datasets import CTLabelDataset
+    from guidegen.training.autoencoder import AutoencoderTask
+
+    dataset = CTLabelDataset(data, cfg.data.grid)
+    dataset.build_cache()
+    meta = {"label_set": label_set.name, **data_geometry(dataset)}
+    return AutoencoderTask(cfg, label_set), dataset, meta
+
+
+def _ldm_setup(cfg: GuideGenConfig, label_set, data):
+    from guidegen.training.ldm import ldm_setup
+
+    return ldm_setup(cfg, label_set, data)
