@@ -86,6 +86,9 @@ class TCSSConfig(_Strict):
     attention_levels: tuple[bool, ...] = (False, False, True, True)
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = Field(32, ge=1)
+    # p > 1: the denoiser folds p×p×p voxel blocks into channels and runs its UNet at 1/p
+    # resolution (full-resolution 3D conv backward dominates the CPU step time)
+    patch_size: int = Field(1, ge=1)
     sample_steps: int = Field(50, ge=1)
     guidance: float = Field(1.5, ge=0)
     train: TrainConfig = TrainConfig()

@@ -1,0 +1,1 @@
+"""Diffusion processes and samplers (pure math, no models): categorical (TCSS) and Gaussian (latent)."""

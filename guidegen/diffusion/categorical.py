@@ -1,0 +1,386 @@
+"""Uniform-transition categorical diffusion over label maps (TCSS, DESIGN §6).
+
+This is the multinomial / D3PM-uniform process on K classes. Every voxel carries a categorical
+variable; a forward step keeps the class with probability alpha_t and otherwise resamples it
+uniformly over the K classes:
+
+    q(x_t | x_{t-1}) = Cat(alpha_t * x_{t-1} + (1 - alpha_t) / K)
+    q(x_t | x_0)     = Cat(abar_t * x_0 + (1 - abar_t) / K),      abar_t = prod_{u<=t} alpha_u
+
+and, because uniform transitions compose, the jump from step s to step t > s is the same kind
+of transition with keep-probability abar_t / abar_s. The network predicts p_theta(x_0 | x_t)
+(logits over K); the reverse step is the exact posterior marginalised over that prediction.
+
+Conventions (k-diffusion style: small pure functions, no model imported here):
+- class indices: (B, *spatial) long, values in [0, K)
+- one-hot or probability volumes: (B, K, *spatial) float; spatial is (X, Y, Z) in the project
+  but every function works for any number of spatial dims
+- t, s: int or (B,) long, 0 <= s < t <= T; ``alphas_bar`` is the (T+1,) float64 table from
+  :func:`cosine_schedule` with ``alphas_bar[0] == 1``
+- schedule coefficients are formed in float64 (1 - abar is tiny near t = 0) and then cast to
+  the dtype of the volumes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from guidegen.errors import GuideGenError
+
+EPS = 1e-30  # floor inside log(); representable in float32, far below any real probability here
+
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+"""denoise_fn(xt_onehot (B, K, *spatial) float, t (B,) long) -> x0 logits (B, K, *spatial)."""
+
+StepCallback = Callable[[int, int, Tensor], None]
+"""callback(step_index, t_reached, x (B, *spatial) long), called after each reverse step."""
+
+
+# --------------------------------------------------------------------------------------------
+# schedule and small helpers
+
+
+def cosine_schedule(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Nichol & Dhariwal cosine schedule as the cumulative keep-probability table.
+
+    f(t) = cos²(((t/T + s) / (1 + s)) · π/2); per-step beta_t = 1 - f(t)/f(t-1), clipped to
+    ``max_beta`` so the last steps do not destroy everything in one jump; abar is then the
+    cumulative product of (1 - beta), which keeps abar_t / abar_{t-1} == alpha_t exactly.
+
+    Returns:
+        alphas_bar: (T+1,) float64, alphas_bar[0] == 1, strictly decreasing, all in (0, 1].
+    """
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)
+    f = torch.cos((steps / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, dim=0)])
+
+
+def step_alphas(alphas_bar: Tensor) -> Tensor:
+    """Per-step keep-probabilities alpha_t = abar_t / abar_{t-1}; (T+1,) with alpha_0 = 1."""
+    return torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+
+
+def one_hot(x: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Indices (B, *spatial) long -> one-hot (B, K, *spatial) of ``dtype``."""
+    return F.one_hot(x, num_classes).movedim(-1, 1).to(dtype)
+
+
+def _as_batch(t: int | Tensor, batch: int, device: torch.device) -> Tensor:
+    """int or (B,) / 0-d tensor -> (B,) long on ``device``."""
+    t = torch.as_tensor(t, device=device, dtype=torch.long)
+    return t.expand(batch) if t.ndim == 0 else t
+
+
+def _coef(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """Gather table[t] (B,) and shape it (B, 1, 1, ...) to broadcast against ``like``."""
+    v = table.to(t.device)[t]
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _skip_coefs(alphas_bar: Tensor, t: int | Tensor, s: int | Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 (abar_t, abar_s, keep-probability of the s -> t jump), each (B, 1, ..., 1)."""
+    b = like.shape[0]
+    t, s = _as_batch(t, b, like.device), _as_batch(s, b, like.device)
+    if bool((s >= t).any()) or bool((s < 0).any()):
+        raise ValueError(f"need 0 <= s < t, got t={t.tolist()} s={s.tolist()}")
+    abar = alphas_bar.to(dtype=torch.float64)
+    abar_t, abar_s = _coef(abar, t, like), _coef(abar, s, like)
+    return abar_t, abar_s, abar_t / abar_s
+
+
+def _log(x: Tensor) -> Tensor:
+    return torch.log(x.clamp_min(EPS))
+
+
+# --------------------------------------------------------------------------------------------
+# forward process
+
+
+def q_xt_given_x0(x0_probs: Tensor, t: int | Tensor, alphas_bar: Tensor) -> Tensor:
+    """q(x_t | x_0) = abar_t · x_0 + (1 - abar_t)/K.
+
+    Args:
+        x0_probs: (B, K, *spatial) one-hot or soft (rows sum to 1).
+    Returns:
+        (B, K, *spatial) probabilities, rows sum to 1.
+    """
+    k = x0_probs.shape[1]
+    abar_t = _coef(alphas_bar.to(torch.float64), _as_batch(t, x0_probs.shape[0], x0_probs.device), x0_probs)
+    abar_t = abar_t.to(x0_probs.dtype)
+    return abar_t * x0_probs + (1 - abar_t) / k
+
+
+def q_sample(x0: Tensor, t: int | Tensor, alphas_bar: Tensor, num_classes: int,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Draw x_t ~ q(x_t | x_0) for index volumes without building K-channel tensors.
+
+    Keeping x_0 with probability abar_t and otherwise drawing a uniform class gives exactly
+    Cat(abar_t·x_0 + (1 - abar_t)/K) (the uniform draw may land on x_0 again).
+
+    Args:
+        x0: (B, *spatial) long.  Returns: (B, *spatial) long.
+    """
+    abar_t = _coef(alphas_bar.to(torch.float64), _as_batch(t, x0.shape[0], x0.device), x0)
+    keep = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64) < abar_t
+    noise = torch.randint(0, num_classes, x0.shape, generator=generator, device=x0.device)
+    return torch.where(keep, x0, noise)
+
+
+# --------------------------------------------------------------------------------------------
+# posteriors
+
+
+def q_skip_posterior(xt_onehot: Tensor, x0_probs: Tensor, t: int | Tensor, s: int | Tensor,
+                     alphas_bar: Tensor) -> Tensor:
+    """Closed-form q(x_s | x_t, x_0) for s < t.
+
+    Bayes: q(x_s | x_t, x_0) ∝ q(x_t | x_s) · q(x_s | x_0). As a function of x_s for the
+    observed x_t, q(x_t | x_s) = a·[x_s = x_t] + (1 - a)/K with a = abar_t / abar_s, i.e. the
+    vector a·x_t + (1 - a)/K; q(x_s | x_0) = abar_s·x_0 + (1 - abar_s)/K. Multiply, normalise.
+
+    Args:
+        xt_onehot: (B, K, *spatial) one-hot x_t.  x0_probs: (B, K, *spatial) one-hot or soft.
+    Returns:
+        (B, K, *spatial) probabilities over x_s, rows sum to 1.
+    """
+    k = xt_onehot.shape[1]
+    _, abar_s, a = _skip_coefs(alphas_bar, t, s, xt_onehot)
+    a, abar_s = a.to(xt_onehot.dtype), abar_s.to(xt_onehot.dtype)
+    like_t = a * xt_onehot + (1 - a) / k
+    prior_s = abar_s * x0_probs + (1 - abar_s) / k
+    unnorm = like_t * prior_s
+    return unnorm / unnorm.sum(dim=1, keepdim=True)
+
+
+def q_posterior(xt_onehot: Tensor, x0_probs: Tensor, t: int | Tensor, alphas_bar: Tensor) -> Tensor:
+    """One-step posterior q(x_{t-1} | x_t, x_0); see :func:`q_skip_posterior` (s = t - 1)."""
+    t = _as_batch(t, xt_onehot.shape[0], xt_onehot.device)
+    return q_skip_posterior(xt_onehot, x0_probs, t, t - 1, alphas_bar)
+
+
+def model_log_skip_posterior(xt_onehot: Tensor, x0_logits: Tensor, t: int | Tensor, s: int | Tensor,
+                             alphas_bar: Tensor) -> Tensor:
+    """log p_theta(x_s | x_t) = log Σ_k q(x_s | x_t, x_0 = k) · p_theta(x_0 = k | x_t), in closed form.
+
+    Derivation (i = observed class of x_t, a = abar_t/abar_s, b = abar_s, pi = softmax(logits)):
+    with x_0 = e_k the unnormalised posterior is u_k(j) = A(j)·(b·[j = k] + (1 - b)/K) where
+    A(j) = a·[j = i] + (1 - a)/K. Its normaliser is
+        Z_k = Σ_j u_k(j) = b·A(k) + (1 - b)/K = abar_t·[k = i] + (1 - abar_t)/K = q(x_t = i | x_0 = k)
+    (using Σ_j A(j) = 1 and a·b = abar_t). Hence, with w_k = pi_k / Z_k,
+        p(x_s = j | x_t) = Σ_k pi_k u_k(j) / Z_k = A(j) · (b·w_j + (1 - b)/K · Σ_k w_k),
+    which is O(K) per voxel and already normalised (Σ_j = Σ_k w_k Z_k = Σ_k pi_k = 1). Note it
+    is *not* the posterior with pi plugged in for x_0: each class is reweighted by 1/Z_k,
+    i.e. by how likely that x_0 makes the observed x_t. Computed in log space (logsumexp /
+    logaddexp) so small predicted probabilities neither underflow nor give log(0).
+
+    Args:
+        xt_onehot: (B, K, *spatial) one-hot x_t.  x0_logits: (B, K, *spatial) unnormalised.
+    Returns:
+        (B, K, *spatial) log-probabilities over x_s (logsumexp over K is 0).
+    """
+    k = xt_onehot.shape[1]
+    abar_t, b, a = _skip_coefs(alphas_bar, t, s, xt_onehot)
+    dtype = x0_logits.dtype
+    xt = xt_onehot.to(dtype)
+    log_a = _log(a.to(dtype) * xt + ((1 - a) / k).to(dtype))            # log A(j)
+    log_z = _log(abar_t.to(dtype) * xt + ((1 - abar_t) / k).to(dtype))  # log Z_k
+    log_w = F.log_softmax(x0_logits, dim=1) - log_z
+    log_mix = torch.logaddexp(
+        _log(b).to(dtype) + log_w,
+        _log((1 - b) / k).to(dtype) + torch.logsumexp(log_w, dim=1, keepdim=True),
+    )
+    # exact normalisation holds mathematically; renormalising removes float rounding drift
+    return F.log_softmax(log_a + log_mix, dim=1)
+
+
+def model_log_posterior(xt_onehot: Tensor, x0_logits: Tensor, t: int | Tensor, alphas_bar: Tensor) -> Tensor:
+    """log p_theta(x_{t-1} | x_t); :func:`model_log_skip_posterior` with s = t - 1."""
+    t = _as_batch(t, xt_onehot.shape[0], xt_onehot.device)
+    return model_log_skip_posterior(xt_onehot, x0_logits, t, t - 1, alphas_bar)
+
+
+def model_skip_posterior(xt_onehot: Tensor, x0_pred_probs: Tensor, t: int | Tensor, s: int | Tensor,
+                         alphas_bar: Tensor) -> Tensor:
+    """p_theta(x_s | x_t) (probabilities) from predicted x_0 probabilities (B, K, *spatial)."""
+    return model_log_skip_posterior(xt_onehot, _log(x0_pred_probs), t, s, alphas_bar).exp()
+
+
+def model_posterior(xt_onehot: Tensor, x0_pred_probs: Tensor, t: int | Tensor, alphas_bar: Tensor) -> Tensor:
+    """p_theta(x_{t-1} | x_t) (probabilities) from predicted x_0 probabilities (B, K, *spatial)."""
+    return model_log_posterior(xt_onehot, _log(x0_pred_probs), t, alphas_bar).exp()
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def sample_timesteps(batch: int, timesteps: int, power: float = 1.5, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> Tensor:
+    """Training timesteps t in {1..T} drawn with probability ∝ t^power; (batch,) long.
+
+    power > 0 spends more steps at high noise, where the label map's layout is decided.
+    """
+    weights = torch.arange(1, timesteps + 1, dtype=torch.float64) ** power
+    t = torch.multinomial(weights, batch, replacement=True, generator=generator) + 1
+    return t.to(device) if device is not None else t
+
+
+def kl_loss(x0: Tensor, xt: Tensor, x0_logits: Tensor, t: Tensor, alphas_bar: Tensor,
+            aux_ce_weight: float = 0.0, class_weights: Tensor | None = None,
+            reduction: str = "mean") -> Tensor:
+    """Variational loss of one step: KL(q(x_{t-1}|x_t,x_0) ‖ p_theta(x_{t-1}|x_t)) in nats per voxel.
+
+    At t = 1 the decoder term -log p_theta(x_0 | x_1) is used (it equals the KL against the
+    one-hot posterior). An optional auxiliary cross-entropy on the x_0 logits
+    (``aux_ce_weight`` · CE) sharpens the x_0 prediction; optional ``class_weights`` (K,) weight
+    each voxel by the weight of its true class (weighted mean over voxels).
+
+    Args:
+        x0, xt: (B, *spatial) long.  x0_logits: (B, K, *spatial).  t: (B,) long in [1, T].
+        reduction: "mean" -> scalar; "none" -> per-voxel (B, *spatial) loss (unweighted).
+    """
+    k = x0_logits.shape[1]
+    dtype = x0_logits.dtype if x0_logits.is_floating_point() else torch.float32
+    xt_oh = one_hot(xt, k, dtype)
+    log_p = model_log_posterior(xt_oh, x0_logits, t, alphas_bar)
+    q = q_posterior(xt_oh, one_hot(x0, k, dtype), t, alphas_bar)
+    kl = (q * (_log(q) - log_p)).sum(dim=1)
+    nll = -log_p.gather(1, x0.unsqueeze(1)).squeeze(1)
+    first = _as_batch(t, x0.shape[0], x0.device).view(-1, *([1] * (x0.ndim - 1))) == 1
+    loss = torch.where(first, nll, kl)
+    if aux_ce_weight > 0:
+        loss = loss + aux_ce_weight * F.cross_entropy(x0_logits, x0, reduction="none")
+    if reduction == "none":
+        return loss
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if class_weights is None:
+        return loss.mean()
+    w = class_weights.to(device=loss.device, dtype=loss.dtype)[x0]
+    return (w * loss).sum() / w.sum().clamp_min(EPS)
+
+
+# --------------------------------------------------------------------------------------------
+# guidance and samplers
+
+
+def guided_logits(cond_logits: Tensor, uncond_logits: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance on x_0 logits: uncond + scale · (cond - uncond).
+
+    scale 1 = conditional model, 0 = unconditional, > 1 = stronger text adherence. Raw logits
+    and log-softmax give the same softmax here (they differ by a per-voxel constant).
+    """
+    return uncond_logits + scale * (cond_logits - uncond_logits)
+
+
+def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], context: Tensor,
+                             null_context: Tensor, scale: float) -> DenoiseFn:
+    """Turn ``model_fn(xt_onehot, t, context) -> logits`` into a guided :data:`DenoiseFn`.
+
+    The conditional and unconditional passes run as one doubled batch. ``null_context`` is
+    (1 or B, Q, D) and is broadcast to ``context`` (B, Q, D). scale == 1 skips the null pass.
+    """
+    if scale == 1.0:
+        return lambda x, t: model_fn(x, t, context)
+    null = null_context.expand_as(context)
+
+    def denoise(x: Tensor, t: Tensor) -> Tensor:
+        both = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null]))
+        cond, uncond = both.chunk(2)
+        return guided_logits(cond, uncond, scale)
+
+    return denoise
+
+
+def gumbel_sample(log_probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One categorical draw per voxel by Gumbel-max: argmax_k(log p_k + G_k), G ~ Gumbel(0, 1).
+
+    Consumes exactly one ``torch.rand`` of shape (B, K, *spatial) per call, so two samplers that
+    visit the same steps consume identical random streams. Returns (B, *spatial) long.
+    """
+    u = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+    return (log_probs.float() + gumbel).argmax(dim=1)
+
+
+def strided_timesteps(timesteps: int, steps: int) -> list[int]:
+    """Evenly spaced descending visit list from T to 1 (``steps`` entries; all T when steps == T)."""
+    if steps < 1 or steps > timesteps:
+        raise GuideGenError(f"sample steps must be between 1 and the number of timesteps ({timesteps}), got {steps}")
+    if steps == timesteps:
+        return list(range(timesteps, 0, -1))
+    if steps == 1:
+        return [timesteps]
+    return [int(v) for v in torch.linspace(timesteps, 1, steps, dtype=torch.float64).round().long()]
+
+
+def _progress(iterable, total: int, progress: bool, desc: str):
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+@torch.no_grad()
+def sample_ancestral(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: int, alphas_bar: Tensor,
+                     generator: torch.Generator | None = None, progress: bool = False,
+                     callback: StepCallback | None = None) -> Tensor:
+    """Full ancestral sampling x_T ~ Uniform → … → x_1, then x_0 = argmax p_theta(x_0 | x_1).
+
+    Args:
+        shape: (B, *spatial) of the label map.  alphas_bar: (T+1,) from :func:`cosine_schedule`.
+        generator: torch.Generator on the sampling device (its device is used).
+    Returns:
+        (B, *spatial) long class indices.
+    """
+    device = generator.device if generator is not None else alphas_bar.device
+    timesteps = alphas_bar.shape[0] - 1
+    x = torch.randint(0, num_classes, shape, generator=generator, device=device)
+    for i, t in enumerate(_progress(range(timesteps, 0, -1), timesteps, progress, "TCSS ancestral")):
+        tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
+        xt_oh = one_hot(x, num_classes)
+        logits = denoise_fn(xt_oh, tt)
+        if t == 1:
+            x = logits.argmax(dim=1)  # most probable x_0 (the "majority" decoder, no noise)
+        else:
+            x = gumbel_sample(model_log_posterior(xt_oh, logits, tt, alphas_bar), generator)
+        if callback is not None:
+            callback(i, t - 1, x)
+    return x
+
+
+@torch.no_grad()
+def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: int, alphas_bar: Tensor,
+                   steps: int, generator: torch.Generator | None = None, progress: bool = False,
+                   callback: StepCallback | None = None) -> Tensor:
+    """Few-step sampling: visit :func:`strided_timesteps` and jump t → s with p_theta(x_s | x_t).
+
+    With steps == T it visits every t and consumes the same random stream as
+    :func:`sample_ancestral`, so both return identical maps for the same generator state.
+    The last visited step decodes x_0 = argmax of the predicted logits.
+    """
+    device = generator.device if generator is not None else alphas_bar.device
+    ts = strided_timesteps(alphas_bar.shape[0] - 1, steps)
+    x = torch.randint(0, num_classes, shape, generator=generator, device=device)
+    for i in _progress(range(len(ts)), len(ts), progress, "TCSS strided"):
+        t = ts[i]
+        tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
+        xt_oh = one_hot(x, num_classes)
+        logits = denoise_fn(xt_oh, tt)
+        if i == len(ts) - 1:
+            x, s = logits.argmax(dim=1), 0
+        else:
+            s = ts[i + 1]
+            x = gumbel_sample(model_log_skip_posterior(xt_oh, logits, tt, s, alphas_bar), generator)
+        if callback is not None:
+            callback(i, s, x)
+    return x

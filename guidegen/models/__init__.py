@@ -1,0 +1,1 @@
+"""Networks: TCSS denoiser, autoencoder, latent UNet, discriminators, segmenter."""

@@ -1,0 +1,157 @@
+"""TCSS denoiser: a 3D diffusion UNet that predicts p(x_0 | x_t) for a noisy one-hot label map.
+
+Built on MONAI's ``DiffusionModelUNet`` (sinusoidal timestep embedding → MLP added in every
+residual block; spatial-transformer cross-attention to the context tokens at the levels flagged
+in ``attention_levels`` and in the middle block). The output convolution is zero-initialised by
+MONAI, so a fresh model predicts uniform x_0 logits (loss starts at the uniform-prediction KL).
+
+Gradient checkpointing re-runs each UNet block in the backward pass instead of storing its
+activations; it is implemented here by walking the MONAI blocks in the same order as MONAI's
+own ``forward`` (the module tree and weights are MONAI's, unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from guidegen.config import TCSSConfig
+from guidegen.errors import GuideGenError
+
+
+def space_to_depth(x: Tensor, p: int) -> Tensor:
+    """(B, C, X, Y, Z) -> (B, C·p³, X/p, Y/p, Z/p): each p×p×p block becomes channels."""
+    if p == 1:
+        return x
+    b, c, nx, ny, nz = x.shape
+    x = x.view(b, c, nx // p, p, ny // p, p, nz // p, p).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, c * p**3, nx // p, ny // p, nz // p)
+
+
+def depth_to_space(x: Tensor, p: int) -> Tensor:
+    """Inverse of :func:`space_to_depth`: (B, C·p³, X, Y, Z) -> (B, C, X·p, Y·p, Z·p)."""
+    if p == 1:
+        return x
+    b, cp, nx, ny, nz = x.shape
+    c = cp // p**3
+    x = x.view(b, c, p, p, p, nx, ny, nz).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c, nx * p, ny * p, nz * p)
+
+
+def _norm_groups(channels: tuple[int, ...]) -> int:
+    """Largest GroupNorm group count <= 32 that divides every level's width."""
+    g = math.gcd(*channels)
+    return max(d for d in range(1, min(g, 32) + 1) if g % d == 0)
+
+
+class TCSSUNet(nn.Module):
+    """x_0-predicting denoiser for categorical diffusion on label volumes.
+
+    Args:
+        num_classes: K, channels of the one-hot input and of the logits output.
+        context_dim: width D of the context tokens (B, Q, D) read by cross-attention.
+        channels: feature width per UNet level (len L; L - 1 downsamplings by 2).
+        attention_levels: per level, whether it has cross-attention (use the low-res levels).
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head.
+        gradient_checkpointing: recompute block activations in backward (less memory, ~30% slower).
+        patch_size: p > 1 folds each p×p×p block of the one-hot input into channels
+            (space-to-depth, K·p³ channels) and unfolds the logits back, so the UNet's first
+            level runs at 1/p resolution. Full-resolution 3D convolutions dominate the CPU cost
+            (their weight gradient above all), and the labels' fine detail survives in channels.
+    """
+
+    def __init__(self, num_classes: int, context_dim: int, channels: tuple[int, ...] = (32, 64, 96, 128),
+                 attention_levels: tuple[bool, ...] = (False, False, True, True), num_res_blocks: int = 1,
+                 num_head_channels: int = 32, gradient_checkpointing: bool = False,
+                 patch_size: int = 1) -> None:
+        super().__init__()
+        channels, attention_levels = tuple(channels), tuple(attention_levels)
+        if len(channels) != len(attention_levels):
+            raise GuideGenError(
+                f"tcss.channels has {len(channels)} levels but tcss.attention_levels has {len(attention_levels)}")
+        bad = [c for c, a in zip(channels, attention_levels) if a and c % num_head_channels]
+        if bad or channels[-1] % num_head_channels:  # the middle block always has attention
+            raise GuideGenError(f"tcss.num_head_channels ({num_head_channels}) must divide the channels of every "
+                                f"attention level and the last level, got channels {list(channels)}")
+        if num_classes < 2:
+            raise GuideGenError(f"the label set must have at least 2 classes, got {num_classes}")
+        self.num_classes = num_classes
+        self.context_dim = context_dim
+        self.gradient_checkpointing = gradient_checkpointing
+        if patch_size < 1:
+            raise GuideGenError(f"tcss.patch_size must be >= 1, got {patch_size}")
+        self.patch_size = patch_size
+        self.downsample_factor = patch_size * 2 ** (len(channels) - 1)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3,
+            in_channels=num_classes * patch_size**3,
+            out_channels=num_classes * patch_size**3,
+            num_res_blocks=num_res_blocks,
+            channels=channels,
+            attention_levels=attention_levels,
+            norm_num_groups=_norm_groups(channels),
+            num_head_channels=num_head_channels,
+            with_conditioning=True,
+            cross_attention_dim=context_dim,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: TCSSConfig, num_classes: int, context_dim: int) -> "TCSSUNet":
+        """Build from the ``tcss`` section of a :class:`guidegen.config.GuideGenConfig`."""
+        return cls(num_classes, context_dim, channels=cfg.channels, attention_levels=cfg.attention_levels,
+                   num_res_blocks=cfg.num_res_blocks, num_head_channels=cfg.num_head_channels,
+                   gradient_checkpointing=cfg.train.gradient_checkpointing,
+                   patch_size=cfg.patch_size)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, xt_onehot: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """Predict x_0 logits.
+
+        Args:
+            xt_onehot: (B, K, X, Y, Z) float one-hot x_t (values {0, 1}; scaled to {-1, 1} inside
+                so the input is zero-mean-ish like a Gaussian diffusion input).
+            t: (B,) long timesteps in [1, T].
+            context: (B, Q, context_dim) context tokens (text / knowledge; a null context for CFG).
+        Returns:
+            (B, K, X, Y, Z) unnormalised logits of p(x_0 | x_t).
+        """
+        b, k, *spatial = xt_onehot.shape
+        if k != self.num_classes:
+            raise ValueError(f"expected {self.num_classes} one-hot channels, got {k}")
+        if any(n % self.downsample_factor for n in spatial):
+            raise GuideGenError(f"data.grid {spatial} must be divisible by {self.downsample_factor} on every axis "
+                                f"for this TCSS UNet (patch size {self.patch_size}, {len(self.unet.block_out_channels)} levels)")
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
+            raise ValueError(f"context must be (B={b}, Q, {self.context_dim}), got {tuple(context.shape)}")
+        x = space_to_depth(xt_onehot * 2 - 1, self.patch_size)
+        t = t.to(device=x.device)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            out = self._forward_checkpointed(x, t, context)
+        else:
+            out = self.unet(x, timesteps=t, context=context)
+        return depth_to_space(out, self.patch_size)
+
+    def _forward_checkpointed(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """MONAI ``DiffusionModelUNet.forward`` (no extra residuals / class labels), block-checkpointed."""
+        from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+
+        u = self.unet
+        emb = u.time_embed(get_timestep_embedding(t, u.block_out_channels[0]).to(dtype=x.dtype))
+        h = u.conv_in(x)
+        skips = [h]
+        for block in u.down_blocks:
+            h, res = checkpoint(block, h, emb, context, use_reentrant=False)
+            skips.extend(res)
+        h = checkpoint(u.middle_block, h, emb, context, use_reentrant=False)
+        for block in u.up_blocks:
+            n = len(block.resnets)
+            res, skips = skips[-n:], skips[:-n]
+            h = checkpoint(block, h, res, emb, context, use_reentrant=False)
+        return u.out(h)

@@ -1,0 +1,286 @@
+"""Uniform categorical diffusion math (guidegen.diffusion.categorical) against brute force.
+
+Brute force = explicit K×K transition matrices Q_t = alpha_t·I + (1 - alpha_t)/K·11ᵀ (row i is
+q(x_t | x_{t-1} = i)), their products for multi-step transitions, and Bayes by enumeration.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from guidegen.diffusion import categorical as cat
+from guidegen.errors import GuideGenError
+
+K, T = 4, 8
+ABAR = cat.cosine_schedule(T)
+
+
+def q_matrix(t: int, abar: torch.Tensor = ABAR, k: int = K) -> torch.Tensor:
+    alpha = float(abar[t] / abar[t - 1])
+    return alpha * torch.eye(k, dtype=torch.float64) + (1 - alpha) / k * torch.ones(k, k, dtype=torch.float64)
+
+
+def q_product(s: int, t: int) -> torch.Tensor:
+    """Transition matrix from step s to step t (product Q_{s+1} ⋯ Q_t); identity if s == t."""
+    m = torch.eye(K, dtype=torch.float64)
+    for u in range(s + 1, t + 1):
+        m = m @ q_matrix(u)
+    return m
+
+
+def brute_posterior(xt: int, x0_probs: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    """q(x_s = · | x_t = xt, x_0 ~ x0_probs) by enumerating x_s; (K,)."""
+    like = q_product(s, t)[:, xt]                 # q(x_t = xt | x_s = j) for every j
+    prior = x0_probs @ q_product(0, s)            # q(x_s = j | x_0)
+    post = like * prior
+    return post / post.sum()
+
+
+def brute_model_posterior(xt: int, pi: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    """Σ_k q(x_s | x_t, x_0 = k) · pi_k; (K,)."""
+    return sum(pi[k] * brute_posterior(xt, F.one_hot(torch.tensor(k), K).double(), t, s) for k in range(K))
+
+
+def random_case(gen: torch.Generator, b: int = 2, spatial=(3, 2, 2)):
+    x0 = torch.randint(0, K, (b, *spatial), generator=gen)
+    xt = torch.randint(0, K, (b, *spatial), generator=gen)
+    logits = 3 * torch.randn((b, K, *spatial), generator=gen, dtype=torch.float64)
+    return x0, xt, logits
+
+
+def test_cosine_schedule_properties():
+    abar = cat.cosine_schedule(1000)
+    assert abar.shape == (1001,) and abar.dtype == torch.float64
+    assert abar[0] == 1.0
+    assert bool((abar[1:] < abar[:-1]).all()), "abar must strictly decrease"
+    assert bool((abar > 0).all()) and bool((abar <= 1).all())
+    alphas = cat.step_alphas(abar)
+    assert float((1 - alphas[1:]).max()) <= 0.999 + 1e-12  # betas clipped
+    assert abar[500] == pytest.approx(0.5, abs=0.05)          # cosine: about half kept mid-way
+    assert float(abar[-1]) < 1e-3
+
+
+def test_q_xt_given_x0_equals_matrix_products():
+    gen = torch.Generator().manual_seed(0)
+    soft = torch.softmax(torch.randn(2, K, 3, generator=gen, dtype=torch.float64), dim=1)
+    for t in range(1, T + 1):
+        got = cat.q_xt_given_x0(soft, t, ABAR)
+        want = torch.einsum("bkn,kj->bjn", soft, q_product(0, t))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got.sum(1), torch.ones(2, 3, dtype=torch.float64))
+
+
+def test_q_sample_marginals():
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.zeros(1, 40_000, dtype=torch.long)
+    t = 4
+    xt = cat.q_sample(x0, t, ABAR, K, generator=gen)
+    freq = torch.bincount(xt.flatten(), minlength=K).double() / xt.numel()
+    want = cat.q_xt_given_x0(cat.one_hot(x0, K, torch.float64), t, ABAR)[0, :, 0]
+    torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("t", [1, 2, 5, T])
+def test_q_posterior_matches_bayes(t):
+    gen = torch.Generator().manual_seed(t)
+    x0, xt, logits = random_case(gen)
+    soft = torch.softmax(logits, 1)
+    for x0_probs in (cat.one_hot(x0, K, torch.float64), soft):
+        got = cat.q_posterior(cat.one_hot(xt, K, torch.float64), x0_probs, t, ABAR)
+        torch.testing.assert_close(got.sum(1), torch.ones_like(got[:, 0]))
+        for b, x, y, z in [(0, 0, 0, 0), (1, 2, 1, 1), (0, 1, 1, 0)]:
+            want = brute_posterior(int(xt[b, x, y, z]), x0_probs[b, :, x, y, z], t, t - 1)
+            torch.testing.assert_close(got[b, :, x, y, z], want, rtol=1e-9, atol=1e-12)
+
+
+def test_skip_posterior_matches_bayes_and_one_step():
+    gen = torch.Generator().manual_seed(3)
+    x0, xt, _ = random_case(gen)
+    x0_oh, xt_oh = cat.one_hot(x0, K, torch.float64), cat.one_hot(xt, K, torch.float64)
+    for t, s in [(8, 3), (5, 0), (2, 1), (7, 6)]:
+        got = cat.q_skip_posterior(xt_oh, x0_oh, t, s, ABAR)
+        want = brute_posterior(int(xt[1, 2, 0, 1]), x0_oh[1, :, 2, 0, 1], t, s)
+        torch.testing.assert_close(got[1, :, 2, 0, 1], want, rtol=1e-9, atol=1e-12)
+    t = torch.tensor([6, 3])
+    torch.testing.assert_close(cat.q_skip_posterior(xt_oh, x0_oh, t, t - 1, ABAR),
+                               cat.q_posterior(xt_oh, x0_oh, t, ABAR))
+    with pytest.raises(ValueError):
+        cat.q_skip_posterior(xt_oh, x0_oh, 3, 3, ABAR)
+
+
+@pytest.mark.parametrize("t,s", [(1, 0), (2, 1), (6, 5), (T, 2), (5, 0)])
+def test_model_posterior_equals_explicit_sum_over_x0(t, s):
+    gen = torch.Generator().manual_seed(10 * t + s)
+    _, xt, logits = random_case(gen)
+    xt_oh = cat.one_hot(xt, K, torch.float64)
+    log_p = cat.model_log_skip_posterior(xt_oh, logits, t, s, ABAR)
+    pi = torch.softmax(logits, 1)
+    torch.testing.assert_close(torch.logsumexp(log_p, 1), torch.zeros_like(log_p[:, 0]), atol=1e-12, rtol=0)
+    for b, x, y, z in [(0, 0, 0, 0), (1, 2, 1, 1), (1, 0, 1, 0)]:
+        want = brute_model_posterior(int(xt[b, x, y, z]), pi[b, :, x, y, z], t, s)
+        torch.testing.assert_close(log_p[b, :, x, y, z].exp(), want, rtol=1e-9, atol=1e-12)
+    # the honest marginal differs from naively plugging pi into the posterior formula (visibly so
+    # while x_t still carries signal; near t = T the weights 1/Z_k are almost uniform)
+    naive = cat.q_skip_posterior(xt_oh, pi, t, s, ABAR)
+    if t > 1 and float(ABAR[t]) > 0.1:
+        assert not torch.allclose(naive, log_p.exp(), atol=1e-4)
+    # probability-space wrapper agrees
+    torch.testing.assert_close(cat.model_skip_posterior(xt_oh, pi, t, s, ABAR), log_p.exp(), rtol=1e-9, atol=1e-12)
+    if s == t - 1:
+        torch.testing.assert_close(cat.model_posterior(xt_oh, pi, t, ABAR), log_p.exp(), rtol=1e-9, atol=1e-12)
+
+
+def test_model_posterior_at_t1_is_prediction():
+    gen = torch.Generator().manual_seed(5)
+    _, xt, logits = random_case(gen)
+    log_p = cat.model_log_posterior(cat.one_hot(xt, K, torch.float64), logits, 1, ABAR)
+    torch.testing.assert_close(log_p, torch.log_softmax(logits, 1), rtol=1e-9, atol=1e-9)
+
+
+def test_kl_loss_zero_for_perfect_prediction_positive_otherwise():
+    gen = torch.Generator().manual_seed(7)
+    x0, xt, logits = random_case(gen, b=3)
+    t = torch.tensor([1, 4, T])
+    perfect = 40.0 * cat.one_hot(x0, K, torch.float64)  # softmax ≈ one-hot, p(wrong) ~ e^-40
+    assert float(cat.kl_loss(x0, xt, perfect, t, ABAR)) < 1e-12
+    bad = cat.kl_loss(x0, xt, logits, t, ABAR, reduction="none")
+    assert bad.shape == x0.shape and bool((bad >= -1e-12).all())
+    assert float(bad.mean()) > 1e-3
+
+
+def test_kl_loss_matches_brute_force_and_decoder_term():
+    gen = torch.Generator().manual_seed(8)
+    x0, xt, logits = random_case(gen)
+    t = torch.tensor([5, 1])
+    per_voxel = cat.kl_loss(x0, xt, logits, t, ABAR, reduction="none")
+    pi = torch.softmax(logits, 1)
+    for b in range(2):
+        tb = int(t[b])
+        for x, y, z in [(0, 0, 0), (2, 1, 1)]:
+            q = brute_posterior(int(xt[b, x, y, z]), F.one_hot(x0[b, x, y, z], K).double(), tb, tb - 1)
+            p = brute_model_posterior(int(xt[b, x, y, z]), pi[b, :, x, y, z], tb, tb - 1)
+            mask = q > 0
+            want = (q[mask] * (q[mask].log() - p[mask].log())).sum()
+            torch.testing.assert_close(per_voxel[b, x, y, z], want, rtol=1e-8, atol=1e-10)
+    # t = 1: decoder NLL = cross-entropy of the prediction
+    nll = F.cross_entropy(logits[1:], x0[1:], reduction="none")
+    torch.testing.assert_close(per_voxel[1:], nll, rtol=1e-9, atol=1e-9)
+
+
+def test_kl_loss_aux_ce_class_weights_and_gradients():
+    gen = torch.Generator().manual_seed(9)
+    x0, xt, logits = random_case(gen)
+    logits = logits.float().requires_grad_(True)
+    t = torch.tensor([1, 3])
+    base = cat.kl_loss(x0, xt, logits, t, ABAR)
+    with_ce = cat.kl_loss(x0, xt, logits, t, ABAR, aux_ce_weight=0.5)
+    ce = F.cross_entropy(logits, x0)
+    torch.testing.assert_close(with_ce, base + 0.5 * ce, rtol=1e-5, atol=1e-6)
+    # class weights: weighted mean over voxels by the weight of the true class
+    w = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    per = cat.kl_loss(x0, xt, logits, t, ABAR, reduction="none")
+    want = (w[x0] * per).sum() / w[x0].sum()
+    torch.testing.assert_close(cat.kl_loss(x0, xt, logits, t, ABAR, class_weights=w), want)
+    # finite gradients even for extreme logits in float32
+    extreme = (torch.randn(logits.shape, generator=gen) * 80).requires_grad_(True)
+    loss = cat.kl_loss(x0, xt, extreme, torch.tensor([1, T]), ABAR, aux_ce_weight=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and bool(torch.isfinite(extreme.grad).all())
+
+
+def test_sample_timesteps_follows_power_law():
+    gen = torch.Generator().manual_seed(11)
+    n, steps = 60_000, 10
+    t = cat.sample_timesteps(n, steps, power=1.5, generator=gen)
+    assert t.dtype == torch.long and int(t.min()) >= 1 and int(t.max()) <= steps
+    counts = torch.bincount(t, minlength=steps + 1)[1:].double()
+    p = torch.arange(1, steps + 1, dtype=torch.float64) ** 1.5
+    expected = n * p / p.sum()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 27.9  # 99.9% quantile of chi-square with 9 degrees of freedom
+    # a wrong law (uniform) is rejected by the same statistic
+    uniform = torch.full_like(expected, n / steps)
+    assert float(((counts - uniform) ** 2 / uniform).sum()) > 1000
+
+
+def test_strided_timesteps():
+    assert cat.strided_timesteps(10, 10) == list(range(10, 0, -1))
+    ts = cat.strided_timesteps(1000, 50)
+    assert len(ts) == 50 and ts[0] == 1000 and ts[-1] == 1 and all(a > b for a, b in zip(ts, ts[1:]))
+    assert cat.strided_timesteps(1000, 1) == [1000]
+    with pytest.raises(GuideGenError, match="sample steps"):
+        cat.strided_timesteps(10, 11)
+
+
+def _fixed_denoiser(x0: torch.Tensor, calls: list | None = None):
+    """A 'perfect' denoiser that always predicts x0 with near-certainty."""
+    def fn(xt_oh, t):
+        assert xt_oh.shape[1] == K and xt_oh.dtype == torch.float32 and t.shape == (xt_oh.shape[0],)
+        if calls is not None:
+            calls.append(int(t[0]))
+        return 30.0 * cat.one_hot(x0, K)
+    return fn
+
+
+def _learned_like_denoiser():
+    """A deterministic denoiser whose output depends on x_t and t (stands in for a network)."""
+    w = torch.randn(K, K, generator=torch.Generator().manual_seed(2))
+
+    def fn(xt_oh, t):
+        mixed = torch.einsum("kj,bj...->bk...", w, xt_oh)
+        return mixed * (1 + t.view(-1, 1, 1, 1, 1).float() / T) + mixed.roll(1, dims=2)
+    return fn
+
+
+def test_strided_with_all_steps_equals_ancestral():
+    shape = (2, 6, 5, 4)
+    den = _learned_like_denoiser()
+    a = cat.sample_ancestral(den, shape, K, ABAR, torch.Generator().manual_seed(123))
+    b = cat.sample_strided(den, shape, K, ABAR, T, torch.Generator().manual_seed(123))
+    c = cat.sample_ancestral(den, shape, K, ABAR, torch.Generator().manual_seed(124))
+    assert a.shape == shape and a.dtype == torch.long
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the result does depend on the random stream
+
+
+def test_perfect_denoiser_reproduces_forward_marginals():
+    """With the true x0 the reverse chain's x_s has the forward marginal q(x_s | x0)."""
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randint(0, K, (2, 16, 16, 16), generator=gen)
+    for sampler, kw in ((cat.sample_ancestral, {}), (cat.sample_strided, {"steps": 4})):
+        seen: dict[int, float] = {}
+        calls: list[int] = []
+        out = sampler(_fixed_denoiser(x0, calls), tuple(x0.shape), K, ABAR, generator=gen,
+                      callback=lambda i, s, x: seen.__setitem__(s, float((x == x0).double().mean())), **kw)
+        assert torch.equal(out, x0)
+        assert calls[0] == T and calls[-1] == 1 and len(calls) == (T if not kw else 4)
+        for s, frac in seen.items():
+            if s > 0:
+                want = float(ABAR[s] + (1 - ABAR[s]) / K)
+                assert frac == pytest.approx(want, abs=0.02), (sampler.__name__, s)
+
+
+def test_guidance():
+    gen = torch.Generator().manual_seed(6)
+    c, u = torch.randn(2, K, 3, generator=gen), torch.randn(2, K, 3, generator=gen)
+    torch.testing.assert_close(cat.guided_logits(c, u, 1.0), c)
+    torch.testing.assert_close(cat.guided_logits(c, u, 0.0), u)
+    torch.testing.assert_close(cat.guided_logits(c, u, 3.0), u + 3 * (c - u))
+
+    calls = []
+
+    def model_fn(x, t, ctx):
+        calls.append(x.shape[0])
+        return x * ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+
+    x = cat.one_hot(torch.randint(0, K, (2, 2, 2, 2), generator=gen), K)
+    t = torch.tensor([3, 3])
+    ctx, null = torch.full((2, 5, 8), 2.0), torch.zeros(1, 5, 8)
+    guided = cat.classifier_free_guidance(model_fn, ctx, null, 1.5)(x, t)
+    assert calls == [4]  # one doubled batch
+    torch.testing.assert_close(guided, cat.guided_logits(2 * x, 0 * x, 1.5))
+    calls.clear()
+    plain = cat.classifier_free_guidance(model_fn, ctx, null, 1.0)(x, t)
+    assert calls == [2] and torch.equal(plain, 2 * x)

@@ -1,0 +1,139 @@
+"""TCSS denoiser (guidegen.models.tcss_unet) on tiny configs and grids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from guidegen.config import TCSSConfig, TrainConfig
+from guidegen.diffusion import categorical as cat
+from guidegen.errors import GuideGenError
+from guidegen.models.tcss_unet import TCSSUNet
+
+K, D, Q = 5, 16, 3
+TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8)
+
+
+def tiny_model(**kw) -> TCSSUNet:
+    torch.manual_seed(0)
+    model = TCSSUNet(K, D, **{**TINY, **kw})
+    # MONAI zero-initialises the output conv and the attention projections; give them small
+    # random values so that the tests can see the input and the context reach the output.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.05)
+    return model
+
+
+def inputs(b: int, spatial: tuple[int, int, int], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = cat.one_hot(torch.randint(0, K, (b, *spatial), generator=gen), K)
+    t = torch.randint(1, 1000, (b,), generator=gen)
+    ctx = torch.randn(b, Q, D, generator=gen)
+    return x, t, ctx
+
+
+@pytest.mark.parametrize("spatial", [(16, 16, 16), (16, 16, 24)])
+def test_shapes_and_parameter_count(spatial):
+    model = tiny_model()
+    x, t, ctx = inputs(2, spatial)
+    out = model(x, t, ctx)
+    assert out.shape == (2, K, *spatial) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    n = model.num_parameters()
+    print(f"tiny TCSSUNet parameters: {n}")
+    assert 10_000 < n < 1_000_000
+
+
+def test_fresh_model_predicts_uniform():
+    model = TCSSUNet(K, D, **TINY)  # MONAI's zero-initialised output conv
+    x, t, ctx = inputs(1, (16, 16, 16))
+    assert torch.equal(model(x, t, ctx), torch.zeros(1, K, 16, 16, 16))
+
+
+def test_output_depends_on_context_timestep_and_input():
+    model = tiny_model().eval()
+    x, t, ctx = inputs(2, (16, 16, 16))
+    with torch.no_grad():
+        base = model(x, t, ctx)
+        assert (model(x, t, ctx + 1.0) - base).abs().max() > 1e-4
+        assert (model(x, t + 100, ctx) - base).abs().max() > 1e-4
+        x2, _, _ = inputs(2, (16, 16, 16), seed=1)
+        assert (model(x2, t, ctx) - base).abs().max() > 1e-4
+        # per-sample independence: changing sample 1's context leaves sample 0 unchanged
+        ctx2 = ctx.clone()
+        ctx2[1] += 1.0
+        out2 = model(x, t, ctx2)
+        torch.testing.assert_close(out2[0], base[0])
+        assert (out2[1] - base[1]).abs().max() > 1e-4
+
+
+def test_from_config_and_gradient_checkpointing_matches():
+    cfg = TCSSConfig(channels=(8, 16, 16), attention_levels=(False, True, True), num_head_channels=8,
+                     train=TrainConfig(gradient_checkpointing=True))
+    model = TCSSUNet.from_config(cfg, K, D)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.05)
+    assert model.gradient_checkpointing and model.downsample_factor == 4
+    x, t, ctx = inputs(1, (16, 16, 24))
+    x0 = torch.randint(0, K, (1, 16, 16, 24))
+    grads = []
+    for ckpt in (True, False):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad()
+        out = model(x, t, ctx)
+        loss = cat.kl_loss(x0, x.argmax(1), out, t.clamp(max=1000), cat.cosine_schedule(1000))
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if ckpt:
+            ref = out.detach()
+        else:
+            torch.testing.assert_close(out.detach(), ref)
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_configs_and_inputs():
+    with pytest.raises(GuideGenError, match="attention_levels"):
+        TCSSUNet(K, D, channels=(8, 16), attention_levels=(True,))
+    with pytest.raises(GuideGenError, match="num_head_channels"):
+        TCSSUNet(K, D, channels=(8, 12), attention_levels=(False, True), num_head_channels=8)
+    model = tiny_model()
+    x, t, ctx = inputs(1, (16, 16, 16))
+    with pytest.raises(GuideGenError, match="data.grid"):
+        model(cat.one_hot(torch.zeros(1, 16, 16, 15, dtype=torch.long), K), t, ctx)
+    with pytest.raises(ValueError, match="context"):
+        model(x, t, ctx[..., :4])
+
+
+def test_patch_size_folds_blocks_into_channels():
+    from guidegen.models.tcss_unet import depth_to_space, space_to_depth
+
+    x = torch.randn(2, 3, 8, 4, 6)
+    y = space_to_depth(x, 2)
+    assert y.shape == (2, 24, 4, 2, 3)
+    torch.testing.assert_close(y[1, 8:16, 1, 0, 2], x[1, 1, 2:4, 0:2, 4:6].reshape(-1))
+    assert torch.equal(depth_to_space(y, 2), x)
+
+    cfg = TCSSConfig(channels=(16, 16), attention_levels=(False, True), num_head_channels=8, patch_size=2)
+    model = TCSSUNet.from_config(cfg, K, D)
+    assert model.patch_size == 2 and model.downsample_factor == 4
+    assert model.unet.conv_in.conv.in_channels == K * 8
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.05)
+    x, t, ctx = inputs(1, (16, 16, 24))
+    out = model(x, t, ctx)
+    assert out.shape == (1, K, 16, 16, 24)
+    # one voxel's input change reaches its own logits (the un/fold keeps positions aligned)
+    x2 = x.clone()
+    x2[0, :, 5, 9, 13] = torch.roll(x2[0, :, 5, 9, 13], 1)
+    with torch.no_grad():
+        diff = (model(x2, t, ctx) - out).abs().sum(1)[0]
+    assert diff[5, 9, 13] > 0
+    with pytest.raises(GuideGenError, match="data.grid"):
+        model(cat.one_hot(torch.zeros(1, 16, 16, 18, dtype=torch.long), K), t, ctx)
