@@ -150,6 +150,32 @@ def parse(
     typer.echo(f"{'prompt':<10} {canonical_prompt(findings)}")
 
 
+# ------------------------------------------------------------------------------ generate
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="Clinical prompt, e.g. '62-year-old man, 4 cm mass in the left kidney'."),
+    out: Path = typer.Option(Path("out"), "--out", help="Output dataset directory (re-runs skip finished samples)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="File of prompts: .txt (one per line), .csv or .jsonl with ids."),
+    n: int = typer.Option(1, "--n", help="Samples per prompt."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; sample i uses seed + i."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="TCSS sampling steps (network calls; default from the checkpoint)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="TCSS classifier-free guidance scale."),
+    ct_steps: Optional[int] = typer.Option(None, "--ct-steps", help="Latent sampler steps (default from the checkpoint)."),
+    ct_guidance: Optional[float] = typer.Option(None, "--ct-guidance", help="Latent classifier-free guidance scale."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint root with tcss/, autoencoder/, ldm/ (default: shipped demo)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    labels_only: bool = typer.Option(False, "--labels-only", help="Stop after stage 1 (label maps only)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Generate CT for this label map (NIfTI) instead of sampling one."),
+    qc_retries: int = typer.Option(0, "--qc-retries", help="Re-sample a sample that fails QC up to K times with new seeds."),
+) -> None:
+    """Generate paired label maps and CT volumes from text (DESIGN §1)."""
+    from guidegen.pipeline import run_generate_command
+
+    run_generate_command(prompt=prompt, out=out, prompts_file=prompts, n=n, seed=seed, steps=steps, guidance=guidance,
+                         ct_steps=ct_steps, ct_guidance=ct_guidance, checkpoint=checkpoint, device=device,
+                         labels_only=labels_only, labels_path=labels, qc_retries=qc_retries)
+
+
 # --------------------------------------------------------------------------------- train
 def _train(stage: str, config: Optional[Path], data: Path, out: Path, max_steps: Optional[int]) -> None:
     from guidegen.training.run import run_training
@@ -194,6 +220,54 @@ def train_ldm(
 ) -> None:
     """Train stage 3 (latent diffusion generator; needs a trained autoencoder)."""
     _train("ldm", config, data, out, max_steps)
+
+
+# ------------------------------------------------------------------------------ evaluate
+@app.command()
+def evaluate(
+    real: Path = typer.Option(..., "--real", help="Real dataset directory (CT + labels + reports)."),
+    synthetic: Path = typer.Option(..., "--synthetic", help="Synthetic dataset directory (e.g. a `guidegen generate` output)."),
+    out: Path = typer.Option(..., "--out", help="Output directory for metrics.json and report.html."),
+    quick: bool = typer.Option(False, "--quick", help="Small grid and few training steps (minutes on a CPU)."),
+    size: Optional[str] = typer.Option(None, "--grid", help="Evaluation grid S or X,Y,Z, each divisible by 4 (default 48,48,64; quick 32,32,40)."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local InceptionV3 FID weights (torch-fidelity .pth) for slice-wise FID; needs torchmetrics."),
+    lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="Local torchvision VGG16 weights (vgg16-397923af.pth) for slice-wise LPIPS; needs torchmetrics."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where to cache the evaluation networks (default REAL/cache/eval)."),
+) -> None:
+    """Compare a synthetic set with a real one: metrics.json + a self-contained report.html."""
+    from guidegen.data.layout import parse_grid
+    from guidegen.evaluation import EvalConfig, evaluate as run_evaluation
+
+    grid = parse_grid(size, option="--grid") if size else None
+    cfg = EvalConfig.preset(quick, grid)
+    result = run_evaluation(real, synthetic, out, cfg, inception_weights=inception_weights, lpips_weights=lpips_weights,
+                            cache_dir=cache_dir, progress=True)
+    m = result.metrics
+    for key in ("frechet_distance", "precision", "recall", "organ_volume_w1", "tumor_placement_rate", "alignment_dice_mean",
+                "attribute_accuracy", "downstream_dice_synthetic", "downstream_dice_real"):
+        typer.echo(f"{key:<26} {'–' if m.get(key) is None else m[key]}")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"wrote {result.metrics_path} and {result.report_path} in {result.seconds:.0f} s")
+
+
+# -------------------------------------------------------------------------------- export
+@export_app.command("nnunet")
+def export_nnunet(
+    data: Path = typer.Option(..., "--data", help="Dataset directory (real or synthetic; CT + labels)."),
+    out: Path = typer.Option(..., "--out", help="nnU-Net raw folder (e.g. $nnUNet_raw); DatasetNNN_NAME is created inside."),
+    dataset_id: int = typer.Option(..., "--dataset-id", help="nnU-Net dataset id, 1..999."),
+    name: str = typer.Option(..., "--name", help="Dataset name (letters, digits, '_', '-')."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing DatasetNNN_NAME."),
+) -> None:
+    """Write an nnU-Net v2 raw dataset (imagesTr, labelsTr, dataset.json) and check it."""
+    from guidegen.evaluation.export import check_nnunet_dataset, export_nnunet as run_export
+
+    target = run_export(data, out, dataset_id, name, overwrite=overwrite, progress=True)
+    problems = check_nnunet_dataset(target)
+    if problems:
+        raise GuideGenError(f"{target}: exported dataset failed its check: {problems[0]} (+{len(problems) - 1} more)")
+    typer.echo(f"wrote {target}")
 
 
 def main() -> None:

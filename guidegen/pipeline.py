@@ -1,0 +1,344 @@
+"""GuideGenPipeline: prompt → findings → condition → TCSS label map → latent → CT (DESIGN §6).
+
+```python
+from guidegen.pipeline import GuideGenPipeline
+
+pipe = GuideGenPipeline.from_pretrained()            # shipped demo checkpoints, CPU
+sample = pipe("62-year-old man, 4 cm mass in the left kidney", seed=0)
+sample.labels  # (X, Y, Z) uint8 label ids        sample.ct  # (X, Y, Z) int16 HU, same grid
+sample.affine  # (4, 4) RAS, spacing learned from the training data
+```
+A checkpoint root holds one exported checkpoint directory per stage: ``tcss/``,
+``autoencoder/`` and ``ldm/`` (each ``model.safetensors`` + ``config.yaml`` + ``meta.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from guidegen.config import GuideGenConfig, load_config
+from guidegen.errors import GuideGenError
+from guidegen.labels import LabelSet, load_label_set
+from guidegen.text.findings import Findings, parse_findings
+
+STAGE_DIRS = ("tcss", "autoencoder", "ldm")
+
+
+def default_checkpoint_root() -> Path:
+    from guidegen.checkpoints import shipped_root
+
+    return shipped_root() / "demo"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"auto"`` → cuda when available else cpu; otherwise validated."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GuideGenError(f"--device: unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GuideGenError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise GuideGenError(f"--device: unsupported device type {dev.type!r} (use cpu or cuda)")
+    return dev
+
+
+def load_stage_config(ckpt_dir: Path, stage: str) -> tuple[GuideGenConfig, dict]:
+    """Config and meta of an exported checkpoint directory, checked to be of ``stage``."""
+    if not ckpt_dir.is_dir():
+        raise GuideGenError(f"{ckpt_dir}: checkpoint directory not found")
+    for name in ("model.safetensors", "config.yaml", "meta.json"):
+        if not (ckpt_dir / name).is_file():
+            raise GuideGenError(f"{ckpt_dir}: not a guidegen checkpoint (missing {name})")
+    cfg = load_config(ckpt_dir / "config.yaml")
+    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    if meta.get("stage") != stage:
+        raise GuideGenError(f"{ckpt_dir}: holds a {meta.get('stage')!r} checkpoint, expected {stage!r}")
+    return cfg, meta
+
+
+def prompt_findings(prompt: str) -> Findings:
+    if not prompt or not prompt.strip():
+        raise GuideGenError("the prompt is empty; describe the patient, e.g. '60-year-old woman, 3 cm liver mass'")
+    return parse_findings(prompt)
+
+
+@dataclass
+class Sample:
+    """One generated pair. ``ct`` is None for label-only generation."""
+
+    prompt: str
+    findings: Findings
+    labels: np.ndarray  # (X, Y, Z) uint8
+    affine: np.ndarray  # (4, 4)
+    ct: np.ndarray | None = None  # (X, Y, Z) int16 HU
+    seed: int = 0
+    timings: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+
+class LabelMapGenerator:
+    """Stage 1 at inference: prompt → label map with the TCSS checkpoint."""
+
+    def __init__(self, ckpt_dir: Path, device: torch.device):
+        from guidegen.diffusion.categorical import cosine_schedule
+        from guidegen.text.knowledge import TextConditioner
+        from guidegen.training.tcss import build_tcss_model
+        from guidegen.training.trainer import load_model_weights
+
+        self.cfg, self.meta = load_stage_config(ckpt_dir, "tcss")
+        self.label_set: LabelSet = load_label_set(self.meta.get("label_set", self.cfg.data.label_set))
+        self.conditioner = TextConditioner(self.cfg.text, device=device)
+        self.model = build_tcss_model(self.cfg, self.label_set, self.conditioner.text_dim)
+        load_model_weights(self.model, ckpt_dir)
+        self.model.to(device).eval()
+        self.device = device
+        self.alphas_bar = cosine_schedule(self.cfg.tcss.timesteps).to(device)
+        self.grid = tuple(self.meta.get("grid", self.cfg.data.grid))
+        self.spacing = tuple(self.meta.get("spacing_mm", (1.0, 1.0, 1.0)))
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], findings: list[Findings], seed: int, steps: int, guidance: float, progress: bool = False) -> np.ndarray:
+        """(B, X, Y, Z) uint8 label maps for a batch of prompts."""
+        from guidegen.training.tcss import sample_label_maps
+
+        cond = {k: v.to(self.device) for k, v in self.conditioner.prepare(prompts, findings).items()}
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        maps = sample_label_maps(self.model, cond, self.grid, self.alphas_bar, self.label_set.num_classes, steps=steps,
+                                 guidance=guidance, generator=gen, progress=progress)
+        return maps.cpu().numpy().astype(np.uint8)
+
+    def affine(self) -> np.ndarray:
+        from guidegen.io import ras_affine
+
+        return ras_affine(self.spacing)
+
+
+# ------------------------------------------------------------------------------ prompts
+
+
+@dataclass
+class PromptItem:
+    id: str
+    prompt: str
+
+
+def read_prompts(path: str | Path) -> list[PromptItem]:
+    """Prompts from a file: plain text (one per line), CSV (``id``,``prompt``/``text``) or JSONL.
+
+    Ids default to ``p0000``, ``p0001``, ... in file order; they name the output cases.
+    """
+    import csv
+
+    from guidegen.data.layout import check_case_id
+
+    path = Path(path)
+    if not path.is_file():
+        raise GuideGenError(f"{path}: prompts file not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    items: list[PromptItem] = []
+    if path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise GuideGenError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            prompt = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
+            if not isinstance(prompt, str):
+                raise GuideGenError(f"{path}:{n}: each line needs a 'prompt' (or 'text') string")
+            items.append(PromptItem(str(obj.get("id", f"p{len(items):04d}")), prompt))
+    elif path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        if rows and not ({"prompt", "text"} & set(rows[0])):
+            raise GuideGenError(f"{path}: CSV needs a 'prompt' or 'text' column (has {', '.join(rows[0])})")
+        for row in rows:
+            items.append(PromptItem(str(row.get("id") or f"p{len(items):04d}"), row.get("prompt") or row.get("text") or ""))
+    else:
+        items = [PromptItem(f"p{i:04d}", line.strip()) for i, line in enumerate(l for l in text.splitlines() if l.strip())]
+    if not items:
+        raise GuideGenError(f"{path}: no prompts found")
+    seen: set[str] = set()
+    for it in items:
+        check_case_id(it.id)
+        if it.id in seen:
+            raise GuideGenError(f"{path}: duplicate prompt id {it.id!r}")
+        seen.add(it.id)
+        if not it.prompt.strip():
+            raise GuideGenError(f"{path}: prompt {it.id!r} is empty")
+    return items
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class GuideGenPipeline:
+    """Prompt → (label map, CT). Stage 1 always; stages 2+3 unless ``labels_only``."""
+
+    def __init__(self, labels: LabelMapGenerator, ct: "CTGenerator | None", checkpoint_root: Path):
+        self.labels = labels
+        self.ct = ct
+        self.checkpoint_root = checkpoint_root
+        self.label_set = labels.label_set
+
+    @classmethod
+    def from_pretrained(cls, root: str | Path | None = None, *, device: str | None = "cpu", labels_only: bool = False) -> "GuideGenPipeline":
+        """Load the stage checkpoints under ``root`` (default: the shipped demo checkpoints)."""
+        dev = resolve_device(device)
+        root = Path(root) if root is not None else default_checkpoint_root()
+        if not root.is_dir():
+            raise GuideGenError(f"{root}: checkpoint directory not found")
+        labels = LabelMapGenerator(root / "tcss", dev)
+        ct = None if labels_only else CTGenerator(root / "autoencoder", root / "ldm", dev, labels.label_set)
+        return cls(labels, ct, root)
+
+    def versions(self) -> dict:
+        """Identity of the loaded checkpoints (for the meta of each sample)."""
+        out = {"tcss": {k: self.labels.meta.get(k) for k in ("train_steps", "created", "weights")}}
+        if self.ct is not None:
+            out.update(self.ct.versions())
+        return out
+
+    def generate(self, prompt: str, *, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                 ct_steps: int | None = None, ct_guidance: float | None = None, labels: np.ndarray | None = None,
+                 labels_affine: np.ndarray | None = None, progress: bool = False) -> Sample:
+        """One sample. ``labels`` (X, Y, Z) on the user's grid skips stage 1 (mask → CT)."""
+        findings = prompt_findings(prompt) if labels is None or prompt.strip() else Findings()
+        tcfg = self.labels.cfg.tcss
+        steps = steps or tcfg.sample_steps
+        guidance = tcfg.guidance if guidance is None else guidance
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if labels is None:
+            label_map = self.labels([prompt], [findings], seed, steps, guidance, progress)[0]
+            affine = self.labels.affine()
+            timings["labels_s"] = round(time.perf_counter() - t0, 3)
+        else:
+            label_map, affine = labels, labels_affine if labels_affine is not None else np.eye(4)
+        settings = {"tcss_steps": steps if labels is None else None, "tcss_guidance": guidance if labels is None else None}
+        ct = None
+        if self.ct is not None:
+            t1 = time.perf_counter()
+            ct, ct_settings = self.ct(label_map, prompt, findings, seed=seed, steps=ct_steps, guidance=ct_guidance, progress=progress)
+            settings.update(ct_settings)
+            timings["ct_s"] = round(time.perf_counter() - t1, 3)
+        timings["total_s"] = round(time.perf_counter() - t0, 3)
+        return Sample(prompt=prompt, findings=findings, labels=label_map, affine=affine, ct=ct, seed=seed, timings=timings, settings=settings)
+
+    __call__ = generate
+
+
+# ------------------------------------------------------------------------ batch writing
+
+
+def sample_ids(items: list[PromptItem], n: int) -> list[tuple[str, PromptItem, int]]:
+    """``(case id, prompt item, sample index)`` for every requested sample, in a fixed order."""
+    return [(f"{it.id}_s{k}" if n > 1 else it.id, it, k) for it in items for k in range(n)]
+
+
+def sample_seed(base_seed: int, global_index: int, attempt: int = 0) -> int:
+    """Seed of one sample: independent of how samples are sharded across ranks."""
+    return base_seed + global_index + 1_000_003 * attempt
+
+
+def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str | Path, *, n: int = 1, seed: int = 0,
+                     steps: int | None = None, guidance: float | None = None, ct_steps: int | None = None,
+                     ct_guidance: float | None = None, qc_retries: int = 0, rank: int = 0, world_size: int = 1,
+                     progress: bool = True) -> list[str]:
+    """Generate every (prompt, k) sample into the dataset ``out``; returns the case ids written here.
+
+    Finished samples (complete cases in ``out``) are skipped, so a killed run finishes on
+    re-run. Under torchrun, rank r takes every world_size-th sample.
+    """
+    from tqdm import tqdm
+
+    from guidegen.data.layout import CaseRecord, DatasetWriter
+    from guidegen.qc import quality_check
+
+    out = Path(out)
+    mode = "resume" if (out / "dataset.json").is_file() else "new"
+    writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode,
+                           info={"source": "guidegen generate", "checkpoints": str(pipe.checkpoint_root.name)})
+    todo = [(i, cid, it, k) for i, (cid, it, k) in enumerate(sample_ids(items, n)) if i % world_size == rank]
+    written = []
+    for i, cid, it, k in tqdm(todo, desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=not progress, unit="sample"):
+        if writer.has_case(cid):
+            continue
+        attempts = []
+        for attempt in range(qc_retries + 1):
+            s = sample_seed(seed, i, attempt)
+            sample = pipe.generate(it.prompt, seed=s, steps=steps, guidance=guidance, ct_steps=ct_steps, ct_guidance=ct_guidance)
+            qc = quality_check(sample, pipe)
+            attempts.append({"seed": s, "passed": qc["passed"], "failures": qc["failures"]})
+            if qc["passed"]:
+                break
+        meta = {
+            "source": "guidegen generate",
+            "prompt_id": it.id,
+            "sample_index": k,
+            "seed": sample.seed,
+            "settings": sample.settings,
+            "timings": sample.timings,
+            "models": pipe.versions(),
+            "qc": {**qc, "attempts": attempts, "retried": len(attempts) > 1},
+        }
+        writer.write_case(CaseRecord(case=cid, labels=sample.labels, affine=sample.affine, ct=sample.ct, text=it.prompt,
+                                     findings=sample.findings.to_dict(), meta=meta))
+        written.append(cid)
+    if rank == 0 and world_size == 1:
+        writer.finalize()
+    return written
+
+
+def single_prompt_id(prompt: str, seed: int) -> str:
+    """Case id of a one-prompt run: stable for (prompt, seed), distinct across prompts and seeds."""
+    import hashlib
+
+    return f"gen_{hashlib.sha256(prompt.strip().encode()).hexdigest()[:8]}_seed{seed}"
+
+
+def _distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun (env vars), else (0, 1)."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | None, n: int, seed: int, steps: int | None,
+                         guidance: float | None, ct_steps: int | None, ct_guidance: float | None, checkpoint: Path | None,
+                         device: str, labels_only: bool, labels_path: Path | None, qc_retries: int) -> list[str]:
+    """The ``guidegen generate`` command: validate options, load, generate, write."""
+    if n < 1:
+        raise GuideGenError(f"--n must be at least 1, got {n}")
+    if qc_retries < 0:
+        raise GuideGenError(f"--qc-retries must be >= 0, got {qc_retries}")
+    if steps is not None and steps < 1:
+        raise GuideGenError(f"--steps must be at least 1, got {steps}")
+    if labels_path is not None and labels_only:
+        raise GuideGenError("--labels and --labels-only exclude each other")
+    if (prompt is None) == (prompts_file is None) and labels_path is None:
+        raise GuideGenError("give one PROMPT argument or --prompts FILE")
+    if prompts_file is not None and prompt is not None:
+        raise GuideGenError("give either a PROMPT argument or --prompts FILE, not both")
+    resolve_device(device)
+    if labels_path is not None:
+        return [_generate_for_labels(labels_path, prompt or "", out, checkpoint, device, seed, ct_steps, ct_guidance)]
+    items = read_prompts(prompts_file) if prompts_file is not None else [PromptItem(single_prompt_id(prompt or "", seed), prompt or "")]
+    for it in items:
+        prompt_findings(it.prompt)  # fail on an empty prompt before loading any model
+    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only)
+    rank, world = _distributed_rank()
+    written = generate_dataset(pipe, items, out, n=n, seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps,
+                               ct_guidance=ct_guidance, qc_retries=qc_retries, rank=rank, world_size=world)
+    if rank == 0:
+        print(f"{len(written)} sample(s) written to {out}")
+    return written
