@@ -233,6 +233,7 @@ def evaluate(
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local InceptionV3 FID weights (torch-fidelity .pth) for slice-wise FID; needs torchmetrics."),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="Local torchvision VGG16 weights (vgg16-397923af.pth) for slice-wise LPIPS; needs torchmetrics."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where to cache the evaluation networks (default REAL/cache/eval)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the evaluation nets (default: the idle cores)."),
 ) -> None:
     """Compare a synthetic set with a real one: metrics.json + a self-contained report.html."""
     from guidegen.data.layout import parse_grid
@@ -241,7 +242,7 @@ def evaluate(
     grid = parse_grid(size, option="--grid") if size else None
     cfg = EvalConfig.preset(quick, grid)
     result = run_evaluation(real, synthetic, out, cfg, inception_weights=inception_weights, lpips_weights=lpips_weights,
-                            cache_dir=cache_dir, progress=True)
+                            cache_dir=cache_dir, threads=threads, progress=True)
     m = result.metrics
     for key in ("frechet_distance", "precision", "recall", "organ_volume_w1", "tumor_placement_rate", "alignment_dice_mean",
                 "attribute_accuracy", "downstream_dice_synthetic", "downstream_dice_real"):

@@ -102,12 +102,19 @@ class AutoencoderConfig(_Strict):
     latent_channels: int = Field(4, ge=1)
     num_res_blocks: int = Field(1, ge=1)
     label_embed_dim: int = Field(8, ge=1)
+    inject_labels: bool = True  # label pyramid at every level; False = "w/o anatomy" ablation
+    norm: Literal["channel", "group"] = "channel"  # per-voxel norm keeps tiled decoding exact
+    p_random_window: float = Field(0.25, ge=0, le=1)  # share of fully random HU windows in the loss
     kl_weight: float = Field(1e-6, ge=0)
     window_weight: float = Field(1.0, ge=0)
     ssim_weight: float = Field(0.2, ge=0)
     full_range_weight: float = Field(1.0, ge=0)
     adv_weight: float = Field(0.05, ge=0)
     disc_start: int = Field(1000, ge=0)
+    # Train on random crops of this size (voxels; multiples of 4) instead of the whole grid: the
+    # network is convolutional with per-voxel norms, so crops teach the same mapping at a
+    # fraction of the cost (the paper trains its AE on 128³ crops). None = whole volumes.
+    train_crop: tuple[int, int, int] | None = None
     train: TrainConfig = TrainConfig()
 
 
@@ -119,10 +126,19 @@ class LDMConfig(_Strict):
     sampler: Literal["ddim", "ddpm"] = "ddim"
     sample_steps: int = Field(50, ge=1)
     guidance: float = Field(1.5, ge=0)
-    channels: tuple[int, ...] = (64, 128)
-    attention_levels: tuple[bool, ...] = (False, True)
+    # CPU-demo size (latent 12×12×16 at the demo grid; ~0.5 CPU-s per step on one core, see
+    # guidegen/training/ldm.py); the paper's LFG is 128 channels [1, 2, 4] with 2 res blocks
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, True, True)
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = Field(32, ge=1)
+    # label map → latent grid: K class-fraction channels (exact, no parameters) and/or a small
+    # trainable strided-conv encoder with this many output channels (see guidegen.models.ldm_unet)
+    label_fractions: bool = True
+    label_encoder_channels: int = Field(8, ge=0)
+    # exported autoencoder checkpoint directory whose latents this stage learns; None: the
+    # shipped guidegen/checkpoints/demo/autoencoder
+    autoencoder_checkpoint: str | None = None
     train: TrainConfig = TrainConfig()
 
 

@@ -122,6 +122,73 @@ class LabelMapGenerator:
         return ras_affine(self.spacing)
 
 
+class CTGenerator:
+    """Stages 3 + 2 at inference: (label map, prompt) → latent (LDM) → CT in HU (AE decoder)."""
+
+    def __init__(self, ae_dir: Path, ldm_dir: Path, device: torch.device, label_set: LabelSet, conditioner=None):
+        from guidegen.data.latents import checkpoint_sha256, load_autoencoder
+        from guidegen.text.knowledge import TextConditioner
+        from guidegen.training.ldm import build_ldm_model
+        from guidegen.training.trainer import load_model_weights
+
+        self.cfg, self.meta = load_stage_config(ldm_dir, "ldm")
+        if not (ae_dir / "model.safetensors").is_file():
+            raise GuideGenError(f"{ae_dir}: autoencoder checkpoint not found (expected model.safetensors)")
+        self.ae, self.ae_cfg, self.ae_meta = load_autoencoder(ae_dir, device)
+        want = self.meta.get("autoencoder_sha256")
+        if want and checkpoint_sha256(ae_dir) != want:
+            raise GuideGenError(f"{ae_dir}: this autoencoder is not the one the latent generator in {ldm_dir} was trained with")
+        self.label_set = label_set
+        self.conditioner = conditioner if conditioner is not None else TextConditioner(self.cfg.text, device=device)
+        self.model = build_ldm_model(self.cfg, label_set, self.conditioner.text_dim, self.ae.latent_channels, self.ae.downsample_factor)
+        load_model_weights(self.model, ldm_dir)
+        self.model.to(device).eval()
+        self.device = device
+        self.grid = tuple(self.meta.get("grid", self.cfg.data.grid))
+        self.hu_range = tuple(self.ae_cfg.autoencoder.hu_range)
+
+    def versions(self) -> dict:
+        return {
+            "autoencoder": {k: self.ae_meta.get(k) for k in ("train_steps", "created", "weights")},
+            "ldm": {**{k: self.meta.get(k) for k in ("train_steps", "created", "weights")}, "autoencoder_sha256": self.meta.get("autoencoder_sha256")},
+        }
+
+    @torch.no_grad()
+    def on_grid(self, labels: np.ndarray, prompt: str, findings: Findings, seed: int, steps: int, guidance: float, progress: bool = False) -> np.ndarray:
+        """CT (X, Y, Z) float32 HU for a label map already on the model grid."""
+        from guidegen.models.autoencoder import norm_to_hu
+        from guidegen.training.ldm import sample_latents
+
+        lab = torch.from_numpy(labels.astype(np.int64))[None].to(self.device)
+        cond = {k: v.to(self.device) for k, v in self.conditioner.prepare([prompt], [findings]).items()}
+        latent_shape = (self.ae.latent_channels, *(n // self.ae.downsample_factor for n in self.grid))
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        z = sample_latents(self.model, cond, lab, latent_shape, timesteps=self.cfg.ldm.timesteps, prediction=self.cfg.ldm.prediction,
+                           sampler=self.cfg.ldm.sampler if steps < self.cfg.ldm.timesteps else "ddpm", steps=steps,
+                           guidance=guidance, generator=gen, progress=progress)
+        ct_norm = self.ae.decode_latent(z, lab)
+        return norm_to_hu(ct_norm, self.hu_range)[0, 0].float().cpu().numpy()
+
+    def __call__(self, labels: np.ndarray, prompt: str, findings: Findings, *, seed: int, steps: int | None = None,
+                 guidance: float | None = None, progress: bool = False) -> tuple[np.ndarray, dict]:
+        """CT int16 HU on the grid of ``labels`` (any grid: resampled to the model grid and back)."""
+        from guidegen.data.cache import PreprocessConfig, resize_ct, resize_labels, torso_bbox
+
+        steps = steps or self.cfg.ldm.sample_steps
+        guidance = self.cfg.ldm.guidance if guidance is None else guidance
+        settings = {"ct_sampler": self.cfg.ldm.sampler if steps < self.cfg.ldm.timesteps else "ddpm", "ct_steps": steps, "ct_guidance": guidance}
+        if tuple(labels.shape) == self.grid:
+            ct = self.on_grid(labels, prompt, findings, seed, steps, guidance, progress)
+        else:  # a user's label map: crop to the torso, resize to the model grid, paste the CT back
+            box = torso_bbox(labels, self.label_set, PreprocessConfig(grid=self.grid).margin_voxels)
+            crop = labels[box]
+            ct_small = self.on_grid(resize_labels(crop, self.grid), prompt, findings, seed, steps, guidance, progress)
+            ct = np.full(labels.shape, -1000.0, dtype=np.float32)
+            ct[box] = resize_ct(ct_small, crop.shape)
+            settings["resampled_from_grid"] = list(self.grid)
+        return np.clip(np.rint(ct), -32768, 32767).astype(np.int16), settings
+
+
 # ------------------------------------------------------------------------------ prompts
 
 
@@ -198,7 +265,11 @@ class GuideGenPipeline:
         if not root.is_dir():
             raise GuideGenError(f"{root}: checkpoint directory not found")
         labels = LabelMapGenerator(root / "tcss", dev)
-        ct = None if labels_only else CTGenerator(root / "autoencoder", root / "ldm", dev, labels.label_set)
+        ct = None
+        if not labels_only:
+            ldm_cfg, _ = load_stage_config(root / "ldm", "ldm")
+            shared = labels.conditioner if ldm_cfg.text == labels.cfg.text else None  # one text encoder in memory
+            ct = CTGenerator(root / "autoencoder", root / "ldm", dev, labels.label_set, conditioner=shared)
         return cls(labels, ct, root)
 
     def versions(self) -> dict:
@@ -342,3 +413,36 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
     if rank == 0:
         print(f"{len(written)} sample(s) written to {out}")
     return written
+
+
+def _generate_for_labels(labels_path: Path, prompt: str, out: Path, checkpoint: Path | None, device: str, seed: int,
+                         ct_steps: int | None, ct_guidance: float | None) -> str:
+    """Mask → CT: generate a CT for a user's label map, returned on the user's own grid and affine."""
+    from guidegen.data.layout import CaseRecord, DatasetWriter
+    from guidegen.io import load_nifti, strip_nifti_suffix
+    from guidegen.qc import quality_check
+
+    lab, affine = load_nifti(labels_path)
+    if not np.issubdtype(lab.dtype, np.integer):
+        if not np.all(np.isfinite(lab)) or not np.allclose(lab, np.rint(lab)):
+            raise GuideGenError(f"{labels_path}: label map must hold integer class ids, found non-integer values")
+    lab = np.rint(lab).astype(np.int64)
+    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device)
+    k = pipe.label_set.num_classes
+    if lab.min() < 0 or lab.max() >= k:
+        bad = sorted(set(np.unique(lab[(lab < 0) | (lab >= k)]).tolist()))[:5]
+        raise GuideGenError(f"{labels_path}: label ids {bad} are outside label set {pipe.label_set.name} (0..{k - 1})")
+    lab = lab.astype(np.uint8)
+    case = f"{strip_nifti_suffix(labels_path.name)}_seed{seed}"
+    mode = "resume" if (Path(out) / "dataset.json").is_file() else "new"
+    writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode, info={"source": "guidegen generate --labels"})
+    if writer.has_case(case):
+        print(f"{case}: already generated in {out}")
+        return case
+    sample = pipe.generate(prompt, seed=seed, ct_steps=ct_steps, ct_guidance=ct_guidance, labels=lab, labels_affine=affine)
+    meta = {"source": "guidegen generate --labels", "labels_file": labels_path.name, "seed": seed, "settings": sample.settings,
+            "timings": sample.timings, "models": pipe.versions(), "qc": quality_check(sample, pipe)}
+    writer.write_case(CaseRecord(case=case, labels=lab, affine=affine, ct=sample.ct, text=prompt, findings=sample.findings.to_dict(), meta=meta))
+    writer.finalize()
+    print(f"1 sample written to {out}")
+    return case

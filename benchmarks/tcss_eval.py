@@ -1,0 +1,110 @@
+"""Stage-1 (TCSS) fidelity of a checkpoint on prompts unlike the training reports (issue 6).
+
+Prints, over N prompts (tumour site, side and size drawn from a seeded list, phrased in
+clinical styles that the phantom's report templates do not use):
+- tumour placement: the tumour touches / lies in the requested organ (and side);
+- size accuracy: equivalent-sphere diameter within ±50 % of the request;
+- organ presence: >= 18 of the 19 organ groups;
+- anatomical order: lungs above liver, bladder lowest, heart between the lungs.
+
+    python benchmarks/tcss_eval.py [--checkpoint ROOT] [--n 50] [--steps 50] [--guidance 2.0]
+                                   [--no-injection]  # ablation: findings vector zeroed
+
+Run on CPU; prints the machine, settings and the four rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+SITES = [("liver", None), ("kidney", "left"), ("kidney", "right"), ("lung", "left"), ("lung", "right"),
+         ("pancreas", None), ("spleen", None), ("colon", None), ("stomach", None)]
+STYLES = [
+    "{age} y/o {sex_word}. CT chest/abdomen/pelvis: {size_txt} lesion involving the {organ_txt}.",
+    "Pt is a {sex_word}, aged {age}; known {organ_txt} neoplasm approx {size_txt}.",
+    "IMPRESSION: {organ_txt} mass ({size_txt}). {Sex} {age}.",
+    "{Sex}, {age}yo -- solitary {organ_txt} tumour measuring {size_txt}",
+    "Findings: {size_txt} enhancing mass arising from the {organ_txt} in a {age}-year-old {sex_word}.",
+]
+ORGAN_TXT = {"liver": "liver", "kidney": "{side} kidney", "lung": "{side} lung", "pancreas": "pancreatic head",
+             "spleen": "spleen", "colon": "sigmoid colon", "stomach": "gastric"}
+
+
+def make_prompts(n: int, seed: int = 12345) -> list[tuple[str, dict]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        site, side = SITES[i % len(SITES)]
+        size_mm = float(rng.integers(25, 56))
+        male = bool(rng.integers(2))
+        size_txt = f"{size_mm / 10:.1f} cm" if rng.random() < 0.5 else f"{size_mm:.0f} mm"
+        text = STYLES[i % len(STYLES)].format(age=int(rng.integers(35, 85)), sex_word="man" if male else "woman",
+                                              Sex="Male" if male else "Female", size_txt=size_txt,
+                                              organ_txt=ORGAN_TXT[site].format(side=side))
+        out.append((text, {"site": site, "side": side, "size_mm": size_mm}))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--no-injection", action="store_true", help="zero the findings vector (knowledge-injection ablation)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the per-sample results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from guidegen.evaluation.metrics import case_stats, match_tumors
+    from guidegen.pipeline import GuideGenPipeline, prompt_findings
+
+    pipe = GuideGenPipeline.from_pretrained(args.checkpoint, labels_only=True)
+    gen, ls = pipe.labels, pipe.label_set
+    if args.no_injection:
+        prepare = gen.conditioner.prepare
+
+        def no_findings(texts, findings=None):
+            cond = prepare(texts, findings)
+            cond["findings_vec"] = torch.zeros_like(cond["findings_vec"])
+            return cond
+
+        gen.conditioner.prepare = no_findings
+    guidance = gen.cfg.tcss.guidance if args.guidance is None else args.guidance
+    rows = []
+    t0 = time.perf_counter()
+    for i, (text, want) in enumerate(make_prompts(args.n)):
+        f = prompt_findings(text)
+        lab = gen([text], [f], seed=i, steps=args.steps, guidance=guidance)[0]
+        st = case_stats(lab, gen.affine(), ls)
+        m = match_tumors([want], st, ls)[0]
+        organs = int(sum(st.volumes_ml[j] > 0 for j in ls.organ_ids))
+        order_ok = all(v is True for v in st.order.values())
+        rows.append({"prompt": text, "parsed_ok": bool(f.tumors and f.tumors[0].site == want["site"]), "placed": m["placed"],
+                     "size_ok": bool(m["size_ok"]), "measured_mm": m["measured_mm"], "requested_mm": want["size_mm"],
+                     "organs": organs, "order_ok": order_ok})
+    secs = time.perf_counter() - t0
+    rate = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads")
+    print(f"checkpoint: {pipe.checkpoint_root} (TCSS {gen.meta.get('train_steps')} steps), prompts {args.n}, "
+          f"sampler steps {args.steps}, guidance {guidance}, knowledge injection {'off' if args.no_injection else 'on'}")
+    print(f"prompt parsed to the requested site:   {rate('parsed_ok'):.1%}")
+    print(f"tumour placed in requested organ:      {rate('placed'):.1%}   (target >= 90 %)")
+    print(f"tumour size within ±50 %:              {rate('size_ok'):.1%}   (target >= 80 %)")
+    print(f">= 18 organ groups present:            {np.mean([r['organs'] >= 18 for r in rows]):.1%}   (target >= 90 %)")
+    print(f"anatomical order holds:                {rate('order_ok'):.1%}   (target >= 95 %)")
+    print(f"time: {secs:.0f} s ({secs / args.n:.1f} s/sample)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Export a dataset (real or synthetic, DESIGN §4) as an nnU-Net v2 raw dataset.
+
+```
+OUT/DatasetNNN_NAME/
+  imagesTr/<case>_0000.nii.gz   CT (channel 0), int16 HU, copied as is
+  labelsTr/<case>.nii.gz        uint8 label ids, same grid and affine
+  dataset.json                  channel_names {"0": "CT"}, labels {name: id}, numTraining, file_ending
+```
+nnU-Net's "CT" channel name selects its CT intensity normalization (global percentile clip +
+z-score). Labels must be consecutive ids from 0 = background, which every guidegen label set is.
+:func:`check_nnunet_dataset` checks the result the way nnU-Net's ``verify_dataset_integrity``
+does (file pairs, geometry, label values) without needing nnU-Net installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from guidegen.errors import GuideGenError
+from guidegen.evaluation.sets import open_dataset
+from guidegen.io import write_json_atomic
+
+FILE_ENDING = ".nii.gz"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def nnunet_dataset_dir(out: str | Path, dataset_id: int, name: str) -> Path:
+    """``OUT/DatasetNNN_NAME`` (nnU-Net names datasets by a 3-digit id and a name)."""
+    return Path(out) / f"Dataset{dataset_id:03d}_{name}"
+
+
+def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str, *, overwrite: bool = False, progress: bool = False) -> Path:
+    """Write ``data`` as nnU-Net v2 raw dataset ``OUT/DatasetNNN_NAME``; returns that directory."""
+    if not 1 <= int(dataset_id) <= 999:
+        raise GuideGenError(f"--dataset-id: must be between 1 and 999 (nnU-Net uses 3 digits), got {dataset_id}")
+    if not _NAME.match(name or ""):
+        raise GuideGenError(f"--name: use letters, digits, '_' or '-' (no spaces), got {name!r}")
+    reader = open_dataset(data, "--data")
+    cases = reader.case_ids()
+    missing = [c for c in cases if not reader.ct_path(c).is_file()]
+    if missing:
+        raise GuideGenError(f"--data {data}: {len(missing)} of {len(cases)} case(s) have no CT (first: ct/{missing[0]}.nii.gz); nnU-Net needs image + label pairs")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GuideGenError(f"--out {out}: exists and is not a directory")
+    target = nnunet_dataset_dir(out, dataset_id, name)
+    clash = [p.name for p in out.glob(f"Dataset{int(dataset_id):03d}_*") if p != target] if out.is_dir() else []
+    if clash:
+        raise GuideGenError(f"--dataset-id {dataset_id}: {out} already holds {clash[0]}; nnU-Net needs one dataset per id")
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise GuideGenError(f"--out {target}: exists and is not empty (use --overwrite to replace it)")
+        shutil.rmtree(target)
+    tmp = target.with_name(f".{target.name}.partial")  # built aside, moved into place when complete
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "imagesTr").mkdir(parents=True)
+    (tmp / "labelsTr").mkdir()
+    from tqdm import tqdm
+
+    for case in tqdm(cases, desc="export nnU-Net", unit="case", disable=not progress):
+        shutil.copyfile(reader.ct_path(case), tmp / "imagesTr" / f"{case}_0000{FILE_ENDING}")
+        shutil.copyfile(reader.labels_path(case), tmp / "labelsTr" / f"{case}{FILE_ENDING}")
+    ls = reader.label_set
+    body = {
+        "name": name,
+        "description": f"exported by guidegen from {reader.info.get('name', Path(data).name)} ({reader.info.get('source', 'dataset')})",
+        "channel_names": {"0": "CT"},
+        "labels": {c.name: c.id for c in ls.classes},
+        "numTraining": len(cases),
+        "file_ending": FILE_ENDING,
+        "label_set": ls.name,
+    }
+    write_json_atomic(tmp / "dataset.json", body)
+    tmp.rename(target)
+    return target
+
+
+def _case_of_image(fname: str, ending: str) -> tuple[str, str] | None:
+    m = re.match(rf"^(.*)_(\d{{4}}){re.escape(ending)}$", fname)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def check_nnunet_dataset(path: str | Path) -> list[str]:
+    """Problems of an nnU-Net v2 raw dataset directory; an empty list means it looks valid.
+
+    Checks: dataset.json (required keys, background = 0, consecutive label ids), imagesTr /
+    labelsTr present, every label has one image per channel and vice versa, file suffixes,
+    numTraining, and per case: equal shapes and affines of images and label, label values
+    among the declared ids.
+    """
+    root = Path(path)
+    problems: list[str] = []
+    ds_json = root / "dataset.json"
+    if not ds_json.is_file():
+        return [f"{ds_json}: missing"]
+    try:
+        meta = json.loads(ds_json.read_text())
+    except json.JSONDecodeError as exc:
+        return [f"{ds_json}: not valid JSON ({exc.msg})"]
+    for key in ("channel_names", "labels", "numTraining", "file_ending"):
+        if key not in meta:
+            problems.append(f"dataset.json: missing key {key!r}")
+    if problems:
+        return problems
+    ending = meta["file_ending"]
+    channels = sorted(meta["channel_names"], key=int)
+    labels = meta["labels"]
+    ids = sorted(int(v) for v in labels.values() if not isinstance(v, (list, tuple)))
+    if labels.get("background") != 0:
+        problems.append("dataset.json: labels must map 'background' to 0")
+    if ids != list(range(len(ids))):
+        problems.append(f"dataset.json: label ids must be consecutive from 0, got {ids}")
+    for sub in ("imagesTr", "labelsTr"):
+        if not (root / sub).is_dir():
+            problems.append(f"{sub}/: missing")
+    if problems:
+        return problems
+    label_files = sorted(p.name for p in (root / "labelsTr").iterdir() if not p.name.startswith("."))
+    image_files = sorted(p.name for p in (root / "imagesTr").iterdir() if not p.name.startswith("."))
+    for f in label_files + image_files:
+        if not f.endswith(ending):
+            problems.append(f"{f}: suffix is not the dataset's file_ending {ending!r}")
+    cases = [f[: -len(ending)] for f in label_files if f.endswith(ending)]
+    if meta["numTraining"] != len(cases):
+        problems.append(f"dataset.json: numTraining is {meta['numTraining']} but labelsTr holds {len(cases)} label files")
+    images: dict[str, set[str]] = {}
+    for f in image_files:
+        parsed = _case_of_image(f, ending)
+        if parsed is None:
+            if f.endswith(ending):
+                problems.append(f"imagesTr/{f}: name is not <case>_XXXX{ending}")
+            continue
+        images.setdefault(parsed[0], set()).add(parsed[1])
+    for case in sorted(set(images) - set(cases)):
+        problems.append(f"imagesTr/{case}_*: no label labelsTr/{case}{ending}")
+    allowed = set(ids)
+    for case in cases:
+        have = images.get(case, set())
+        for ch in channels:
+            if f"{int(ch):04d}" not in have:
+                problems.append(f"labelsTr/{case}{ending}: no image imagesTr/{case}_{int(ch):04d}{ending} (channel {ch})")
+        try:
+            seg = nib.load(str(root / "labelsTr" / f"{case}{ending}"))
+            values = np.unique(np.asarray(seg.dataobj))
+        except Exception as exc:
+            problems.append(f"labelsTr/{case}{ending}: unreadable ({type(exc).__name__})")
+            continue
+        bad = sorted(set(int(v) for v in values) - allowed) if np.all(np.mod(values, 1) == 0) else ["non-integer"]
+        if bad:
+            problems.append(f"labelsTr/{case}{ending}: label values {bad} not in dataset.json labels")
+        for ch in channels:
+            img_path = root / "imagesTr" / f"{case}_{int(ch):04d}{ending}"
+            if not img_path.is_file():
+                continue
+            try:
+                img = nib.load(str(img_path))
+            except Exception as exc:
+                problems.append(f"{img_path.name}: unreadable ({type(exc).__name__})")
+                continue
+            if img.shape[:3] != seg.shape[:3]:
+                problems.append(f"{case}: image shape {img.shape} differs from label shape {seg.shape}")
+            elif not np.allclose(img.affine, seg.affine, atol=1e-4):
+                problems.append(f"{case}: image and label affines differ")
+    return problems

@@ -1,0 +1,165 @@
+"""Stage 2 training: the anatomy-aware HDR autoencoder step (generator + discriminator).
+
+Each step: CT in HU → [-1, 1] (``autoencoder.hu_range``), reconstruct through a sampled
+latent, step the autoencoder on the random-window L1/SSIM + full-range L1 + KL (+ adaptive
+hinge GAN term once ``disc_start`` is reached), then step the two discriminators (held by the
+``"disc"`` module, an :class:`~guidegen.training.ae_losses.AutoencoderLoss`) on their hinge
+loss. Both optimisers are Adam(β = 0.5, 0.9) as in the authors' code. At export the latent
+scale (1/std of the latents over the training set) is measured with the exported (EMA) weights
+and stored in the checkpoint's ``latent_scale`` buffer and ``meta.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from guidegen.config import GuideGenConfig, TrainConfig
+from guidegen.labels import LabelSet
+from guidegen.models.autoencoder import AnatomyAwareAutoencoder, hu_to_norm, measure_latent_scale, norm_to_hu
+from guidegen.training.ae_losses import AutoencoderLoss
+from guidegen.training.trainer import StageTask, StepContext
+
+# (name, center HU, width HU) of the rows of the sample montage.
+PREVIEW_WINDOWS = (("lung", -600.0, 1500.0), ("soft tissue", 40.0, 400.0), ("bone", 400.0, 1500.0))
+LATENT_SCALE_CASES = 64  # cases encoded at export to measure the latent scale
+
+
+class AutoencoderTask(StageTask):
+    """Two-optimiser GAN step for :class:`AnatomyAwareAutoencoder`.
+
+    Args:
+        cfg: the full config (``autoencoder`` section, ``data.grid``).
+        label_set: gives the number of classes.
+        previews: items (``ct`` (1, X, Y, Z) HU, ``labels`` (X, Y, Z)) reconstructed by
+            :meth:`sample`; when None, the first training batch is kept for that.
+    """
+
+    ema_modules = ("model",)
+
+    def __init__(self, cfg: GuideGenConfig, label_set: LabelSet, previews: list[dict] | None = None) -> None:
+        self.cfg, self.label_set = cfg, label_set
+        self.ae_cfg = cfg.autoencoder
+        self.hu_range = tuple(self.ae_cfg.hu_range)
+        self.previews = [{"ct": p["ct"], "labels": p["labels"]} for p in previews] if previews else None
+
+    def modules(self) -> dict[str, nn.Module]:
+        grid = self.ae_cfg.train_crop or self.cfg.data.grid
+        return {"model": AnatomyAwareAutoencoder.from_config(self.ae_cfg, self.label_set.num_classes),
+                "disc": AutoencoderLoss.from_config(self.ae_cfg, grid)}
+
+    def optimizers(self, modules: Mapping[str, nn.Module], cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+        return {name: torch.optim.AdamW(modules[name].parameters(), lr=cfg.lr, betas=(0.5, 0.9),
+                                        weight_decay=cfg.weight_decay) for name in ("model", "disc")}
+
+    def training_step(self, batch: dict[str, Any], step: int, ctx: StepContext) -> Mapping[str, torch.Tensor]:
+        ct = hu_to_norm(batch["ct"].float(), self.hu_range)  # (B, 1, X, Y, Z) in [-1, 1]
+        labels = batch["labels"].long()  # (B, X, Y, Z)
+        if self.ae_cfg.train_crop is not None:
+            ct, labels = random_crop(ct, labels, self.ae_cfg.train_crop)
+        if self.previews is None:
+            self.previews = [{"ct": batch["ct"][0].detach().cpu(), "labels": labels[0].detach().cpu()}]
+        recon, posterior = ctx.modules["model"](ct, labels, sample=True)
+        # The generator pass reads the discriminators through the plain module: they must not
+        # take part in the autoencoder's backward (nor, under DDP, in its gradient sync).
+        loss_fn: AutoencoderLoss = ctx.unwrap("disc")
+        g = loss_fn.generator_loss(recon, ct, posterior, step, last_layer=ctx.unwrap("model").last_layer_weight)
+        ctx.backward(g["loss"])
+        ctx.step_optimizer("model")
+        logs = {k: v for k, v in g.items() if k != "loss"}
+        logs["loss"] = g["loss"].detach()
+        if loss_fn.disc_active(step):
+            d = ctx.modules["disc"](recon.detach(), ct)  # forward() = discriminator_loss (DDP-synced)
+            ctx.backward(d["loss"])
+            ctx.step_optimizer("disc")
+            logs["d_loss"] = d["loss"].detach()
+        else:
+            logs["d_loss"] = torch.zeros((), device=ct.device)
+        return logs
+
+    @torch.no_grad()
+    def sample(self, modules: Mapping[str, nn.Module], step: int, out_dir: Path) -> None:
+        if not self.previews:
+            return
+        model = modules["model"]
+        device = next(model.parameters()).device
+        ct = torch.stack([p["ct"] for p in self.previews]).float().to(device)
+        labels = torch.stack([p["labels"] for p in self.previews]).long().to(device)
+        recon = norm_to_hu(model(hu_to_norm(ct, self.hu_range), labels, sample=False)[0], self.hu_range)
+        for i in range(ct.shape[0]):
+            save_reconstruction_montage(out_dir / f"step{step:07d}_case{i}.png", ct[i, 0].cpu().numpy(),
+                                        recon[i, 0].float().cpu().numpy(), title=f"step {step}")
+
+    def export_meta(self, trainer) -> dict:
+        """Measure the latent scale with the exported (EMA) weights and store it in both copies."""
+        model = trainer.ema["model"].module if "model" in trainer.ema else trainer.modules["model"]
+        device = next(model.parameters()).device
+        dataset = trainer.dataset
+        n = min(len(dataset), LATENT_SCALE_CASES)
+
+        def batches():
+            for i in range(n):
+                item = dataset[i]
+                yield (hu_to_norm(item["ct"][None].float(), self.hu_range).to(device),
+                       item["labels"][None].long().to(device))
+
+        scale = measure_latent_scale(model, batches())
+        for m in {id(model): model, id(trainer.modules["model"]): trainer.modules["model"]}.values():
+            m.latent_scale.fill_(scale)
+        return {"latent_scale": scale, "latent_scale_cases": n, "hu_range": list(self.hu_range),
+                "latent_channels": model.latent_channels, "latent_factor": model.downsample_factor}
+
+
+def random_crop(ct: torch.Tensor, labels: torch.Tensor, size: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random ``size`` window of ``ct`` (B, 1, X, Y, Z) and ``labels`` (B, X, Y, Z).
+
+    The corner comes from torch's global RNG, which the trainer saves and restores, so a
+    resumed run crops exactly as an uninterrupted one.
+    """
+    spatial = ct.shape[2:]
+    if any(s > n for s, n in zip(size, spatial)):
+        raise ValueError(f"autoencoder.train_crop {list(size)} is larger than the volume {list(spatial)}")
+    starts = [int(torch.randint(0, n - s + 1, (1,))) for s, n in zip(size, spatial)]
+    win = tuple(slice(a, a + s) for a, s in zip(starts, size))
+    return ct[(slice(None), slice(None), *win)], labels[(slice(None), *win)]
+
+
+def save_reconstruction_montage(path: str | Path, ct_hu: np.ndarray, recon_hu: np.ndarray, title: str = "") -> None:
+    """PNG: rows = clinical windows, columns = input/reconstruction axial and coronal mid slices.
+
+    ``ct_hu``/``recon_hu``: (X, Y, Z) HU in RAS; axial = middle Z slice, coronal = middle Y slice.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from guidegen.io import atomic_write
+
+    z, y = ct_hu.shape[2] // 2, ct_hu.shape[1] // 2
+    views = {"input axial": ct_hu[:, :, z], "recon axial": recon_hu[:, :, z],
+             "input coronal": ct_hu[:, y, :], "recon coronal": recon_hu[:, y, :]}
+    fig, axes = plt.subplots(len(PREVIEW_WINDOWS), len(views), figsize=(2.2 * len(views), 2.2 * len(PREVIEW_WINDOWS)))
+    for r, (wname, center, width) in enumerate(PREVIEW_WINDOWS):
+        for c, (vname, img) in enumerate(views.items()):
+            ax = axes[r, c]
+            # Transposed and flipped: rows = Y (anterior up) or Z (superior up), columns = X.
+            ax.imshow(np.flipud(img.T), cmap="gray", vmin=center - width / 2, vmax=center + width / 2,
+                      interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(vname, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{wname}\nC{center:.0f} W{width:.0f}", fontsize=8)
+    mae = float(np.abs(recon_hu - ct_hu).mean())
+    fig.suptitle(f"{title}  MAE {mae:.1f} HU", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

@@ -1,0 +1,340 @@
+"""Stage 2: anatomy-aware HDR autoencoder, its losses, tiling and training task."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from guidegen.config import AutoencoderConfig, load_config
+from guidegen.errors import GuideGenError
+from guidegen.models.autoencoder import (
+    AnatomyAwareAutoencoder,
+    DiagonalGaussian,
+    hu_to_norm,
+    measure_latent_scale,
+    norm_to_hu,
+)
+from guidegen.models.discriminators import multi_window, random_slices
+from guidegen.models.tiling import ramp_weight, receptive_radius, tile_starts, tiled_decode, tiled_encode
+from guidegen.training.ae_losses import (
+    RANDOM_CENTER_HU,
+    RANDOM_WIDTH_HU,
+    WINDOW_FAMILIES,
+    AutoencoderLoss,
+    adaptive_weight,
+    disc_layers_for,
+    apply_window,
+    hinge_d_loss,
+    hinge_g_loss,
+    random_window,
+    window_to_norm,
+)
+
+K = 22
+TINY = dict(channels=(4, 8, 8), label_embed_dim=4)
+
+
+def tiny_model(seed: int = 0, **kw) -> AnatomyAwareAutoencoder:
+    torch.manual_seed(seed)
+    return AnatomyAwareAutoencoder(K, **{**TINY, **kw})
+
+
+def rand_case(shape=(1, 16, 16, 24), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ct = torch.rand(shape[0], 1, *shape[1:], generator=g) * 2 - 1
+    labels = torch.randint(0, K, shape, generator=g)
+    return ct, labels
+
+
+def phantom_like(b: int = 1, grid=(16, 16, 24), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth synthetic torso: air, a body ellipse (soft tissue), lungs (-850), a spine (700) + noise."""
+    x, y, z = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in grid], indexing="ij")
+    body = (x / 0.8) ** 2 + (y / 0.6) ** 2 < 1
+    lung = ((x.abs() - 0.4) / 0.25) ** 2 + (y / 0.35) ** 2 + ((z - 0.5) / 0.5) ** 2 < 1
+    spine = (x / 0.12) ** 2 + ((y + 0.4) / 0.12) ** 2 < 1
+    labels = torch.zeros(grid, dtype=torch.long)
+    hu = torch.full(grid, -1000.0)
+    labels[body], hu[body] = 21, 40.0
+    labels[lung & body], hu[lung & body] = 6, -850.0
+    labels[spine], hu[spine] = 12, 700.0
+    g = torch.Generator().manual_seed(seed)
+    hu = hu[None, None].repeat(b, 1, 1, 1, 1) + 20 * torch.randn(b, 1, *grid, generator=g)
+    return hu, labels[None].repeat(b, 1, 1, 1)
+
+
+# ----------------------------------------------------------------------------------- model
+def test_shapes_anisotropic_grid():
+    m = tiny_model()
+    ct, labels = rand_case((2, 16, 16, 24))
+    post = m.encode(ct, labels)
+    assert post.mean.shape == (2, 4, 4, 4, 6) and post.logvar.shape == (2, 4, 4, 4, 6)
+    assert post.sample(torch.Generator().manual_seed(0)).shape == (2, 4, 4, 4, 6)
+    out = m.decode(post.mode(), labels)
+    assert out.shape == (2, 1, 16, 16, 24)
+    recon, post2 = m(ct, labels)
+    assert recon.shape == ct.shape and torch.isfinite(recon).all()
+    assert m.downsample_factor == 4 and float(m.latent_scale) == 1.0
+
+
+def test_from_config_and_demo_defaults():
+    cfg = load_config("demo").autoencoder
+    m = AnatomyAwareAutoencoder.from_config(cfg, K)
+    assert m.latent_channels == cfg.latent_channels == 4 and m.inject_labels
+    assert [b[0].conv2.out_channels for b in m.encoder.blocks] == list(cfg.channels)
+
+
+def test_label_injection_changes_output_and_ablation_ignores_labels():
+    ct, labels = rand_case()
+    other = (labels + 1) % K
+    m = tiny_model().eval()
+    with torch.no_grad():
+        z = m.encode(ct, labels).mode()
+        assert not torch.allclose(z, m.encode(ct, other).mode())
+        assert (m.decode(z, labels) - m.decode(z, other)).abs().mean() > 1e-4
+    m0 = tiny_model(inject_labels=False).eval()
+    with torch.no_grad():
+        z0 = m0.encode(ct, labels).mode()
+        assert torch.equal(z0, m0.encode(ct, other).mode())
+        assert torch.equal(m0.decode(z0, labels), m0.decode(z0, None))
+    assert sum(p.numel() for p in m0.parameters()) < sum(p.numel() for p in m.parameters())
+
+
+def test_label_pyramid_area_resampling_keeps_thin_structures():
+    m = tiny_model()
+    labels = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    labels[0, 5, :, :] = 20  # a one-voxel-thick tumour sheet: nearest ×4 downsampling could drop it
+    pyr = m.labels(labels)
+    assert [p.shape[2:] for p in pyr] == [(16, 16, 16), (8, 8, 8), (4, 4, 4)]
+    bg, tumour = m.labels.embed.weight[0], m.labels.embed.weight[20]
+    expected = 0.25 * tumour + 0.75 * bg  # block x∈[4, 8) holds one tumour slice of four
+    torch.testing.assert_close(pyr[2][0, :, 1, 0, 0], expected)
+
+
+def test_bad_grid_and_label_shape_raise():
+    m = tiny_model()
+    with pytest.raises(GuideGenError, match="divisible by 4"):
+        m.encode(torch.zeros(1, 1, 16, 16, 18), torch.zeros(1, 16, 16, 18, dtype=torch.long))
+    with pytest.raises(GuideGenError, match="label map shape"):
+        m.encode(torch.zeros(1, 1, 16, 16, 16), torch.zeros(1, 16, 16, 8, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------- HU normalisation
+def test_hu_norm_hand_values_clamp_and_round_trip():
+    hu = torch.tensor([-2000.0, -1024.0, 512.0, 2048.0, 3000.0, 0.0])
+    expected = torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0, 1024.0 / 1536.0 - 1.0])
+    torch.testing.assert_close(hu_to_norm(hu, (-1024.0, 2048.0)), expected)
+    torch.testing.assert_close(norm_to_hu(torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0])),
+                               torch.tensor([-1024.0, -1024.0, 512.0, 2048.0, 2048.0]))
+    inside = torch.linspace(-1024, 2048, 101)
+    torch.testing.assert_close(norm_to_hu(hu_to_norm(inside)), inside, atol=1e-3, rtol=0)
+    arr = np.array([-1200.0, -200.0, 1200.0])  # numpy and a custom range
+    np.testing.assert_allclose(hu_to_norm(arr, (-1200.0, 1200.0)), [-1.0, -1.0 / 6.0, 1.0])
+
+
+# ---------------------------------------------------------------------------- windowing
+def test_apply_window_hand_values_and_per_sample():
+    x = torch.tensor([-200.0, -100.0, 0.0, 40.0, 240.0, 500.0])
+    torch.testing.assert_close(apply_window(x, 40.0, 400.0), torch.tensor([0.0, 0.15, 0.4, 0.5, 1.0, 1.0]))
+    vol = torch.zeros(2, 1, 2, 2, 2)
+    out = apply_window(vol, torch.tensor([0.0, 100.0]), torch.tensor([100.0, 100.0]))
+    assert torch.all(out[0] == 0.5) and torch.all(out[1] == 0.0)
+
+
+def test_window_in_norm_units_matches_hu():
+    hu = torch.linspace(-1024, 2048, 257)
+    c, w = torch.tensor([-600.0, 40.0]), torch.tensor([1500.0, 400.0])
+    for i in range(2):
+        cn, wn = window_to_norm(c[i], w[i], (-1024.0, 2048.0))
+        torch.testing.assert_close(apply_window(hu_to_norm(hu), cn, wn), apply_window(hu, c[i], w[i]), atol=1e-5, rtol=0)
+
+
+def test_random_windows_fall_in_documented_ranges():
+    g = torch.Generator().manual_seed(0)
+    center, width = random_window(g, 4000, p_random=0.25)
+    boxes = [*WINDOW_FAMILIES.values(), (RANDOM_CENTER_HU, RANDOM_WIDTH_HU)]
+
+    def inside(box, c, w):
+        (c0, c1), (w0, w1) = box
+        return (c0 <= c <= c1) and (w0 <= w <= w1)
+
+    fam_hits = [0] * len(WINDOW_FAMILIES)
+    for c, w in zip(center.tolist(), width.tolist()):
+        assert any(inside(b, c, w) for b in boxes), (c, w)
+        for j, b in enumerate(WINDOW_FAMILIES.values()):
+            fam_hits[j] += inside(b, c, w)
+    # each family ≈ 0.75/3 = 25 % (plus the rare random window that lands in its box)
+    assert all(800 < h < 1250 for h in fam_hits), fam_hits
+    assert torch.equal(random_window(torch.Generator().manual_seed(0), 4000)[0], center)  # seeded
+
+
+def test_disc_layers_fit_the_grid():
+    assert disc_layers_for((48, 48, 64)) == 3 and disc_layers_for((16, 16, 24)) == 2 and disc_layers_for((8, 8, 8)) == 1
+    loss = AutoencoderLoss.from_config(AutoencoderConfig(), grid=(16, 16, 16))
+    hu, _ = phantom_like(grid=(16, 16, 16))
+    s, v = loss._adversarial(hu_to_norm(hu), None)
+    assert s.numel() > 0 and v.shape[:2] == (1, 1)
+
+
+def test_multi_window_and_slices():
+    x = hu_to_norm(torch.tensor([-1000.0, 40.0, 1150.0]).view(1, 1, 3, 1, 1))
+    mw = multi_window(x, (-1024.0, 2048.0))
+    assert mw.shape == (1, 3, 3, 1, 1) and mw.min() >= -1 and mw.max() <= 1
+    torch.testing.assert_close(mw[0, 1, 1].flatten(), torch.tensor([0.0]), atol=1e-5, rtol=0)  # 40 HU: soft-tissue mid
+    assert mw[0, 0, 2].item() == 1.0 and mw[0, 2, 0].item() == -1.0
+    vol = torch.randn(2, 3, 8, 10, 12)
+    shapes = {tuple(s.shape) for s in random_slices(vol, 20, torch.Generator().manual_seed(1))}
+    assert shapes == {(2, 3, 8, 10), (2, 3, 8, 12)}
+
+
+# ------------------------------------------------------------------------------- losses
+def test_kl_standard_normal_is_zero_and_hand_value():
+    post = DiagonalGaussian(torch.zeros(2, 8, 3, 3, 3))
+    assert torch.equal(post.kl(), torch.zeros(2))
+    moments = torch.cat([torch.ones(1, 4, 2, 2, 2), torch.zeros(1, 4, 2, 2, 2)], 1)
+    torch.testing.assert_close(DiagonalGaussian(moments).kl(), torch.tensor([0.5 * 32]))
+
+
+def test_hinge_losses_hand_values():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    # real: relu(1-2)=0, relu(0.5)=0.5 → 0.25; fake: relu(1-2)=0, relu(1.5)=1.5 → 0.75
+    torch.testing.assert_close(hinge_d_loss(real, fake), torch.tensor(0.5))
+    torch.testing.assert_close(hinge_g_loss(fake), torch.tensor(0.75))
+
+
+def test_generator_loss_terms_adaptive_weight_and_delayed_start():
+    m = tiny_model()
+    loss = AutoencoderLoss(disc_start=5, disc_channels=4, disc_layers=2, num_slices=1)
+    hu, labels = phantom_like()
+    ct = hu_to_norm(hu)
+    recon, post = m(ct, labels)
+    before = loss.generator_loss(recon, ct, post, step=4, last_layer=m.last_layer_weight)
+    assert before["g_adv"] == 0 and before["adv_scale"] == 0 and not loss.disc_active(4)
+    expected = before["l1_window"] + 0.2 * before["ssim_window"] + before["l1_full"] + 1e-6 * before["kl"]
+    torch.testing.assert_close(before["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
+    after = loss.generator_loss(recon, ct, post, step=5, last_layer=m.last_layer_weight)
+    assert loss.disc_active(5) and torch.isfinite(after["adv_scale"]) and after["adv_scale"] > 0
+    after["loss"].backward()
+    assert m.last_layer_weight.grad is not None
+    assert all(p.grad is None for p in loss.parameters())  # discriminators frozen in the G pass
+    assert all(p.requires_grad for p in loss.parameters())  # ... and unfrozen afterwards
+    d = loss.discriminator_loss(recon, ct)
+    d["loss"].backward()
+    assert all(p.grad is not None for p in loss.slice_disc.parameters())
+    w = torch.ones(3, requires_grad=True)
+    scale = adaptive_weight((2 * w).sum(), (4 * w).sum(), w)  # ‖2‖ / ‖4‖ = 0.5
+    torch.testing.assert_close(scale, torch.tensor(0.5), rtol=1e-3, atol=0)
+
+
+# ------------------------------------------------------------------------------- tiling
+def test_tile_starts_and_ramp():
+    assert tile_starts(96, 64, 48) == [0, 16, 32]
+    assert tile_starts(48, 64, 16) == [0]
+    assert tile_starts(100, 40, 8) == [0, 32, 60]
+    w = ramp_weight(16, 8, True, False)
+    assert w[:3].max() <= 1e-6 and w[-8:].min() == 1.0 and torch.all(w[1:] >= w[:-1])
+    assert torch.equal(ramp_weight(8, 8, False, False), torch.ones(8))
+
+
+def test_tiled_decode_is_exact_when_margin_covers_receptive_field():
+    m = tiny_model().eval()
+    radius = receptive_radius(m)
+    assert 12 <= radius <= 24
+    overlap = 4 * -(-int(np.ceil(radius * 8 / 3)) // 4)  # 3/8 of the overlap ≥ radius
+    g = torch.Generator().manual_seed(3)
+    n = 2 * overlap + 16
+    z = torch.randn(1, 4, n // 4, 2, 2, generator=g)
+    labels = torch.randint(0, K, (1, n, 8, 8), generator=g)
+    with torch.no_grad():
+        full = m.decode(z, labels)
+        tiled = tiled_decode(m, z, labels, tile=(overlap + 16, 8, 8), overlap=(overlap, 0, 0))
+    assert len(tile_starts(n, overlap + 16, overlap)) >= 3
+    torch.testing.assert_close(tiled, full, atol=1e-5, rtol=0)
+
+
+def test_tiled_decode_and_encode_close_to_untiled_3d():
+    m = tiny_model().eval()
+    ct, labels = rand_case((1, 56, 56, 56), seed=4)  # 2×2×2 tiles of 48³
+    with torch.no_grad():
+        post = m.encode(ct, labels)
+        full = norm_to_hu(m.decode(post.mode(), labels))
+        tiled = norm_to_hu(tiled_decode(m, post.mode(), labels, tile=48, overlap=40))
+        post_t = tiled_encode(m, ct, labels, tile=48, overlap=40)
+    err = (tiled - full).abs()
+    assert err.mean() < 2.0, err.mean()  # HU
+    assert (post_t.mean - post.mean).abs().mean() < 0.02 * post.mean.std()
+    with pytest.raises(GuideGenError, match="multiples of 4"):
+        tiled_decode(m, post.mode(), labels, tile=30, overlap=8)
+    with pytest.raises(GuideGenError, match="smaller than tile"):
+        tiled_decode(m, post.mode(), labels, tile=32, overlap=32)
+
+
+# ------------------------------------------------------------------- training behaviour
+def test_latent_scale_is_inverse_std():
+    m = tiny_model().eval()
+    batches = [rand_case(seed=s) for s in range(3)]
+    scale = measure_latent_scale(m, batches)
+    with torch.no_grad():
+        z = torch.cat([m.encode(c, l).mode().flatten() for c, l in batches])
+    assert scale == pytest.approx(1.0 / z.std().item(), rel=1e-4)
+    m.latent_scale.fill_(scale)
+    with torch.no_grad():
+        zs = torch.cat([m.encode_latent(c, l).flatten() for c, l in batches])
+        torch.testing.assert_close(m.decode_latent(m.encode_latent(*batches[0]), batches[0][1]),
+                                   m.decode(m.encode(*batches[0]).mode(), batches[0][1]))
+    assert zs.std().item() == pytest.approx(1.0, rel=1e-3)
+    assert "latent_scale" in m.state_dict()
+
+
+def test_tiny_training_loop_reduces_loss():
+    torch.manual_seed(0)
+    m = tiny_model()
+    loss_fn = AutoencoderLoss(disc_start=10**9)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    hu, labels = phantom_like(grid=(16, 16, 16), seed=1)
+    ct = hu_to_norm(hu)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(30):
+        recon, post = m(ct, labels, generator=g)
+        out = loss_fn.generator_loss(recon, ct, post, step, m.last_layer_weight, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["l1_full"].item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_autoencoder_task_trains_samples_and_exports(tmp_path, label_set):
+    from torch.utils.data import Dataset
+
+    from guidegen.training.autoencoder import AutoencoderTask
+    from guidegen.training.trainer import Trainer, export_checkpoint, load_model_weights
+
+    class Tiny(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            hu, lab = phantom_like(grid=(16, 16, 16), seed=i)
+            return {"ct": hu[0], "labels": lab[0], "case": f"c{i}"}
+
+    cfg = load_config("demo")
+    cfg.data.grid = (16, 16, 16)
+    cfg.autoencoder = AutoencoderConfig(channels=(4, 8, 8), label_embed_dim=4, disc_start=1,
+                                        train=cfg.autoencoder.train.model_copy(update=dict(max_steps=3, sample_every=3, log_every=1, checkpoint_every=3)))
+    task = AutoencoderTask(cfg, label_set)
+    trainer = Trainer(tmp_path / "run", cfg.autoencoder.train, task, Tiny(), progress=False)
+    trainer.fit()
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logs and all(np.isfinite(r["loss"]) for r in logs)
+    assert any(r.get("d_loss", 0) > 0 for r in logs if r["step"] >= 2)  # discriminators stepped after disc_start
+    assert list((tmp_path / "run" / "samples").rglob("*.png"))
+    meta = task.export_meta(trainer)
+    out = export_checkpoint(trainer, tmp_path / "export", "autoencoder", cfg, meta)
+    m = AnatomyAwareAutoencoder.from_config(cfg.autoencoder, label_set.num_classes)
+    info = load_model_weights(m, out)
+    assert info["latent_scale"] == pytest.approx(meta["latent_scale"]) and meta["latent_scale"] > 0
+    assert float(m.latent_scale) == pytest.approx(meta["latent_scale"], rel=1e-3)  # stored as fp16

@@ -1,0 +1,114 @@
+"""Unit tests of the evaluation metric math (no network training; fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guidegen.data.phantom import TumorSpec, render_phantom, sample_spec
+from guidegen.evaluation.degrade import shift_labels, wrong_site_findings
+from guidegen.evaluation.metrics import (
+    anatomical_order,
+    case_stats,
+    dice_per_class,
+    frechet_distance,
+    knn_precision_recall,
+    match_tumors,
+    mean_dice_per_class,
+    relative_w1,
+)
+from guidegen.evaluation.sets import ct_to_unit
+from guidegen.labels import load_label_set
+
+LS = load_label_set()
+
+
+def test_frechet_distance_zero_for_same_set_and_mean_shift_for_translated():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 5))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # same covariance, shifted mean: FD = ||shift||^2
+    assert frechet_distance(a, a + np.array([1.0, 2.0, 0, 0, 0])) == pytest.approx(5.0, rel=1e-4)
+    # scaled spread increases it; more samples than dims not required (N < D works)
+    assert frechet_distance(a, 3 * a) > 1.0
+    small = rng.normal(size=(4, 16))
+    assert np.isfinite(frechet_distance(small, small + 0.1))
+    with pytest.raises(ValueError):
+        frechet_distance(a, a[:, :3])
+
+
+def test_knn_precision_recall_bounds():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(40, 3))
+    p, r = knn_precision_recall(real, real.copy(), k=3)
+    assert (p, r) == (1.0, 1.0)
+    p, r = knn_precision_recall(real, real + 100.0, k=3)
+    assert (p, r) == (0.0, 0.0)
+    # a fake set collapsed on one real point: precise but no recall of the rest
+    p, r = knn_precision_recall(real, np.repeat(real[:1], 10, axis=0) + 1e-9, k=3)
+    assert p == 1.0 and r < 0.3
+
+
+def test_dice_per_class_values_and_nan_for_absent():
+    t = np.array([0, 1, 1, 2, 2, 2])
+    p = np.array([0, 1, 2, 2, 2, 0])
+    d = dice_per_class(p, t, 4)
+    assert d[1] == pytest.approx(2 * 1 / 3)
+    assert d[2] == pytest.approx(2 * 2 / 6)
+    assert np.isnan(d[3])
+    m = mean_dice_per_class(np.stack([p, t]), np.stack([t, t]), 4)
+    assert m[1] == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+def test_relative_w1():
+    real = np.array([10.0, 12.0, 14.0])
+    assert relative_w1(real, real) == 0.0
+    assert relative_w1(real, real + 6.0) == pytest.approx(0.5)
+
+
+def test_ct_to_unit_range():
+    x = ct_to_unit(np.array([-3000.0, -1000.0, 0.0, 1000.0, 3000.0]))
+    assert x.tolist() == [-1.0, -1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def liver_case():
+    spec = sample_spec(np.random.default_rng(3), tumors=[TumorSpec("liver", 45.0), TumorSpec("kidney", 30.0, "right")])
+    return render_phantom(3, (40, 40, 48), spec)
+
+
+def test_case_stats_on_phantom(liver_case):
+    st = case_stats(liver_case.labels, liver_case.affine, LS)
+    voxel_ml = abs(np.linalg.det(liver_case.affine[:3, :3])) / 1000
+    assert st.volumes_ml[LS.id_of("liver")] == pytest.approx((liver_case.labels == LS.id_of("liver")).sum() * voxel_ml)
+    assert st.components[LS.id_of("liver")] >= 1
+    assert st.order == {"lungs_above_liver": True, "bladder_lowest": True, "heart_between_lungs": True}
+    assert len(st.tumors) >= 2
+
+
+def test_anatomical_order_detects_flipped_volume(liver_case):
+    flipped = liver_case.labels[:, :, ::-1]  # feet up
+    order = anatomical_order(flipped, LS)
+    assert order["lungs_above_liver"] is False and order["bladder_lowest"] is False
+
+
+def test_tumor_placement_right_site_side_and_size(liver_case):
+    st = case_stats(liver_case.labels, liver_case.affine, LS)
+    res = match_tumors(liver_case.findings["tumors"], st, LS)
+    assert [r["placed"] for r in res] == [True, True]
+    assert all(r["size_ok"] for r in res)
+    # wrong organ, wrong side or a 5x size request are caught
+    wrong = match_tumors(wrong_site_findings(liver_case.findings)["tumors"], st, LS)
+    assert not any(r["placed"] for r in wrong)
+    other_side = match_tumors([{"site": "kidney", "side": "left", "size_mm": 30.0}], st, LS)
+    assert other_side[0]["placed"] is False
+    too_big = match_tumors([{"site": "liver", "side": None, "size_mm": 225.0}], st, LS)
+    assert too_big[0]["placed"] is True and too_big[0]["size_ok"] is False
+
+
+def test_shift_labels_moves_and_fills_zero():
+    lab = np.zeros((6, 6, 4), np.uint8)
+    lab[1, 1, 1] = 5
+    out = shift_labels(lab, (2, -1, 0))
+    assert out[3, 0, 1] == 5 and out.sum() == 5
+    assert shift_labels(lab, (10, 0, 0)).sum() == 0

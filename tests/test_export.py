@@ -1,0 +1,113 @@
+"""``guidegen export nnunet``: layout, dataset.json, our integrity check, nnU-Net's own (optional)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from guidegen.cli import app
+from guidegen.data.phantom_dataset import write_phantom_dataset
+from guidegen.errors import GuideGenError
+from guidegen.evaluation.export import check_nnunet_dataset, export_nnunet
+from guidegen.io import load_nifti
+from guidegen.labels import load_label_set
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp") / "ph"
+    write_phantom_dataset(root, n=3, grid=(16, 16, 24), seed=5, previews=False, progress=False)
+    return root
+
+
+@pytest.fixture
+def exported(phantom, tmp_path):
+    return export_nnunet(phantom, tmp_path / "raw", 42, "GuideGenPhantom")
+
+
+def test_layout_and_dataset_json(phantom, exported):
+    assert exported.name == "Dataset042_GuideGenPhantom"
+    meta = json.loads((exported / "dataset.json").read_text())
+    ls = load_label_set()
+    assert meta["channel_names"] == {"0": "CT"}
+    assert meta["labels"]["background"] == 0 and meta["labels"]["tumor"] == ls.tumor_id
+    assert sorted(meta["labels"].values()) == list(range(ls.num_classes))
+    assert meta["numTraining"] == 3 and meta["file_ending"] == ".nii.gz"
+    cases = sorted(p.name.removesuffix(".nii.gz") for p in (exported / "labelsTr").iterdir())
+    assert cases == ["phantom_000005", "phantom_000006", "phantom_000007"]
+    for c in cases:
+        img, aff_i = load_nifti(exported / "imagesTr" / f"{c}_0000.nii.gz")
+        lab, aff_l = load_nifti(exported / "labelsTr" / f"{c}.nii.gz")
+        src, _ = load_nifti(phantom / "ct" / f"{c}.nii.gz")
+        assert img.shape == lab.shape == (16, 16, 24) and np.array_equal(img, src) and np.allclose(aff_i, aff_l)
+    assert check_nnunet_dataset(exported) == []
+
+
+def test_check_finds_problems(exported):
+    (exported / "imagesTr" / "phantom_000005_0000.nii.gz").unlink()
+    lab_path = exported / "labelsTr" / "phantom_000006.nii.gz"
+    img = nib.load(str(lab_path))
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 99
+    nib.save(nib.Nifti1Image(data, img.affine), str(lab_path))
+    img7 = nib.load(str(exported / "imagesTr" / "phantom_000007_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img7.dataobj)[:, :, :20], img7.affine), str(exported / "imagesTr" / "phantom_000007_0000.nii.gz"))
+    (exported / "labelsTr" / "extra.nii").write_bytes(b"")
+    meta = json.loads((exported / "dataset.json").read_text())
+    meta["numTraining"] = 7
+    (exported / "dataset.json").write_text(json.dumps(meta))
+    problems = "\n".join(check_nnunet_dataset(exported))
+    assert "phantom_000005" in problems and "no image" in problems
+    assert "label values [99]" in problems
+    assert "phantom_000007: image shape" in problems
+    assert "extra.nii: suffix" in problems
+    assert "numTraining is 7" in problems
+
+
+def test_check_dataset_json_problems(exported):
+    meta = json.loads((exported / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "liver": 2}
+    del meta["file_ending"]
+    (exported / "dataset.json").write_text(json.dumps(meta))
+    assert check_nnunet_dataset(exported) == ["dataset.json: missing key 'file_ending'"]
+    meta["file_ending"] = ".nii.gz"
+    (exported / "dataset.json").write_text(json.dumps(meta))
+    assert any("consecutive" in p for p in check_nnunet_dataset(exported))
+
+
+def test_bad_inputs(phantom, tmp_path, exported):
+    with pytest.raises(GuideGenError, match=r"^--data: .*not found"):
+        export_nnunet(tmp_path / "missing", tmp_path / "raw", 1, "X")
+    with pytest.raises(GuideGenError, match="--dataset-id"):
+        export_nnunet(phantom, tmp_path / "raw", 1000, "X")
+    with pytest.raises(GuideGenError, match="--name"):
+        export_nnunet(phantom, tmp_path / "raw", 1, "has space")
+    with pytest.raises(GuideGenError, match="exists and is not empty"):
+        export_nnunet(phantom, tmp_path / "raw", 42, "GuideGenPhantom")
+    with pytest.raises(GuideGenError, match="already holds Dataset042_GuideGenPhantom"):
+        export_nnunet(phantom, tmp_path / "raw", 42, "Other")
+    assert export_nnunet(phantom, tmp_path / "raw", 42, "GuideGenPhantom", overwrite=True) == exported
+    noct = tmp_path / "noct"
+    shutil.copytree(phantom, noct)
+    shutil.rmtree(noct / "ct")
+    with pytest.raises(GuideGenError, match=r"^--data .*3 of 3 case\(s\) have no CT"):
+        export_nnunet(noct, tmp_path / "raw2", 2, "NoCT")
+
+
+def test_cli_export(phantom, tmp_path):
+    res = CliRunner().invoke(app, ["export", "nnunet", "--data", str(phantom), "--out", str(tmp_path / "raw"), "--dataset-id", "3", "--name", "P"])
+    assert res.exit_code == 0, res.output
+    assert "Dataset003_P" in res.output
+    assert check_nnunet_dataset(tmp_path / "raw" / "Dataset003_P") == []
+
+
+def test_nnunetv2_integrity_check(exported):
+    pytest.importorskip("nnunetv2")
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(str(exported), num_processes=1)  # raises on any problem

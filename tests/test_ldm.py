@@ -1,0 +1,266 @@
+"""Stage 3 (latent diffusion): latent UNet, latent cache, LDM training through `run_training`.
+
+Tiny everything: phantom cases on a 16×16×24 training grid, an AE with random weights (×4,
+4 latent channels → latents 4×4×6), a two-level latent UNet, the dependency-free text encoder.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from guidegen.config import config_from_dict
+from guidegen.errors import GuideGenError
+from guidegen.models.autoencoder import AnatomyAwareAutoencoder
+from guidegen.models.ldm_unet import LabelToLatent, LatentUNet
+from guidegen.training.trainer import StageTask, Trainer, export_checkpoint
+
+GRID = (16, 16, 24)
+LATENT = (4, 4, 4, 6)
+
+TINY = {
+    "name": "tiny-ldm",
+    "data": {"grid": list(GRID)},
+    "text": {"encoder": "trainable", "trainable_dim": 16, "context_dim": 16, "num_queries": 4,
+             "injection_layers": 1, "max_tokens": 16},
+    "autoencoder": {"channels": [4, 4, 8], "label_embed_dim": 2},
+    "ldm": {"timesteps": 100, "channels": [16, 32], "attention_levels": [False, True], "num_head_channels": 16,
+            "label_encoder_channels": 4, "sample_steps": 4, "guidance": 2.0,
+            "train": {"max_steps": 3, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: a second OpenMP thread only adds waiting on a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(**ldm):
+    raw = json.loads(json.dumps(TINY))
+    raw["ldm"].update(ldm)
+    return config_from_dict(raw)
+
+
+class _Holder(StageTask):
+    """Wraps a ready module so export_checkpoint can write it (no training)."""
+
+    ema_modules = ()
+
+    def __init__(self, module):
+        self.module = module
+
+    def modules(self):
+        return {"model": self.module}
+
+    def training_step(self, batch, step, ctx):  # pragma: no cover - never trained
+        raise AssertionError
+
+
+def export_random_ae(out, cfg, label_set, seed=0, scale=0.5):
+    torch.manual_seed(seed)
+    ae = AnatomyAwareAutoencoder.from_config(cfg.autoencoder, label_set.num_classes)
+    ae.latent_scale.fill_(scale)
+    trainer = Trainer(out.parent / f"{out.name}-run", cfg.autoencoder.train, _Holder(ae), [{"x": 0}], progress=False, cpu=True)
+    trainer.modules["model"].latent_scale.fill_(scale)
+    return export_checkpoint(trainer, out, "autoencoder", cfg)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, label_set):
+    from guidegen.data.phantom_dataset import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("ldm")
+    data = write_phantom_dataset(root / "data", n=2, grid=(32, 32, 40), seed=3, previews=False, progress=False)
+    cfg = tiny_cfg()
+    ae_dir = export_random_ae(root / "ae", cfg, label_set)
+    return {"root": root, "data": data, "ae": ae_dir, "cfg": cfg}
+
+
+def perturb(module, seed=0, std=0.05):
+    """MONAI zero-initialises output and attention projections; make every path matter."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return module
+
+
+# ------------------------------------------------------------------------------ the network
+def test_label_to_latent_fractions_are_exact(label_set):
+    k, tumor = label_set.num_classes, label_set.tumor_id
+    labels = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    labels[0, 5, 1, 2] = tumor  # one voxel: vanishes under nearest ×4 downsampling
+    enc = LabelToLatent(k, factor=4, encoder_channels=3, fractions=True)
+    with torch.no_grad():
+        out = enc(labels)
+    assert out.shape == (1, k + 3, 2, 2, 2) and enc.out_channels == k + 3
+    frac = out[:, :k]
+    torch.testing.assert_close(frac.sum(1), torch.ones(1, 2, 2, 2))
+    assert frac[0, tumor, 1, 0, 0].item() == pytest.approx(1 / 64)
+    assert frac[0, tumor].sum().item() == pytest.approx(1 / 64)
+    assert LabelToLatent(k, 4, encoder_channels=5, fractions=False)(labels).shape == (1, 5, 2, 2, 2)
+    with pytest.raises(GuideGenError, match="label_fractions"):
+        LabelToLatent(k, 4, encoder_channels=0, fractions=False)
+
+
+def test_latent_unet_shapes_and_errors(label_set):
+    net = LatentUNet(4, label_set.num_classes, 16, factor=4, channels=(16, 32), attention_levels=(False, True),
+                     num_head_channels=16, label_encoder_channels=4)
+    z = torch.randn(2, *LATENT)
+    labels = torch.randint(0, label_set.num_classes, (2, *GRID))
+    out = net(z, torch.tensor([3, 90]), labels, torch.randn(2, 5, 16))
+    assert out.shape == z.shape
+    assert torch.count_nonzero(out) == 0  # MONAI zero-inits the output conv: a fresh model predicts 0
+    with pytest.raises(GuideGenError, match="label map shape"):
+        net(z, torch.tensor([3, 90]), labels[:, :8], torch.randn(2, 5, 16))
+    with pytest.raises(GuideGenError, match="divisible by 2"):
+        net(torch.randn(2, 4, 4, 4, 5), torch.tensor([3, 90]), torch.zeros(2, 16, 16, 20, dtype=torch.long),
+            torch.randn(2, 5, 16))
+    with pytest.raises(GuideGenError, match="attention_levels"):
+        LatentUNet(4, label_set.num_classes, 16, channels=(16, 32), attention_levels=(True,))
+
+
+def test_label_map_changes_the_prediction(label_set):
+    net = perturb(LatentUNet(4, label_set.num_classes, 16, channels=(16, 32), attention_levels=(False, True),
+                             num_head_channels=16, label_encoder_channels=4)).eval()
+    z, t, ctx = torch.randn(1, *LATENT), torch.tensor([50]), torch.randn(1, 4, 16)
+    a = torch.zeros(1, *GRID, dtype=torch.long)
+    b = a.clone()
+    b[0, 4:8, 4:8, 4:8] = label_set.tumor_id
+    with torch.no_grad():
+        assert not torch.allclose(net(z, t, a, ctx), net(z, t, b, ctx))
+
+
+# ------------------------------------------------------------------------------ latent cache
+def test_latent_cache_written_once_and_reused(workspace, monkeypatch):
+    from guidegen.data import latents as L
+
+    ds = L.LatentDataset(workspace["data"], GRID, workspace["ae"], progress=False)
+    assert ds.dir.parent.name == f"latents-{L.checkpoint_sha256(workspace['ae'])[:16]}"
+    assert sorted(p.name for p in ds.dir.glob("*.npz")) == sorted(f"{c}.npz" for c in ds.cases)
+    item = ds[0]
+    assert item["latent"].shape == LATENT and item["latent"].dtype == torch.float32
+    assert item["labels"].shape == GRID and item["labels"].dtype == torch.int64
+    assert isinstance(item["text"], str) and item["text"] and item["case"] == ds.cases[0]
+    info = ds.info
+    assert info["latent_scale"] == pytest.approx(0.5) and info["latent_shape"] == list(LATENT)
+
+    # the cached latent is the AE's scaled posterior mode of the preprocessed case
+    ae, ae_cfg, _ = L.load_autoencoder(workspace["ae"])
+    src = ds.source[0]
+    z = L.encode_case(ae, src["ct"][None], src["labels"][None], tuple(ae_cfg.autoencoder.hu_range))[0]
+    torch.testing.assert_close(item["latent"], z, rtol=1e-5, atol=1e-5)
+    assert torch.equal(item["labels"], src["labels"])
+
+    def boom(*a, **k):
+        raise AssertionError("the encoder must not run again")
+
+    monkeypatch.setattr(L, "encode_case", boom)
+    monkeypatch.setattr(L, "load_autoencoder", boom)
+    again = L.LatentDataset(workspace["data"], GRID, workspace["ae"], progress=False)
+    assert torch.equal(again[1]["latent"], ds[1]["latent"])
+
+
+def test_other_autoencoder_gets_its_own_cache(workspace, label_set):
+    from guidegen.data.latents import LatentDataset
+
+    other = export_random_ae(workspace["root"] / "ae2", workspace["cfg"], label_set, seed=1)
+    a = LatentDataset(workspace["data"], GRID, workspace["ae"], progress=False)
+    b = LatentDataset(workspace["data"], GRID, other, progress=False)
+    assert a.dir != b.dir
+    assert not torch.allclose(a[0]["latent"], b[0]["latent"])
+
+
+def test_missing_autoencoder_is_one_line_error(workspace, tmp_path):
+    from guidegen.data.latents import LatentDataset
+    from guidegen.training.ldm import resolve_autoencoder_checkpoint
+
+    with pytest.raises(GuideGenError, match="model.safetensors"):
+        LatentDataset(workspace["data"], GRID, tmp_path / "nope")
+    with pytest.raises(GuideGenError, match="ldm.autoencoder_checkpoint"):
+        resolve_autoencoder_checkpoint(tiny_cfg(autoencoder_checkpoint=str(tmp_path / "nope")))
+
+
+# ------------------------------------------------------------------------------ training + sampling
+@pytest.fixture(scope="module")
+def trained(workspace):
+    from guidegen.training.run import run_training
+
+    raw = json.loads(json.dumps(TINY))
+    raw["ldm"]["autoencoder_checkpoint"] = str(workspace["ae"])
+    cfg_path = workspace["root"] / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = workspace["root"] / "run"
+    export = run_training("ldm", cfg_path, workspace["data"], out, max_steps=3, progress=False)
+    return {"export": export, "out": out, "cfg_path": cfg_path}
+
+
+def test_training_through_run_training_exports(trained, workspace):
+    from guidegen.data.latents import checkpoint_sha256
+
+    export = trained["export"]
+    assert sorted(p.name for p in export.iterdir()) == ["config.yaml", "meta.json", "model.safetensors"]
+    meta = json.loads((export / "meta.json").read_text())
+    assert meta["stage"] == "ldm" and meta["train_steps"] == 3
+    assert meta["autoencoder_sha256"] == checkpoint_sha256(workspace["ae"])
+    assert meta["latent_scale"] == pytest.approx(0.5) and meta["latent_shape"] == list(LATENT)
+    assert meta["prediction"] == "v_prediction" and meta["label_set"] == "guidegen22"
+    logs = [json.loads(line) for line in (trained["out"] / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs][-1] == 3 and all(np.isfinite(r["loss"]) for r in logs)
+    # the final sample hook decoded generated latents next to the real CT
+    samples = sorted(p.name for p in (trained["out"] / "samples").glob("*.png"))
+    assert "step0000003_case0_generated.png" in samples and "case0_real.png" in samples
+
+
+def _load_exported(trained, label_set):
+    from guidegen.config import load_config
+    from guidegen.text.knowledge import TextConditioner
+    from guidegen.training.ldm import build_ldm_model
+    from guidegen.training.trainer import load_model_weights
+
+    cfg = load_config(trained["export"] / "config.yaml")
+    cond = TextConditioner(cfg.text)
+    model = build_ldm_model(cfg, label_set, cond.text_dim, latent_channels=4, factor=4)
+    load_model_weights(model, trained["export"])
+    return cfg, cond, perturb(model.eval())
+
+
+def test_ddim_sampling_deterministic_and_cfg1_is_conditional(trained, workspace, label_set):
+    from guidegen.data.latents import LatentDataset
+    from guidegen.diffusion import gaussian
+    from guidegen.training.ldm import sample_latents
+
+    cfg, conditioner, model = _load_exported(trained, label_set)
+    ds = LatentDataset(workspace["data"], GRID, workspace["ae"], progress=False)
+    labels = torch.stack([ds[0]["labels"], ds[1]["labels"]])
+    cond = conditioner.prepare([ds[0]["text"], ds[1]["text"]])
+
+    def run(seed, guidance):
+        return sample_latents(model, cond, labels, LATENT, timesteps=cfg.ldm.timesteps, prediction=cfg.ldm.prediction,
+                              steps=5, guidance=guidance, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(0, 2.0), run(0, 2.0), run(1, 2.0)
+    assert a.shape == (2, *LATENT) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert not torch.allclose(a, run(0, 1.0))  # guidance changes the sample
+
+    # guided output at scale 1 is the conditional output; at scale g the extrapolation
+    with torch.no_grad():
+        ctx = model.context(cond["tokens"], cond["mask"], cond["findings_vec"])
+        null = model.null_context(1)
+        z, t = torch.randn(2, *LATENT), torch.tensor([40, 40])
+
+        def net(zz, tt, cc):
+            return model.net(zz, tt, labels.repeat(zz.shape[0] // 2, 1, 1, 1), cc)
+
+        cond_out, uncond_out = net(z, t, ctx), net(z, t, null.expand(2, -1, -1))
+        assert not torch.allclose(cond_out, uncond_out)
+        torch.testing.assert_close(gaussian.guided(net, ctx, null, 1.0)(z, t), cond_out)
+        torch.testing.assert_close(gaussian.guided(net, ctx, null, 2.0)(z, t), uncond_out + 2.0 * (cond_out - uncond_out),
+                                   rtol=1e-4, atol=1e-5)

@@ -1,0 +1,163 @@
+"""End-to-end `guidegen generate` on tiny checkpoints of all three stages trained here for a few steps."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from guidegen.data.layout import DatasetReader
+from guidegen.io import load_nifti, ras_affine, save_nifti
+
+GRID = (16, 16, 24)
+TINY = {
+    "name": "tiny-e2e",
+    "data": {"grid": list(GRID)},
+    "text": {"encoder": "trainable", "trainable_dim": 16, "context_dim": 16, "num_queries": 4, "injection_layers": 1, "max_tokens": 16},
+    "tcss": {"timesteps": 20, "channels": [8, 16], "attention_levels": [False, True], "num_head_channels": 8, "sample_steps": 4,
+             "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
+    "autoencoder": {"channels": [4, 4, 8], "label_embed_dim": 2, "disc_start": 1000,
+                    "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
+    "ldm": {"timesteps": 20, "channels": [16, 32], "attention_levels": [False, True], "num_head_channels": 16, "sample_steps": 3,
+            "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
+}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "guidegen", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory):
+    """Checkpoint root with tcss/, autoencoder/, ldm/ exported from 2-step training runs."""
+    import shutil
+
+    from guidegen.data.phantom_dataset import write_phantom_dataset
+    from guidegen.training.run import run_training
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("e2e")
+    data = write_phantom_dataset(root / "data", n=2, grid=(32, 32, 40), seed=7, previews=False, progress=False)
+    cfg_path = root / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    ck = root / "ckpt"
+    ck.mkdir()
+    for stage in ("tcss", "autoencoder"):
+        shutil.copytree(run_training(stage, cfg_path, data, root / f"run_{stage}", progress=False), ck / stage)
+    ldm_raw = json.loads(json.dumps(TINY))
+    ldm_raw["ldm"]["autoencoder_checkpoint"] = str(ck / "autoencoder")
+    ldm_cfg = root / "tiny_ldm.yaml"
+    ldm_cfg.write_text(yaml.safe_dump(ldm_raw))
+    shutil.copytree(run_training("ldm", ldm_cfg, data, root / "run_ldm", progress=False), ck / "ldm")
+    torch.set_num_threads(n)
+    return ck
+
+
+PROMPT = "62-year-old man, 4 cm mass in the left kidney, portal venous phase"
+
+
+def test_generate_writes_a_paired_sample(ckpt_root, tmp_path, label_set):
+    out = tmp_path / "out"
+    res = run_cli("generate", PROMPT, "--checkpoint", ckpt_root, "--out", out, "--seed", 3)
+    assert res.returncode == 0, res.stderr
+    reader = DatasetReader(out)
+    (case,) = reader.case_ids()
+    rec = reader.load_case(case)
+    assert rec.labels.shape == GRID and rec.ct.shape == GRID
+    lab_img, lab_aff = load_nifti(reader.labels_path(case), reorient_to_ras=False)
+    ct_img, ct_aff = load_nifti(reader.ct_path(case), reorient_to_ras=False)
+    assert lab_img.dtype == np.uint8 and ct_img.dtype == np.int16
+    np.testing.assert_allclose(lab_aff, ct_aff)
+    assert rec.findings["tumors"] == [{"site": "kidney", "side": "left", "size_mm": 40.0}]
+    meta = reader.meta(case)
+    assert meta["seed"] == 3 and {"labels_s", "ct_s", "total_s"} <= set(meta["timings"])
+    assert set(meta["models"]) == {"tcss", "autoencoder", "ldm"}
+    assert "passed" in meta["qc"] and "medians" in meta["qc"]["hu"]
+    assert (out / "previews" / f"{case}.png").is_file()
+    # the output spacing is the training data's (stored in the checkpoint), not 1 mm
+    tcss_meta = json.loads((ckpt_root / "tcss" / "meta.json").read_text())
+    np.testing.assert_allclose(np.diag(lab_aff)[:3], tcss_meta["spacing_mm"], rtol=1e-4)
+
+
+def test_same_prompt_and_seed_is_bitwise_identical(ckpt_root, tmp_path):
+    from guidegen.pipeline import GuideGenPipeline
+
+    pipe = GuideGenPipeline.from_pretrained(ckpt_root)
+    a = pipe(PROMPT, seed=11)
+    b = pipe(PROMPT, seed=11)
+    c = pipe(PROMPT, seed=12)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.ct, b.ct)
+    assert not (np.array_equal(a.labels, c.labels) and np.array_equal(a.ct, c.ct))
+
+
+def test_batch_prompts_resume_and_labels_only(ckpt_root, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "liver mass 3 cm"}\n{"id": "b", "prompt": "55 yo woman, normal CT"}\n')
+    out = tmp_path / "batch"
+    res = run_cli("generate", "--prompts", prompts, "--n", 2, "--labels-only", "--checkpoint", ckpt_root, "--out", out)
+    assert res.returncode == 0, res.stderr
+    reader = DatasetReader(out)
+    assert reader.case_ids() == ["a_s0", "a_s1", "b_s0", "b_s1"]
+    assert not (out / "ct").exists()
+    before = {c: (out / "meta" / f"{c}.json").stat().st_mtime_ns for c in reader.case_ids()}
+    (out / "meta" / "b_s1.json").unlink()  # as if killed before b_s1 was committed
+    res = run_cli("generate", "--prompts", prompts, "--n", 2, "--labels-only", "--checkpoint", ckpt_root, "--out", out)
+    assert res.returncode == 0, res.stderr
+    after = {c: (out / "meta" / f"{c}.json").stat().st_mtime_ns for c in DatasetReader(out).case_ids()}
+    assert set(after) == set(before)
+    assert all(after[c] == before[c] for c in ("a_s0", "a_s1", "b_s0"))  # finished samples were not redone
+    lines = [json.loads(x) for x in (out / "reports.jsonl").read_text().splitlines()]
+    assert sorted(x["case"] for x in lines) == ["a_s0", "a_s1", "b_s0", "b_s1"]
+
+
+def test_mask_to_ct_on_the_users_grid(ckpt_root, tmp_path, label_set):
+    from guidegen.data.phantom import render_phantom
+
+    case = render_phantom(5, (24, 20, 28))
+    aff = ras_affine((9.0, 11.0, 13.0), origin=(-100.0, 20.0, 5.0))
+    path = tmp_path / "mine.nii.gz"
+    save_nifti(path, case.labels, aff, np.uint8)
+    out = tmp_path / "m2ct"
+    res = run_cli("generate", "--labels", path, "--checkpoint", ckpt_root, "--out", out)
+    assert res.returncode == 0, res.stderr
+    reader = DatasetReader(out)
+    (cid,) = reader.case_ids()
+    ct, ct_aff = load_nifti(reader.ct_path(cid))
+    lab, _ = load_nifti(reader.labels_path(cid))
+    assert ct.shape == (24, 20, 28) and np.array_equal(lab, case.labels)
+    np.testing.assert_allclose(ct_aff, aff)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["   "], "prompt is empty"),
+        (["liver mass", "--device", "tpu"], "--device"),
+        (["liver mass", "--checkpoint", "/nonexistent/ckpt"], "checkpoint directory not found"),
+        (["liver mass", "--n", "0"], "--n"),
+        ([], "PROMPT"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, needle):
+    out = tmp_path / "o"
+    res = run_cli("generate", *args, "--out", out)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() or not any((out / "meta").glob("*.json"))
+
+
+def test_bad_label_inputs(ckpt_root, tmp_path):
+    bad = tmp_path / "bad.nii.gz"
+    save_nifti(bad, np.full((8, 8, 8), 40, np.uint8), np.eye(4), np.uint8)
+    res = run_cli("generate", "--labels", bad, "--checkpoint", ckpt_root, "--out", tmp_path / "o1")
+    assert res.returncode == 2 and "outside label set" in res.stderr and "Traceback" not in res.stderr
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not a nifti")
+    res = run_cli("generate", "--labels", junk, "--checkpoint", ckpt_root, "--out", tmp_path / "o2")
+    assert res.returncode == 2 and "junk.nii.gz" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o1" / "ct").exists() and not (tmp_path / "o2").exists()
