@@ -1,7 +1,7 @@
-"""Shipped demo checkpoints (package data under ``guidegen/checkpoints/``).
+"""Shipped demo checkpoints (package data under ``guidegen/weights/``).
 
 A checkpoint is a directory with ``model.safetensors``, ``config.yaml`` and ``meta.json``
-(DESIGN §7). The shipped ones live in ``guidegen/checkpoints/<preset>/<stage>/``.
+(DESIGN §7). The shipped ones live in ``guidegen/weights/<preset>/<stage>/``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ STAGES = ("tcss", "autoencoder", "ldm")
 
 
 def shipped_root() -> Path:
-    return Path(str(resources.files("guidegen") / "checkpoints"))
+    return Path(str(resources.files("guidegen") / "weights"))
 
 
 def list_shipped() -> list[str]:

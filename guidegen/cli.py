@@ -156,7 +156,7 @@ def generate(
     prompt: Optional[str] = typer.Argument(None, help="Clinical prompt, e.g. '62-year-old man, 4 cm mass in the left kidney'."),
     out: Path = typer.Option(Path("out"), "--out", help="Output dataset directory (re-runs skip finished samples)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="File of prompts: .txt (one per line), .csv or .jsonl with ids."),
-    n: int = typer.Option(1, "--n", help="Samples per prompt."),
+    n: int = typer.Option(1, "--n", "--num-samples", help="Samples per prompt (under torchrun write --num-samples: torchrun reads --n as its own option)."),
     seed: int = typer.Option(0, "--seed", help="Base seed; sample i uses seed + i."),
     steps: Optional[int] = typer.Option(None, "--steps", help="TCSS sampling steps (network calls; default from the checkpoint)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="TCSS classifier-free guidance scale."),
@@ -177,12 +177,12 @@ def generate(
 
 
 # --------------------------------------------------------------------------------- train
-def _train(stage: str, config: Optional[Path], data: Path, out: Path, max_steps: Optional[int]) -> None:
+def _train(stage: str, config: Optional[Path], data: Path, out: Path, max_steps: Optional[int], init_from: Optional[Path] = None) -> None:
     from guidegen.training.run import run_training
 
     if max_steps is not None and max_steps < 1:
         raise GuideGenError(f"--max-steps must be at least 1, got {max_steps}")
-    export = run_training(stage, config, data, out, max_steps=max_steps)
+    export = run_training(stage, config, data, out, max_steps=max_steps, init_from=init_from)
     typer.echo(f"inference checkpoint: {export}")
 
 
@@ -195,9 +195,10 @@ def train_tcss(
     out: Path = typer.Option(..., "--out", help="Run directory; resumes when it holds a checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from this exported checkpoint's weights."),
 ) -> None:
     """Train stage 1 (TCSS label-map diffusion)."""
-    _train("tcss", config, data, out, max_steps)
+    _train("tcss", config, data, out, max_steps, init_from)
 
 
 @train_app.command("autoencoder")
@@ -206,9 +207,10 @@ def train_autoencoder(
     out: Path = typer.Option(..., "--out", help="Run directory; resumes when it holds a checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from this exported checkpoint's weights."),
 ) -> None:
     """Train stage 2 (anatomy-aware HDR autoencoder)."""
-    _train("autoencoder", config, data, out, max_steps)
+    _train("autoencoder", config, data, out, max_steps, init_from)
 
 
 @train_app.command("ldm")
@@ -217,9 +219,10 @@ def train_ldm(
     out: Path = typer.Option(..., "--out", help="Run directory; resumes when it holds a checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from this exported checkpoint's weights."),
 ) -> None:
     """Train stage 3 (latent diffusion generator; needs a trained autoencoder)."""
-    _train("ldm", config, data, out, max_steps)
+    _train("ldm", config, data, out, max_steps, init_from)
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -255,7 +258,7 @@ def evaluate(
 # -------------------------------------------------------------------------------- export
 @export_app.command("nnunet")
 def export_nnunet(
-    data: Path = typer.Option(..., "--data", help="Dataset directory (real or synthetic; CT + labels)."),
+    data: Path = typer.Option(..., "--data", "--synthetic", help="Dataset directory (real or synthetic; CT + labels)."),
     out: Path = typer.Option(..., "--out", help="nnU-Net raw folder (e.g. $nnUNet_raw); DatasetNNN_NAME is created inside."),
     dataset_id: int = typer.Option(..., "--dataset-id", help="nnU-Net dataset id, 1..999."),
     name: str = typer.Option(..., "--name", help="Dataset name (letters, digits, '_', '-')."),

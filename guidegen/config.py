@@ -137,7 +137,7 @@ class LDMConfig(_Strict):
     label_fractions: bool = True
     label_encoder_channels: int = Field(8, ge=0)
     # exported autoencoder checkpoint directory whose latents this stage learns; None: the
-    # shipped guidegen/checkpoints/demo/autoencoder
+    # shipped guidegen/weights/demo/autoencoder
     autoencoder_checkpoint: str | None = None
     train: TrainConfig = TrainConfig()
 

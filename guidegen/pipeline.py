@@ -328,18 +328,23 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
     """Generate every (prompt, k) sample into the dataset ``out``; returns the case ids written here.
 
     Finished samples (complete cases in ``out``) are skipped, so a killed run finishes on
-    re-run. Under torchrun, rank r takes every world_size-th sample.
+    re-run. Under torchrun, rank r takes every world_size-th sample; the ranks share ``out``
+    (rank 0 creates it, the others wait for its ``dataset.json``), and whichever rank finds
+    every requested case complete after its own share finalizes the dataset (sorted,
+    deduplicated ``reports.jsonl``, status complete). No rank waits for another: if one dies,
+    the dataset stays "incomplete" and a re-run finishes and finalizes it.
     """
     from tqdm import tqdm
 
-    from guidegen.data.layout import CaseRecord, DatasetWriter
+    from guidegen.data.layout import CaseRecord
     from guidegen.qc import quality_check
 
+    if not 0 <= rank < world_size:
+        raise GuideGenError(f"rank {rank} is outside world size {world_size} (check RANK / WORLD_SIZE)")
     out = Path(out)
-    mode = "resume" if (out / "dataset.json").is_file() else "new"
-    writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode,
-                           info={"source": "guidegen generate", "checkpoints": str(pipe.checkpoint_root.name)})
-    todo = [(i, cid, it, k) for i, (cid, it, k) in enumerate(sample_ids(items, n)) if i % world_size == rank]
+    writer = _open_dataset_writer(out, pipe, rank)
+    samples = sample_ids(items, n)
+    todo = [(i, cid, it, k) for i, (cid, it, k) in enumerate(samples) if i % world_size == rank]
     written = []
     for i, cid, it, k in tqdm(todo, desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=not progress, unit="sample"):
         if writer.has_case(cid):
@@ -365,9 +370,32 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
         writer.write_case(CaseRecord(case=cid, labels=sample.labels, affine=sample.affine, ct=sample.ct, text=it.prompt,
                                      findings=sample.findings.to_dict(), meta=meta))
         written.append(cid)
-    if rank == 0 and world_size == 1:
+    # The last rank to finish sees every case and finalizes; two ranks finishing together both
+    # do, one after the other (finalize is idempotent and locked against report appends).
+    if all(writer.has_case(cid) for cid, _, _ in samples):
         writer.finalize()
     return written
+
+
+def _open_dataset_writer(out: Path, pipe: GuideGenPipeline, rank: int, wait_s: float = 600.0):
+    """The dataset writer of one rank: rank 0 creates (or resumes) ``out``, the others resume it.
+
+    Two ranks creating one directory would race (the second sees a non-empty directory), so
+    ranks > 0 wait up to ``wait_s`` for rank 0's ``dataset.json`` (torchrun stops the job if
+    rank 0 fails first).
+    """
+    from guidegen.data.layout import DatasetWriter
+
+    marker = out / "dataset.json"
+    if rank > 0:
+        deadline = time.monotonic() + wait_s
+        while not marker.is_file():
+            if time.monotonic() > deadline:
+                raise GuideGenError(f"{out}: rank 0 did not create the dataset within {wait_s:.0f} s")
+            time.sleep(0.2)
+    mode = "resume" if marker.is_file() else "new"
+    return DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode,
+                         info={"source": "guidegen generate", "checkpoints": str(pipe.checkpoint_root.name)})
 
 
 def single_prompt_id(prompt: str, seed: int) -> str:

@@ -6,24 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import yaml
 
 from guidegen.data.layout import DatasetReader
 from guidegen.io import load_nifti, ras_affine, save_nifti
 
-GRID = (16, 16, 24)
-TINY = {
-    "name": "tiny-e2e",
-    "data": {"grid": list(GRID)},
-    "text": {"encoder": "trainable", "trainable_dim": 16, "context_dim": 16, "num_queries": 4, "injection_layers": 1, "max_tokens": 16},
-    "tcss": {"timesteps": 20, "channels": [8, 16], "attention_levels": [False, True], "num_head_channels": 8, "sample_steps": 4,
-             "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
-    "autoencoder": {"channels": [4, 4, 8], "label_embed_dim": 2, "disc_start": 1000,
-                    "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
-    "ldm": {"timesteps": 20, "channels": [16, 32], "attention_levels": [False, True], "num_head_channels": 16, "sample_steps": 3,
-            "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
-}
+from helpers_tiny import GRID, build_tiny_checkpoints  # noqa: E402  (tests/ is on sys.path)
 
 
 def run_cli(*args):
@@ -33,28 +20,7 @@ def run_cli(*args):
 @pytest.fixture(scope="module")
 def ckpt_root(tmp_path_factory):
     """Checkpoint root with tcss/, autoencoder/, ldm/ exported from 2-step training runs."""
-    import shutil
-
-    from guidegen.data.phantom_dataset import write_phantom_dataset
-    from guidegen.training.run import run_training
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("e2e")
-    data = write_phantom_dataset(root / "data", n=2, grid=(32, 32, 40), seed=7, previews=False, progress=False)
-    cfg_path = root / "tiny.yaml"
-    cfg_path.write_text(yaml.safe_dump(TINY))
-    ck = root / "ckpt"
-    ck.mkdir()
-    for stage in ("tcss", "autoencoder"):
-        shutil.copytree(run_training(stage, cfg_path, data, root / f"run_{stage}", progress=False), ck / stage)
-    ldm_raw = json.loads(json.dumps(TINY))
-    ldm_raw["ldm"]["autoencoder_checkpoint"] = str(ck / "autoencoder")
-    ldm_cfg = root / "tiny_ldm.yaml"
-    ldm_cfg.write_text(yaml.safe_dump(ldm_raw))
-    shutil.copytree(run_training("ldm", ldm_cfg, data, root / "run_ldm", progress=False), ck / "ldm")
-    torch.set_num_threads(n)
-    return ck
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("e2e"))
 
 
 PROMPT = "62-year-old man, 4 cm mass in the left kidney, portal venous phase"

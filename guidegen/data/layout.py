@@ -18,6 +18,7 @@ is invisible and a re-run simply rewrites it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -26,6 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
 
@@ -181,21 +183,45 @@ class DatasetWriter:
         write_json_atomic(meta_path, meta)
         self._append_report(case, record.text, record.findings)
 
+    @contextlib.contextmanager
+    def _reports_locked(self) -> Iterator[IO[str]]:
+        """``reports.jsonl`` opened for appending under an exclusive lock.
+
+        The ranks of a torchrun job append to one file, and :meth:`finalize` (run by whichever
+        rank finishes last) replaces it: both hold this lock, and a writer that waited while
+        the file was replaced locks the new file instead of appending to the unlinked one.
+        """
+        path = self.root / "reports.jsonl"
+        while True:
+            fh = open(path, "a")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                current = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            fh.close()
+        try:
+            yield fh
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
     def _append_report(self, case: str, text: str, findings: dict | None) -> None:
         line = json.dumps({"case": case, "text": text, "findings": findings}) + "\n"
-        with open(self.root / "reports.jsonl", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)  # ranks of a torchrun job append to one file
+        with self._reports_locked() as fh:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
     def finalize(self) -> None:
         """Rewrite ``reports.jsonl`` from the complete cases (sorted, deduplicated) and mark done."""
-        reader = DatasetReader(self.root)
-        lines = [json.dumps({"case": c, **reader.report(c)}) for c in reader.case_ids()]
-        write_text_atomic(self.root / "reports.jsonl", "".join(line + "\n" for line in lines))
-        self._write_dataset_json(status="complete")
+        with self._reports_locked():
+            reader = DatasetReader(self.root)
+            lines = [json.dumps({"case": c, **reader.report(c)}) for c in reader.case_ids()]
+            write_text_atomic(self.root / "reports.jsonl", "".join(line + "\n" for line in lines))
+            self._write_dataset_json(status="complete")
 
 
 def _case_complete(root: Path, case: str) -> bool:

@@ -31,7 +31,6 @@ from guidegen.text.knowledge import TextConditioner, sample_drop_mask
 from guidegen.training.common import batch_condition
 from guidegen.training.trainer import StageTask, StepContext
 
-SHIPPED_AE = Path(__file__).resolve().parent.parent / "checkpoints" / "demo" / "autoencoder"
 PREVIEW_CASES = 2
 PREVIEW_MAX_STEPS = 25  # DDIM steps of the periodic training previews
 
@@ -156,8 +155,11 @@ def resolve_autoencoder_checkpoint(cfg: GuideGenConfig) -> Path:
             raise GuideGenError(f"ldm.autoencoder_checkpoint: {path} is not an exported autoencoder checkpoint "
                                 "(no model.safetensors); train one with 'guidegen train autoencoder'")
         return path
-    if (SHIPPED_AE / "model.safetensors").is_file():
-        return SHIPPED_AE
+    from guidegen.checkpoints import shipped_root
+
+    shipped_ae = shipped_root() / "demo" / "autoencoder"
+    if (shipped_ae / "model.safetensors").is_file():
+        return shipped_ae
     raise GuideGenError("ldm.autoencoder_checkpoint is not set and no shipped autoencoder checkpoint exists; "
                         "train one with 'guidegen train autoencoder' and set ldm.autoencoder_checkpoint to RUN/export")
 

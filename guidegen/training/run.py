@@ -39,9 +39,29 @@ def data_geometry(dataset) -> dict:
     return {"grid": list(dataset.grid), "spacing_mm": spacings.mean(0).round(4).tolist(), "spacing_mm_std": spacings.std(0).round(4).tolist()}
 
 
+def init_from_checkpoint(trainer, ckpt_dir: str | Path) -> None:
+    """Start a *new* run from an exported checkpoint's weights (fine-tuning / continuing a demo).
+
+    Only the weights (and the EMA copy) are taken; optimizer state and step start fresh. A run
+    that already has its own training checkpoint resumes from that instead (exact resume wins).
+    """
+    from guidegen.training.trainer import load_model_weights
+
+    if trainer.step > 0:
+        return
+    model = trainer.modules["model"]
+    load_model_weights(model, ckpt_dir)
+    if "model" in trainer.ema:
+        trainer.ema["model"].module.load_state_dict(model.state_dict())
+
+
 def run_training(stage: str, config: str | Path | None, data: str | Path, out: str | Path, *, max_steps: int | None = None,
-                 progress: bool = True) -> Path:
-    """Train ``stage`` on the dataset ``data`` in run directory ``out``; returns the export dir."""
+                 progress: bool = True, init_from: str | Path | None = None) -> Path:
+    """Train ``stage`` on the dataset ``data`` in run directory ``out``; returns the export dir.
+
+    ``init_from``: an exported checkpoint of the same stage and config whose weights start a
+    new run (ignored when ``out`` already holds a training checkpoint).
+    """
     if stage not in STAGES:
         raise GuideGenError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     cfg = load_config(config)
@@ -63,9 +83,14 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
         task, dataset, meta = _ldm_setup(cfg, label_set, data)
     train_cfg = getattr(cfg, stage).train
     trainer = Trainer(out, train_cfg, task, dataset, progress=progress)
+    if init_from is not None:
+        init_from_checkpoint(trainer, init_from)
     result = trainer.fit(max_steps=max_steps)
     meta.update(task.export_meta(trainer) if hasattr(task, "export_meta") else {})
-    export = export_checkpoint(trainer, out / "export", stage, cfg, {**meta, "interrupted": result.interrupted})
+    export = out / "export"
+    if trainer.is_main:  # under DDP the replicas are identical: one rank writes, the others wait for it
+        export_checkpoint(trainer, export, stage, cfg, {**meta, "interrupted": result.interrupted})
+    trainer.accelerator.wait_for_everyone()
     return export
 
 

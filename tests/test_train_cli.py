@@ -1,0 +1,72 @@
+"""`guidegen train` glue: run config check, --init-from, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+TINY = {
+    "name": "tiny-train",
+    "data": {"grid": [16, 16, 24]},
+    "text": {"encoder": "trainable", "trainable_dim": 16, "context_dim": 16, "num_queries": 4, "injection_layers": 1, "max_tokens": 16},
+    "tcss": {"timesteps": 20, "channels": [8, 16], "attention_levels": [False, True], "num_head_channels": 8,
+             "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from guidegen.data.phantom_dataset import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    data = write_phantom_dataset(root / "data", n=2, grid=(24, 24, 32), seed=1, previews=False, progress=False)
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    return root, data, cfg
+
+
+def test_init_from_starts_a_new_run_from_exported_weights(setup, label_set):
+    from safetensors.torch import load_file
+
+    from guidegen.config import load_config
+    from guidegen.training.run import _tcss_setup, init_from_checkpoint, run_training
+    from guidegen.training.trainer import Trainer
+
+    root, data, cfg_path = setup
+    first = run_training("tcss", cfg_path, data, root / "a", progress=False)
+    cfg = load_config(cfg_path)
+    task, dataset, _ = _tcss_setup(cfg, label_set, data)
+    trainer = Trainer(root / "b", cfg.tcss.train, task, dataset, progress=False)
+    exported = load_file(str(first / "model.safetensors"))
+    before = {k: v.clone() for k, v in trainer.modules["model"].state_dict().items()}
+    init_from_checkpoint(trainer, first)
+    after = trainer.modules["model"].state_dict()
+    ema = trainer.ema["model"].module.state_dict()
+    changed = [k for k in exported if exported[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert changed  # the fresh initialisation was replaced ...
+    for k, v in exported.items():  # ... by the exported (fp16) weights, in the model and its EMA
+        torch.testing.assert_close(after[k].float(), v.float(), atol=1e-3, rtol=0)
+        torch.testing.assert_close(ema[k].float(), v.float(), atol=1e-3, rtol=0)
+
+
+def test_changed_config_on_resume_is_refused(setup):
+    from guidegen.errors import GuideGenError
+    from guidegen.training.run import run_training
+
+    root, data, cfg = setup
+    run_training("tcss", cfg, data, root / "d", max_steps=1, progress=False)
+    other = root / "other.yaml"
+    raw = yaml.safe_load(cfg.read_text())
+    raw["tcss"]["timesteps"] = 30
+    other.write_text(yaml.safe_dump(raw))
+    with pytest.raises(GuideGenError, match="different config"):
+        run_training("tcss", other, data, root / "d", max_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("stage", ["tcss", "autoencoder"])
+def test_missing_data_is_one_line(tmp_path, stage):
+    res = subprocess.run([sys.executable, "-m", "guidegen", "train", stage, "--data", tmp_path / "nope", "--out", tmp_path / "run"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "dataset directory not found" in res.stderr and "Traceback" not in res.stderr
