@@ -70,3 +70,18 @@ def test_missing_data_is_one_line(tmp_path, stage):
     res = subprocess.run([sys.executable, "-m", "guidegen", "train", stage, "--data", tmp_path / "nope", "--out", tmp_path / "run"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "dataset directory not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_autoencoder_trains_on_crops_and_samples_whole_volumes(setup):
+    """Crops for the loss, whole volumes for the sample montage (they once disagreed)."""
+    from guidegen.training.run import run_training
+
+    root, data, cfg_path = setup
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["autoencoder"] = {"channels": [4, 4, 8], "label_embed_dim": 2, "train_crop": [8, 8, 8], "disc_start": 1,
+                          "train": {"max_steps": 2, "log_every": 1, "sample_every": 1, "checkpoint_every": 1}}
+    cfg = root / "ae_crop.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    export = run_training("autoencoder", cfg, data, root / "ae", progress=False)
+    assert (export / "model.safetensors").is_file()
+    assert sorted(p.name for p in (root / "ae" / "samples").glob("*.png"))

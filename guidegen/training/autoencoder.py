@@ -59,10 +59,10 @@ class AutoencoderTask(StageTask):
     def training_step(self, batch: dict[str, Any], step: int, ctx: StepContext) -> Mapping[str, torch.Tensor]:
         ct = hu_to_norm(batch["ct"].float(), self.hu_range)  # (B, 1, X, Y, Z) in [-1, 1]
         labels = batch["labels"].long()  # (B, X, Y, Z)
+        if self.previews is None:  # whole volumes, before any crop
+            self.previews = [{"ct": batch["ct"][0].detach().cpu(), "labels": labels[0].detach().cpu()}]
         if self.ae_cfg.train_crop is not None:
             ct, labels = random_crop(ct, labels, self.ae_cfg.train_crop)
-        if self.previews is None:
-            self.previews = [{"ct": batch["ct"][0].detach().cpu(), "labels": labels[0].detach().cpu()}]
         recon, posterior = ctx.modules["model"](ct, labels, sample=True)
         # The generator pass reads the discriminators through the plain module: they must not
         # take part in the autoencoder's backward (nor, under DDP, in its gradient sync).
