@@ -80,7 +80,12 @@ def run_worker(mode: str, size: int, tile: int, overlap: int) -> dict:
 
 
 def step_time(steps: int, grid: tuple[int, int, int], disc: bool) -> dict:
-    """Mean / min seconds of one full training step (G + D, like AutoencoderTask) at ``grid``, batch 1."""
+    """Mean / min wall seconds of one training step (G + D, like AutoencoderTask) at ``grid``, batch 1.
+
+    Also the process CPU seconds per step (all threads): on a shared machine wall time is
+    inflated by other processes, CPU time much less so (``cpu_s / threads`` ≈ the wall time of
+    an idle machine when the threads scale well).
+    """
     from guidegen.models.autoencoder import hu_to_norm
     from guidegen.training.ae_losses import AutoencoderLoss
 
@@ -93,9 +98,9 @@ def step_time(steps: int, grid: tuple[int, int, int], disc: bool) -> dict:
     ct = hu_to_norm(torch.rand(1, 1, *grid, generator=g) * 3000 - 1000, tuple(cfg.hu_range))
     labels = torch.randint(0, 22, (1, *grid), generator=g)
     step = cfg.disc_start if disc else 0
-    times = []
+    times, cpu = [], []
     for i in range(steps + 1):  # the first step warms up allocators and is not counted
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         recon, post = model(ct, labels)
         out = loss_fn.generator_loss(recon, ct, post, step, model.last_layer_weight)
         opt_g.zero_grad(set_to_none=True)
@@ -108,8 +113,10 @@ def step_time(steps: int, grid: tuple[int, int, int], disc: bool) -> dict:
             opt_d.step()
         if i:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     return {"grid": list(grid), "with_disc": disc, "steps": steps, "mean_s": round(sum(times) / len(times), 3),
-            "min_s": round(min(times), 3), "params_ae": sum(p.numel() for p in model.parameters()),
+            "min_s": round(min(times), 3), "cpu_s": round(sum(cpu) / len(cpu), 3), "threads": torch.get_num_threads(),
+            "load_avg_1min": round(os.getloadavg()[0], 2), "params_ae": sum(p.numel() for p in model.parameters()),
             "params_disc": sum(p.numel() for p in loss_fn.parameters())}
 
 

@@ -18,19 +18,28 @@ from guidegen.labels import load_label_set
 STAGES = ("tcss", "autoencoder", "ldm")
 
 
-def _check_run_config(out: Path, cfg: GuideGenConfig) -> None:
+# The config sections each stage's weights depend on; other sections may change between
+# sessions (e.g. a preset gains an ldm section while its autoencoder run is still going).
+STAGE_SECTIONS = {"tcss": ("data", "text", "tcss"), "autoencoder": ("data", "autoencoder"), "ldm": ("data", "text", "ldm")}
+
+
+def _stage_view(cfg: GuideGenConfig, stage: str) -> dict:
+    view = {k: v for k, v in cfg.model_dump(mode="json").items() if k in STAGE_SECTIONS[stage]}
+    view[stage]["train"].pop("max_steps", None)  # the step budget may change between sessions
+    return view
+
+
+def _check_run_config(out: Path, cfg: GuideGenConfig, stage: str) -> None:
     """A run keeps the config it started with; resuming with a different one is refused."""
     saved = out / "config.yaml"
-    text = dump_config(cfg)
     if saved.is_file() and (out / "checkpoint").exists():
         old = load_config(saved)
-        same = old.model_copy(deep=True)
-        for stage in STAGES:  # the step budget may change between sessions
-            getattr(same, stage).train.max_steps = getattr(cfg, stage).train.max_steps
-        if dump_config(same) != text:
-            raise GuideGenError(f"{saved}: this run was started with a different config; use a new --out or the same --config")
+        changed = [k for k in STAGE_SECTIONS[stage] if _stage_view(old, stage).get(k) != _stage_view(cfg, stage).get(k)]
+        if changed:
+            raise GuideGenError(f"{saved}: this run was started with a different config ({', '.join(changed)} changed); "
+                                "use a new --out or the same --config")
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(saved, text)
+    write_text_atomic(saved, dump_config(cfg))
 
 
 def data_geometry(dataset) -> dict:
@@ -66,7 +75,7 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
         raise GuideGenError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     cfg = load_config(config)
     out = Path(out)
-    _check_run_config(out, cfg)
+    _check_run_config(out, cfg, stage)
     label_set = load_label_set(cfg.data.label_set)
     from guidegen.data.layout import DatasetReader
 
