@@ -5,8 +5,9 @@ is measured alone; the number reported is the peak minus the RSS just before the
 (model and input already allocated). The demo config's autoencoder with random weights
 (memory and time do not depend on the weights).
 
-    python benchmarks/ae_memory.py                      # 96³, 128³, 256³ (untiled 256³ included)
-    python benchmarks/ae_memory.py --sizes 96 128 --max-untiled 128 --tile 128 --overlap 48
+    python benchmarks/ae_memory.py                      # 96³, 128³, 256³; tiles 64³, overlap 32
+    python benchmarks/ae_memory.py --sizes 96 128 --max-untiled 128 --tile 96 --overlap 48
+    python benchmarks/ae_memory.py --step-time --threads 1   # on a busy machine: no OpenMP oversubscription
     python benchmarks/ae_memory.py --step-time          # s/step at the demo grid, batch 1
     python benchmarks/ae_memory.py --tiling-error       # tiled-vs-untiled HU error, channel vs group norm
 """
@@ -148,9 +149,10 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=32)
     ap.add_argument("--step-time", action="store_true", help="training step time at the demo grid")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 gives a contention-free CPU time)")
     ap.add_argument("--tiling-error", action="store_true", help="tiled vs untiled error, channel vs group norm")
     args = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
 
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.tile, args.overlap)))
