@@ -176,6 +176,25 @@ def generate(
                          labels_only=labels_only, labels_path=labels, qc_retries=qc_retries)
 
 
+# --------------------------------------------------------------------------- reconstruct
+@app.command()
+def reconstruct(
+    ct: Path = typer.Option(..., "--ct", help="CT volume (NIfTI, HU)."),
+    labels: Path = typer.Option(..., "--labels", help="Label map on the CT's grid (NIfTI, label-set ids)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (reconstruction.nii.gz, errors.json, PNG)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Autoencoder checkpoint dir (default: shipped demo)."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Tiled encode/decode with this tile size (voxels, multiple of 4)."),
+) -> None:
+    """Encode + decode a CT through the autoencoder; print MAE per HU window and per organ."""
+    from guidegen.reconstruct import run_reconstruct
+
+    errors = run_reconstruct(ct, labels, out, checkpoint, tile)
+    typer.echo("MAE (HU) by window: " + ", ".join(f"{k} {v:.1f}" for k, v in errors["mae"].items()))
+    typer.echo(f"{'class':<22}{'voxels':>8}{'MAE soft':>10}{'mean HU':>9}{'error':>8}")
+    for name, row in errors["classes"].items():
+        typer.echo(f"{name:<22}{row['voxels']:>8}{row['mae_soft_tissue']:>10.1f}{row['mean_hu_true']:>9.1f}{row['mean_hu_error']:>8.1f}")
+
+
 # --------------------------------------------------------------------------------- train
 def _train(stage: str, config: Optional[Path], data: Path, out: Path, max_steps: Optional[int], init_from: Optional[Path] = None) -> None:
     from guidegen.training.run import run_training
