@@ -9,15 +9,6 @@ from guidegen.diffusion import gaussian as g
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds waiting on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hand_alphas_bar(timesteps=T):
     """The LDM schedule written out: beta linear in sqrt(beta) from 0.0015 to 0.0195."""
     betas = np.linspace(np.sqrt(0.0015), np.sqrt(0.0195), timesteps, dtype=np.float64) ** 2

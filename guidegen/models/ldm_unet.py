@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from guidegen.errors import GuideGenError
 from guidegen.models.conditioned import ConditionedDenoiser
-from guidegen.models.tcss_unet import TCSSUNet, _norm_groups
+from guidegen.models.tcss_unet import _norm_groups
+from guidegen.models.unet_checkpoint import checkpointed_forward
 
 
 class LabelToLatent(nn.Module):
@@ -153,8 +154,7 @@ class LatentUNet(nn.Module):
         x = torch.cat([z_t, self.label_encoder(labels).to(z_t.dtype)], dim=1)
         t = t.to(device=x.device)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # same block walk as the TCSS UNet (it only reads ``self.unet``)
-            return TCSSUNet._forward_checkpointed(self, x, t, context)  # type: ignore[arg-type]
+            return checkpointed_forward(self.unet, x, t, context)
         return self.unet(x, timesteps=t, context=context)
 
 

@@ -17,10 +17,10 @@ import math
 import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from guidegen.config import TCSSConfig
 from guidegen.errors import GuideGenError
+from guidegen.models.unet_checkpoint import checkpointed_forward
 
 
 def space_to_depth(x: Tensor, p: int) -> Tensor:
@@ -133,25 +133,7 @@ class TCSSUNet(nn.Module):
         x = space_to_depth(xt_onehot * 2 - 1, self.patch_size)
         t = t.to(device=x.device)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            out = self._forward_checkpointed(x, t, context)
+            out = checkpointed_forward(self.unet, x, t, context)
         else:
             out = self.unet(x, timesteps=t, context=context)
         return depth_to_space(out, self.patch_size)
-
-    def _forward_checkpointed(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """MONAI ``DiffusionModelUNet.forward`` (no extra residuals / class labels), block-checkpointed."""
-        from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
-
-        u = self.unet
-        emb = u.time_embed(get_timestep_embedding(t, u.block_out_channels[0]).to(dtype=x.dtype))
-        h = u.conv_in(x)
-        skips = [h]
-        for block in u.down_blocks:
-            h, res = checkpoint(block, h, emb, context, use_reentrant=False)
-            skips.extend(res)
-        h = checkpoint(u.middle_block, h, emb, context, use_reentrant=False)
-        for block in u.up_blocks:
-            n = len(block.resnets)
-            res, skips = skips[-n:], skips[:-n]
-            h = checkpoint(block, h, res, emb, context, use_reentrant=False)
-        return u.out(h)
