@@ -43,6 +43,8 @@ def test_generate_writes_a_paired_sample(ckpt_root, tmp_path, label_set):
     assert meta["seed"] == 3 and {"labels_s", "ct_s", "total_s"} <= set(meta["timings"])
     assert set(meta["models"]) == {"tcss", "autoencoder", "ldm"}
     assert "passed" in meta["qc"] and "medians" in meta["qc"]["hu"]
+    reference = json.loads((ckpt_root / "ldm" / "meta.json").read_text())["hu_reference"]  # QC compares against it
+    assert reference["air"][0] <= reference["air"][1] < -500 and "liver" in reference
     assert (out / "previews" / f"{case}.png").is_file()
     # the output spacing is the training data's (stored in the checkpoint), not 1 mm
     tcss_meta = json.loads((ckpt_root / "tcss" / "meta.json").read_text())

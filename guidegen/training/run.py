@@ -64,6 +64,15 @@ def init_from_checkpoint(trainer, ckpt_dir: str | Path) -> None:
         trainer.ema["model"].module.load_state_dict(model.state_dict())
 
 
+def training_hu_reference(ct_dataset, label_set, max_cases: int = 64) -> dict:
+    """Per-class ranges of HU medians over (up to ``max_cases``) training cases, for generate's QC."""
+    from guidegen.qc import hu_reference
+
+    n = min(len(ct_dataset), max_cases)
+    pairs = ((ct_dataset[i]["ct"][0].numpy(), ct_dataset[i]["labels"].numpy()) for i in range(n))
+    return hu_reference(pairs, label_set)
+
+
 def run_training(stage: str, config: str | Path | None, data: str | Path, out: str | Path, *, max_steps: int | None = None,
                  progress: bool = True, init_from: str | Path | None = None) -> Path:
     """Train ``stage`` on the dataset ``data`` in run directory ``out``; returns the export dir.
@@ -96,6 +105,8 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
         init_from_checkpoint(trainer, init_from)
     result = trainer.fit(max_steps=max_steps)
     meta.update(task.export_meta(trainer) if hasattr(task, "export_meta") else {})
+    if stage == "ldm":
+        meta["hu_reference"] = training_hu_reference(dataset.source, label_set)
     export = out / "export"
     if trainer.is_main:  # under DDP the replicas are identical: one rank writes, the others wait for it
         export_checkpoint(trainer, export, stage, cfg, {**meta, "interrupted": result.interrupted})
