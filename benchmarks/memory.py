@@ -186,9 +186,9 @@ def unet_blocks(unet) -> dict[str, nn.Module]:
 @contextlib.contextmanager
 def record_checkpoint_inputs(probe: SavedTensorProbe):
     """Count the tensors a non-reentrant ``checkpoint`` call keeps alive for its recompute."""
-    from guidegen.models import tcss_unet
+    from guidegen.models import unet_checkpoint
 
-    original = tcss_unet.checkpoint
+    original = unet_checkpoint.checkpoint
 
     def spy(fn, *args, **kw):
         for a in args:
@@ -197,11 +197,11 @@ def record_checkpoint_inputs(probe: SavedTensorProbe):
                     probe.add(t)
         return original(fn, *args, **kw)
 
-    tcss_unet.checkpoint = spy
+    unet_checkpoint.checkpoint = spy  # the checkpointed forward shared by both UNets
     try:
         yield
     finally:
-        tcss_unet.checkpoint = original
+        unet_checkpoint.checkpoint = original
 
 
 def _condition(cfg: GuideGenConfig, batch: int, device: torch.device) -> dict[str, Tensor]:
