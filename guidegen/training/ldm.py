@@ -147,6 +147,17 @@ class LDMTask(StageTask):
                 "schedule": {"kind": gaussian.SCHEDULE, "beta_start": gaussian.BETA_START, "beta_end": gaussian.BETA_END}}
 
 
+def describe_checkpoint_path(path: Path) -> str:
+    """How a checkpoint is named in meta files: ``shipped:<preset>/<stage>`` for the package's own
+    (no machine path ends up in a shipped meta.json), else the path as configured."""
+    from guidegen.checkpoints import shipped_root
+
+    try:
+        return f"shipped:{Path(path).resolve().relative_to(shipped_root().resolve()).as_posix()}"
+    except ValueError:
+        return str(path)
+
+
 def resolve_autoencoder_checkpoint(cfg: GuideGenConfig) -> Path:
     """The AE checkpoint directory named by ``ldm.autoencoder_checkpoint``, else the shipped demo one."""
     if cfg.ldm.autoencoder_checkpoint:
@@ -184,7 +195,7 @@ def ldm_setup(cfg: GuideGenConfig, label_set: LabelSet, data: str | Path):
         item = dataset.source[i]
         previews.append({k: item[k] for k in ("case", "labels", "ct", "text", "findings_json", "spacing")})
     conditioner = TextConditioner(cfg.text, cache_dir=text_cache_dir(data))
-    ae_info = {"autoencoder_checkpoint": str(ae_dir), "autoencoder_sha256": dataset.ae_sha256,
+    ae_info = {"autoencoder_checkpoint": describe_checkpoint_path(ae_dir), "autoencoder_sha256": dataset.ae_sha256,
                "latent_scale": float(ae.latent_scale), "latent_mean": round(mean, 4), "latent_std": round(std, 4),
                "latent_cache": str(dataset.dir.relative_to(dataset.reader.root)),
                "hu_range": list(ae_cfg.autoencoder.hu_range)}
