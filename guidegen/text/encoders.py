@@ -22,6 +22,8 @@ every load passes ``local_files_only=True``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import hashlib
 import json
 import os
@@ -53,23 +55,25 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return _HASH_CACHE[key]
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(nn.Module, ABC):
     """Interface: ``encode(texts) -> (tokens (B, L, D) float32, mask (B, L) bool)``."""
 
     max_tokens: int
     frozen: bool = True
 
     @property
+    @abstractmethod
     def dim(self) -> int:
-        raise NotImplementedError
+        """Token width D."""
 
     @property
+    @abstractmethod
     def encoder_id(self) -> str:
         """Identifies the encoder and its weights; part of every cache key."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """Tokens (B, L, D) float32 with padding zeroed, and the (B, L) bool mask."""
 
     def forward(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         return self.encode(texts)
