@@ -31,6 +31,9 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 from tqdm import tqdm
 
+from guidegen.diffusion.categorical import classifier_free_guidance as _categorical_cfg
+from guidegen.diffusion.categorical import guided_logits
+
 if TYPE_CHECKING:
     from guidegen.config import LDMConfig
 
@@ -97,27 +100,17 @@ def predict_x0(model_output: Tensor, zt: Tensor, t: Tensor, ab: Tensor, predicti
 
 def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     """``uncond + scale·(cond − uncond)``: 0 → unconditional, 1 → conditional, > 1 → extrapolate."""
-    return uncond + scale * (cond - uncond)
+    return guided_logits(cond, uncond, scale)  # the same combination as on TCSS x0 logits
 
 
 def guided(net: Callable[[Tensor, Tensor, Tensor], Tensor], context: Tensor, null_context: Tensor,
            scale: float) -> DenoiseFn:
     """Wrap ``net(z_t, t, context)`` into a guided ``denoise_fn(z_t, t)``.
 
-    ``context`` (B, Q, C); ``null_context`` (1 or B, Q, C), the learned null condition. With
-    ``scale == 1`` only the conditional pass runs; otherwise conditional and unconditional rows
-    share one batched forward pass.
+    Same doubled-batch wrapper as the categorical process uses (conditional and null-context rows
+    in one forward; ``scale == 1`` runs the conditional pass only).
     """
-    if scale == 1.0:
-        return lambda z, t: net(z, t, context)
-    null = null_context.expand_as(context)
-
-    def denoise(z: Tensor, t: Tensor) -> Tensor:
-        out = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, null]))
-        cond, uncond = out.chunk(2)
-        return classifier_free_guidance(cond, uncond, scale)
-
-    return denoise
+    return _categorical_cfg(net, context, null_context, scale)
 
 
 def ddim_timesteps(timesteps: int, steps: int) -> Tensor:
