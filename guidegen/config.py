@@ -78,6 +78,9 @@ class TCSSConfig(_Strict):
     timesteps: int = Field(1000, ge=2)
     schedule: Literal["cosine"] = "cosine"
     t_power: float = Field(1.5, ge=0)  # training t sampled with probability ∝ t^t_power
+    # add log q(x_t | x_0) to the predicted x_0 logits (voxel-evidence skip, see
+    # guidegen.models.tcss_unet); off = the paper's plain x_0 network
+    input_evidence: bool = False
     aux_ce_weight: float = Field(0.0, ge=0)
     # extra loss weight per class name (e.g. {"tumor": 4.0}): tumours are a tiny fraction of
     # the voxels, so without it the denoiser under-learns exactly what the prompt asks for
@@ -109,12 +112,17 @@ class AutoencoderConfig(_Strict):
     window_weight: float = Field(1.0, ge=0)
     ssim_weight: float = Field(0.2, ge=0)
     full_range_weight: float = Field(1.0, ge=0)
+    # full-range L1 averaged per label class, so small structures (tumour, ribs) weigh like organs
+    class_l1_weight: float = Field(0.0, ge=0)
     adv_weight: float = Field(0.05, ge=0)
     disc_start: int = Field(1000, ge=0)
     # Train on random crops of this size (voxels; multiples of 4) instead of the whole grid: the
     # network is convolutional with per-voxel norms, so crops teach the same mapping at a
     # fraction of the cost (the paper trains its AE on 128³ crops). None = whole volumes.
     train_crop: tuple[int, int, int] | None = None
+    # Share of crops centred on a voxel of a class drawn uniformly among those present (background
+    # and body excluded); the rest are uniform. Small structures then appear in crops often.
+    focus_crop_prob: float = Field(0.0, ge=0, le=1)
     train: TrainConfig = TrainConfig()
 
 

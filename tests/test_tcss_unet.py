@@ -52,6 +52,34 @@ def test_fresh_model_predicts_uniform():
     assert torch.equal(model(x, t, ctx), torch.zeros(1, K, 16, 16, 16))
 
 
+def test_voxel_evidence_hand_values():
+    from guidegen.models.tcss_unet import voxel_evidence
+
+    x = cat.one_hot(torch.tensor([[[[0, 2]]]]), 3)  # (1, 3, 1, 1, 2): voxels labelled 0 and 2
+    ev = voxel_evidence(x, torch.tensor([0.7]))
+    # matching class: log(0.7 + 0.3/3) = log 0.8; any other: log(0.1)
+    want = torch.log(torch.tensor([[0.8, 0.1], [0.1, 0.1], [0.1, 0.8]])).view(1, 3, 1, 1, 2)
+    torch.testing.assert_close(ev, want)
+    assert torch.equal(voxel_evidence(x, torch.tensor([0.0])), torch.full_like(ev, float(torch.log(torch.tensor(1 / 3)))))
+
+
+def test_input_evidence_copies_x_t_at_low_noise_and_fades_at_t_max():
+    ab = cat.cosine_schedule(1000)
+    model = TCSSUNet(K, D, **TINY, alphas_bar=ab)  # zero output conv: logits = evidence only
+    assert "alphas_bar" not in model.state_dict()  # a schedule, not a weight: old checkpoints load
+    x, _, ctx = inputs(2, (16, 16, 16))
+    with torch.no_grad():
+        low = model(x, torch.tensor([1, 1]), ctx)
+        high = model(x, torch.tensor([1000, 1000]), ctx)
+    assert torch.equal(low.argmax(1), x.argmax(1))
+    probs = low.softmax(1).gather(1, x.argmax(1, keepdim=True))
+    assert probs.min() > 0.99
+    assert (high.max(1).values - high.min(1).values).max() < 0.05  # ~ uniform at ᾱ_T ≈ 0
+    cfg = TCSSConfig(channels=(8, 16), attention_levels=(False, True), num_head_channels=8, input_evidence=True)
+    assert TCSSUNet.from_config(cfg, K, D).alphas_bar is not None
+    assert TCSSUNet.from_config(cfg.model_copy(update={"input_evidence": False}), K, D).alphas_bar is None
+
+
 def test_output_depends_on_context_timestep_and_input():
     model = tiny_model().eval()
     x, t, ctx = inputs(2, (16, 16, 16))

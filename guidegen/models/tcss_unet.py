@@ -5,6 +5,16 @@ residual block; spatial-transformer cross-attention to the context tokens at the
 in ``attention_levels`` and in the middle block). The output convolution is zero-initialised by
 MONAI, so a fresh model predicts uniform x_0 logits (loss starts at the uniform-prediction KL).
 
+Optional *voxel evidence* skip (``input_evidence``): the logits get ``log q(x_t | x_0 = k)`` =
+``log(ᾱ_t·[x_t = k] + (1 − ᾱ_t)/K)`` added, the exact per-voxel likelihood of the observed
+noisy label under each candidate x_0. The network then only has to supply what the
+neighbourhood and the text say (the prior); copying a voxel that the noise has not touched is
+built in. It vanishes at t = T (ᾱ → 0: the same for every k) and dominates as t → 0, like the
+skip term of EDM's preconditioning in Gaussian diffusion. Without it a short CPU run never
+learned to copy small classes: at t = 50 the 880-step demo model gave the true tumour voxels
+p = 0.06 although x_t still showed them. It is identical in the conditional and unconditional
+passes, so classifier-free guidance leaves it unchanged.
+
 Gradient checkpointing re-runs each UNet block in the backward pass instead of storing its
 activations; it is implemented here by walking the MONAI blocks in the same order as MONAI's
 own ``forward`` (the module tree and weights are MONAI's, unchanged).
@@ -63,12 +73,14 @@ class TCSSUNet(nn.Module):
             (space-to-depth, K·p³ channels) and unfolds the logits back, so the UNet's first
             level runs at 1/p resolution. Full-resolution 3D convolutions dominate the CPU cost
             (their weight gradient above all), and the labels' fine detail survives in channels.
+        alphas_bar: (T + 1,) cumulative schedule ᾱ_t; given, the logits get the voxel-evidence
+            skip ``log q(x_t | x_0)`` (see the module docstring); None: plain network output.
     """
 
     def __init__(self, num_classes: int, context_dim: int, channels: tuple[int, ...] = (32, 64, 96, 128),
                  attention_levels: tuple[bool, ...] = (False, False, True, True), num_res_blocks: int = 1,
                  num_head_channels: int = 32, gradient_checkpointing: bool = False,
-                 patch_size: int = 1) -> None:
+                 patch_size: int = 1, alphas_bar: Tensor | None = None) -> None:
         super().__init__()
         channels, attention_levels = tuple(channels), tuple(attention_levels)
         if len(channels) != len(attention_levels):
@@ -87,6 +99,9 @@ class TCSSUNet(nn.Module):
             raise GuideGenError(f"tcss.patch_size must be >= 1, got {patch_size}")
         self.patch_size = patch_size
         self.downsample_factor = patch_size * 2 ** (len(channels) - 1)
+        # not persistent: it is the schedule, rebuilt from the config, not a learned weight
+        self.register_buffer("alphas_bar", None if alphas_bar is None else alphas_bar.detach().float().clone(),
+                             persistent=False)
         self.unet = DiffusionModelUNet(
             spatial_dims=3,
             in_channels=num_classes * patch_size**3,
@@ -103,10 +118,13 @@ class TCSSUNet(nn.Module):
     @classmethod
     def from_config(cls, cfg: TCSSConfig, num_classes: int, context_dim: int) -> "TCSSUNet":
         """Build from the ``tcss`` section of a :class:`guidegen.config.GuideGenConfig`."""
+        from guidegen.diffusion.categorical import cosine_schedule
+
         return cls(num_classes, context_dim, channels=cfg.channels, attention_levels=cfg.attention_levels,
                    num_res_blocks=cfg.num_res_blocks, num_head_channels=cfg.num_head_channels,
                    gradient_checkpointing=cfg.train.gradient_checkpointing,
-                   patch_size=cfg.patch_size)
+                   patch_size=cfg.patch_size,
+                   alphas_bar=cosine_schedule(cfg.timesteps) if cfg.input_evidence else None)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -136,4 +154,17 @@ class TCSSUNet(nn.Module):
             out = checkpointed_forward(self.unet, x, t, context)
         else:
             out = self.unet(x, timesteps=t, context=context)
-        return depth_to_space(out, self.patch_size)
+        logits = depth_to_space(out, self.patch_size)
+        if self.alphas_bar is not None:
+            logits = logits + voxel_evidence(xt_onehot, self.alphas_bar[t].to(logits.dtype))
+        return logits
+
+
+def voxel_evidence(xt_onehot: Tensor, alpha_bar_t: Tensor) -> Tensor:
+    """``log q(x_t | x_0 = k)`` per voxel and k: (B, K, X, Y, Z) from one-hot x_t and ᾱ_t (B,).
+
+    Uniform-transition kernel: ``q(x_t | x_0) = ᾱ_t·[x_t = x_0] + (1 − ᾱ_t)/K``.
+    """
+    k = xt_onehot.shape[1]
+    ab = alpha_bar_t.view(-1, *([1] * (xt_onehot.dim() - 1)))
+    return torch.log(ab * xt_onehot + (1 - ab) / k)

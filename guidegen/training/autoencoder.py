@@ -46,6 +46,8 @@ class AutoencoderTask(StageTask):
         self.ae_cfg = cfg.autoencoder
         self.hu_range = tuple(self.ae_cfg.hu_range)
         self.previews = [{"ct": p["ct"], "labels": p["labels"]} for p in previews] if previews else None
+        # classes a focused crop may centre on: organs and tumour (not background or body)
+        self.focus_ids = tuple(label_set.organ_ids) + ((label_set.tumor_id,) if label_set.tumor_id is not None else ())
 
     def modules(self) -> dict[str, nn.Module]:
         grid = self.ae_cfg.train_crop or self.cfg.data.grid
@@ -62,12 +64,14 @@ class AutoencoderTask(StageTask):
         if self.previews is None:  # whole volumes, before any crop
             self.previews = [{"ct": batch["ct"][0].detach().cpu(), "labels": labels[0].detach().cpu()}]
         if self.ae_cfg.train_crop is not None:
-            ct, labels = random_crop(ct, labels, self.ae_cfg.train_crop)
+            ct, labels = random_crop(ct, labels, self.ae_cfg.train_crop, self.ae_cfg.focus_crop_prob,
+                                     focus_ids=self.focus_ids)
         recon, posterior = ctx.modules["model"](ct, labels, sample=True)
         # The generator pass reads the discriminators through the plain module: they must not
         # take part in the autoencoder's backward (nor, under DDP, in its gradient sync).
         loss_fn: AutoencoderLoss = ctx.unwrap("disc")
-        g = loss_fn.generator_loss(recon, ct, posterior, step, last_layer=ctx.unwrap("model").last_layer_weight)
+        g = loss_fn.generator_loss(recon, ct, posterior, step, last_layer=ctx.unwrap("model").last_layer_weight,
+                                   labels=labels)
         ctx.backward(g["loss"])
         ctx.step_optimizer("model")
         logs = {k: v for k, v in g.items() if k != "loss"}
@@ -114,18 +118,42 @@ class AutoencoderTask(StageTask):
                 "latent_channels": model.latent_channels, "latent_factor": model.downsample_factor}
 
 
-def random_crop(ct: torch.Tensor, labels: torch.Tensor, size: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random ``size`` window of ``ct`` (B, 1, X, Y, Z) and ``labels`` (B, X, Y, Z).
+def random_crop(ct: torch.Tensor, labels: torch.Tensor, size: tuple[int, int, int], focus_prob: float = 0.0,
+                focus_ids: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same ``size`` window of ``ct`` (B, 1, X, Y, Z) and ``labels`` (B, X, Y, Z), per sample.
 
-    The corner comes from torch's global RNG, which the trainer saves and restores, so a
-    resumed run crops exactly as an uninterrupted one.
+    With probability ``focus_prob`` a sample's window is centred (then shifted inside the
+    volume) on a random voxel of a class drawn uniformly among the ``focus_ids`` present in it,
+    so that a 9-voxel tumour is seen as often as the liver; otherwise the corner is uniform.
+    All draws come from torch's global RNG, which the trainer saves and restores, so a resumed
+    run crops exactly as an uninterrupted one (MONAI's RandCropByLabelClasses keeps its own
+    numpy RNG, which the trainer's checkpoints do not carry).
     """
     spatial = ct.shape[2:]
     if any(s > n for s, n in zip(size, spatial)):
         raise ValueError(f"autoencoder.train_crop {list(size)} is larger than the volume {list(spatial)}")
-    starts = [int(torch.randint(0, n - s + 1, (1,))) for s, n in zip(size, spatial)]
-    win = tuple(slice(a, a + s) for a, s in zip(starts, size))
-    return ct[(slice(None), slice(None), *win)], labels[(slice(None), *win)]
+    cts, labs = [], []
+    for b in range(ct.shape[0]):
+        starts = None
+        if focus_prob > 0 and float(torch.rand(())) < focus_prob:
+            starts = _focus_starts(labels[b], size, focus_ids)
+        if starts is None:
+            starts = [int(torch.randint(0, n - s + 1, (1,))) for s, n in zip(size, spatial)]
+        win = tuple(slice(a, a + s) for a, s in zip(starts, size))
+        cts.append(ct[(b, slice(None), *win)])
+        labs.append(labels[(b, *win)])
+    return torch.stack(cts), torch.stack(labs)
+
+
+def _focus_starts(labels: torch.Tensor, size: tuple[int, int, int], focus_ids: tuple[int, ...]) -> list[int] | None:
+    """Window corner centring ``size`` on a random voxel of a random present focus class; None if none is present."""
+    present = [k for k in focus_ids if bool((labels == k).any())]
+    if not present:
+        return None
+    k = present[int(torch.randint(0, len(present), (1,)))]
+    voxels = (labels == k).nonzero()
+    centre = voxels[int(torch.randint(0, voxels.shape[0], (1,)))].tolist()
+    return [min(max(c - s // 2, 0), n - s) for c, s, n in zip(centre, size, labels.shape)]
 
 
 def save_reconstruction_montage(path: str | Path, ct_hu: np.ndarray, recon_hu: np.ndarray, title: str = "") -> None:
