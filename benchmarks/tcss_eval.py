@@ -9,6 +9,8 @@ clinical styles that the phantom's report templates do not use):
 
     python benchmarks/tcss_eval.py [--checkpoint ROOT] [--n 50] [--steps 50] [--guidance 2.0]
                                    [--no-injection]  # ablation: findings vector zeroed
+                                   [--shard I/N --json F]  # prompts i with i % N == I, rows to F
+    python benchmarks/tcss_eval.py --merge F1 F2 ...  # the summary of sharded runs
 
 Run on CPU; prints the machine, settings and the four rates.
 """
@@ -59,8 +61,15 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--no-injection", action="store_true", help="zero the findings vector (knowledge-injection ablation)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None, help="also write the per-sample results here")
+    ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
+    ap.add_argument("--shard", default="0/1", help="I/N: evaluate only the prompts i with i %% N == I")
+    ap.add_argument("--merge", nargs="+", default=None, help="print the summary of these --json files")
     args = ap.parse_args()
+    if args.merge:
+        runs = [json.load(open(f)) for f in args.merge]
+        summarize(runs[0]["settings"], [r for run in runs for r in run["rows"]], sum(run["seconds"] for run in runs))
+        return
+    shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(args.threads)
 
     from guidegen.evaluation.metrics import case_stats, match_tumors
@@ -81,6 +90,8 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     for i, (text, want) in enumerate(make_prompts(args.n)):
+        if i % shards != shard:
+            continue
         f = prompt_findings(text)
         lab = gen([text], [f], seed=i, steps=args.steps, guidance=guidance)[0]
         st = case_stats(lab, gen.affine(), ls)
@@ -91,20 +102,28 @@ def main() -> None:
                      "size_ok": bool(m["size_ok"]), "measured_mm": m["measured_mm"], "requested_mm": want["size_mm"],
                      "organs": organs, "order_ok": order_ok})
     secs = time.perf_counter() - t0
+    settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
+                "checkpoint": f"{pipe.checkpoint_root} (TCSS {gen.meta.get('train_steps')} steps)", "prompts": args.n,
+                "steps": args.steps, "guidance": guidance, "injection": not args.no_injection}
+    summarize(settings, rows, secs)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"settings": settings, "seconds": secs, "rows": rows}, fh, indent=1)
+
+
+def summarize(settings: dict, rows: list[dict], secs: float) -> None:
+    """Print the four rates (and parse rate, time) over ``rows``."""
     rate = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads")
-    print(f"checkpoint: {pipe.checkpoint_root} (TCSS {gen.meta.get('train_steps')} steps), prompts {args.n}, "
-          f"sampler steps {args.steps}, guidance {guidance}, knowledge injection {'off' if args.no_injection else 'on'}")
+    print(f"machine: {settings['machine']}")
+    print(f"checkpoint: {settings['checkpoint']}, prompts {len(rows)} of {settings['prompts']}, "
+          f"sampler steps {settings['steps']}, guidance {settings['guidance']}, "
+          f"knowledge injection {'on' if settings['injection'] else 'off'}")
     print(f"prompt parsed to the requested site:   {rate('parsed_ok'):.1%}")
     print(f"tumour placed in requested organ:      {rate('placed'):.1%}   (target >= 90 %)")
     print(f"tumour size within ±50 %:              {rate('size_ok'):.1%}   (target >= 80 %)")
     print(f">= 18 organ groups present:            {np.mean([r['organs'] >= 18 for r in rows]):.1%}   (target >= 90 %)")
     print(f"anatomical order holds:                {rate('order_ok'):.1%}   (target >= 95 %)")
-    print(f"time: {secs:.0f} s ({secs / args.n:.1f} s/sample)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
-
+    print(f"time: {secs:.0f} s of compute ({secs / len(rows):.1f} s/sample)")
 
 if __name__ == "__main__":
     main()

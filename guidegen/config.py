@@ -70,6 +70,9 @@ class TextConfig(_Strict):
     encode_text: Literal["both", "canonical", "raw"] = "both"
     trainable_dim: int = Field(128, ge=8)  # token width of the 'trainable' fallback encoder
     injection_layers: int = Field(2, ge=1)  # transformer-decoder blocks in KnowledgeInjection
+    # the paper's layer-wise responses: one context per UNet level instead of one for all
+    # (guidegen.text.knowledge); off in the shipped demo checkpoints
+    layerwise_injection: bool = False
 
 
 class TCSSConfig(_Strict):

@@ -80,6 +80,30 @@ def test_input_evidence_copies_x_t_at_low_noise_and_fades_at_t_max():
     assert TCSSUNet.from_config(cfg.model_copy(update={"input_evidence": False}), K, D).alphas_bar is None
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_layerwise_context_equal_levels_match_plain_forward_and_levels_matter(checkpointing):
+    model = tiny_model(gradient_checkpointing=checkpointing).train()
+    x, t, ctx = inputs(2, (16, 16, 16))
+    same = ctx[:, None].expand(-1, 2, -1, -1).contiguous().requires_grad_(True)
+    plain_ctx = ctx.clone().requires_grad_(True)
+    out = model(x, t, same)
+    ref = model(x, t, plain_ctx)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(same.grad.sum(1), plain_ctx.grad, rtol=1e-4, atol=1e-6)
+    # the deepest level (attention level 1) reads [:, 1]; changing [:, 0] (no attention) does nothing
+    with torch.no_grad():
+        other = same.detach().clone()
+        other[:, 1] += 1.0
+        assert (model(x, t, other) - out).abs().max() > 1e-4
+        other = same.detach().clone()
+        other[:, 0] += 1.0
+        torch.testing.assert_close(model(x, t, other), out.detach())
+    with pytest.raises(ValueError, match="layer-wise"):
+        model(x, t, ctx[:, None].expand(-1, 3, -1, -1))
+
+
 def test_output_depends_on_context_timestep_and_input():
     model = tiny_model().eval()
     x, t, ctx = inputs(2, (16, 16, 16))

@@ -84,6 +84,29 @@ def test_conditioner_prepare_with_trainable_encoder():
     assert ctx.shape == (3, 4, 16)
 
 
+def test_layerwise_injection_shapes_null_drop_and_level_independence():
+    cfg = TextConfig(encoder="trainable", max_tokens=24, trainable_dim=32, context_dim=16, num_queries=4,
+                     layerwise_injection=True)
+    cond = TextConditioner(cfg)
+    out = cond.prepare(["F64, two liver lesions, T3N1M0", "no tumour"])
+    torch.manual_seed(0)
+    ki = cond.build_injection(unet_levels=3)
+    assert ki.null_context(2).shape == (2, 3, 4, 16)
+    ctx = ki(**out)
+    assert ctx.shape == (2, 3, 4, 16)
+    # zero-initialised level offsets: every level starts as the same refinement of R_task
+    torch.testing.assert_close(ctx[:, 0], ctx[:, 2])
+    with torch.no_grad():
+        ki.level_queries[1].normal_()
+    ctx = ki(**out)
+    assert (ctx[:, 1] - ctx[:, 0]).abs().max() > 1e-3 and torch.allclose(ctx[:, 0], ctx[:, 2])
+    dropped = ki(**out, drop=torch.tensor([True, False]))
+    assert torch.equal(dropped[0], ki.null[None].expand(1, -1, -1, -1)[0]) and torch.equal(dropped[1], ctx[1])
+    # off: the plain (B, Q, C) context; the option only exists when asked for
+    assert cond.build_injection().num_levels == 0 and ki.num_levels == 3
+    assert TextConditioner(cfg.model_copy(update={"layerwise_injection": False})).build_injection(3).num_levels == 0
+
+
 @pytest.mark.parametrize("mode", ["both", "canonical"])
 def test_conditioner_cache_with_minilm(tmp_path, mode):
     cfg = TextConfig(encoder="minilm", max_tokens=48, encode_text=mode)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from guidegen.errors import GuideGenError
 from guidegen.models.conditioned import ConditionedDenoiser
 from guidegen.models.tcss_unet import _norm_groups
-from guidegen.models.unet_checkpoint import checkpointed_forward
+from guidegen.models.unet_checkpoint import check_context, unet_forward
 
 
 class LabelToLatent(nn.Module):
@@ -137,7 +137,8 @@ class LatentUNet(nn.Module):
             z_t: (B, C, x, y, z) noisy scaled latent.
             t: (B,) long timesteps in [0, T).
             labels: (B, f·x, f·y, f·z) long label ids on the CT grid.
-            context: (B, Q, D) context tokens (the learned null context for CFG's unconditional pass).
+            context: (B, Q, D) context tokens (the learned null context for CFG's unconditional pass),
+                or layer-wise (B, levels, Q, D).
         """
         b, c, *lat = z_t.shape
         if c != self.latent_channels:
@@ -149,13 +150,11 @@ class LatentUNet(nn.Module):
             raise GuideGenError(f"latent grid {lat} must be divisible by {self.latent_multiple} on every axis for "
                                 f"this LDM UNet ({len(self.unet.block_out_channels)} levels): data.grid must divide "
                                 f"by {self.latent_multiple * self.factor}")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
-            raise ValueError(f"context must be (B={b}, Q, {self.context_dim}), got {tuple(context.shape)}")
+        check_context(context, b, self.context_dim, len(self.unet.block_out_channels))
         x = torch.cat([z_t, self.label_encoder(labels).to(z_t.dtype)], dim=1)
         t = t.to(device=x.device)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpointed_forward(self.unet, x, t, context)
-        return self.unet(x, timesteps=t, context=context)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        return unet_forward(self.unet, x, t, context, gradient_checkpointing=ckpt)
 
 
 class LatentDenoiser(ConditionedDenoiser):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from guidegen.config import TCSSConfig
 from guidegen.errors import GuideGenError
-from guidegen.models.unet_checkpoint import checkpointed_forward
+from guidegen.models.unet_checkpoint import check_context, unet_forward
 
 
 def space_to_depth(x: Tensor, p: int) -> Tensor:
@@ -136,7 +136,8 @@ class TCSSUNet(nn.Module):
             xt_onehot: (B, K, X, Y, Z) float one-hot x_t (values {0, 1}; scaled to {-1, 1} inside
                 so the input is zero-mean-ish like a Gaussian diffusion input).
             t: (B,) long timesteps in [1, T].
-            context: (B, Q, context_dim) context tokens (text / knowledge; a null context for CFG).
+            context: (B, Q, context_dim) context tokens (text / knowledge; a null context for CFG),
+                or layer-wise (B, levels, Q, context_dim): one token set per UNet level.
         Returns:
             (B, K, X, Y, Z) unnormalised logits of p(x_0 | x_t).
         """
@@ -146,14 +147,11 @@ class TCSSUNet(nn.Module):
         if any(n % self.downsample_factor for n in spatial):
             raise GuideGenError(f"data.grid {spatial} must be divisible by {self.downsample_factor} on every axis "
                                 f"for this TCSS UNet (patch size {self.patch_size}, {len(self.unet.block_out_channels)} levels)")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
-            raise ValueError(f"context must be (B={b}, Q, {self.context_dim}), got {tuple(context.shape)}")
+        check_context(context, b, self.context_dim, len(self.unet.block_out_channels))
         x = space_to_depth(xt_onehot * 2 - 1, self.patch_size)
         t = t.to(device=x.device)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            out = checkpointed_forward(self.unet, x, t, context)
-        else:
-            out = self.unet(x, timesteps=t, context=context)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        out = unet_forward(self.unet, x, t, context, gradient_checkpointing=ckpt)
         logits = depth_to_space(out, self.patch_size)
         if self.alphas_bar is not None:
             logits = logits + voxel_evidence(xt_onehot, self.alphas_bar[t].to(logits.dtype))

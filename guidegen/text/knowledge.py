@@ -9,6 +9,14 @@ UNets through cross-attention. Here:
                                             ┘
     queries (Q, C) ──[self-attn → cross-attn(memory) → MLP] × layers──LN──> context (B, Q, C)
 
+**Layer-wise responses** (``num_levels`` > 0, ``text.layerwise_injection``): the paper derives,
+from the task response R_task above, one response R_layer per UNet level, "some attending to
+global anatomy, others to local structures". Here each level ``l`` has its own learnable query
+offsets added to R_task; one shared transformer-decoder block lets those queries attend over the
+same memory again, giving ``(B, L, Q, C)``; level ``l``'s cross-attention reads ``[:, l]``
+(``guidegen.models.unet_checkpoint``). The offsets start at zero, so at initialisation every level
+reads R_task refined once more; training lets the levels diverge.
+
 so the UNets always see a fixed-size context ``(B, Q, context_dim)`` whatever the encoder
 width or prompt length. The findings vector enters as ``Ff`` extra memory tokens: the
 structured fields are available even when the encoder blurs them (numbers, laterality).
@@ -61,11 +69,13 @@ class KnowledgeInjection(nn.Module):
         num_layers: transformer-decoder blocks.
         num_heads: attention heads (``context_dim`` must be divisible by it).
         findings_tokens: ``Ff``, memory tokens the findings vector is projected to.
+        num_levels: 0 → context ``(B, Q, C)`` for every UNet level; L > 0 → layer-wise context
+            ``(B, L, Q, C)``, one response per UNet level.
     """
 
     def __init__(self, text_dim: int, findings_dim: int = FINDINGS_DIM, context_dim: int = 128,
                  num_queries: int = 16, num_layers: int = 2, num_heads: int = 4, findings_tokens: int = 4,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, num_levels: int = 0) -> None:
         super().__init__()
         while context_dim % num_heads:
             num_heads -= 1
@@ -79,15 +89,32 @@ class KnowledgeInjection(nn.Module):
                                            batch_first=True, norm_first=True, activation="gelu")
         self.blocks = nn.TransformerDecoder(layer, num_layers)
         self.out_norm = nn.LayerNorm(context_dim)
-        self.null = nn.Parameter(torch.randn(num_queries, context_dim) * 0.02)  # learned null context
+        self.num_levels = num_levels
+        if num_levels > 0:
+            self.level_queries = nn.Parameter(torch.zeros(num_levels, num_queries, context_dim))
+            level_layer = nn.TransformerDecoderLayer(context_dim, num_heads, dim_feedforward=4 * context_dim,
+                                                     dropout=dropout, batch_first=True, norm_first=True,
+                                                     activation="gelu")
+            self.level_block = nn.TransformerDecoder(level_layer, 1)
+            self.level_norm = nn.LayerNorm(context_dim)
+        null_shape = (num_levels, num_queries, context_dim) if num_levels > 0 else (num_queries, context_dim)
+        self.null = nn.Parameter(torch.randn(*null_shape) * 0.02)  # learned null context
+
+    @classmethod
+    def from_config(cls, text_cfg, text_dim: int, unet_levels: int) -> "KnowledgeInjection":
+        """Sized from the ``text`` config section for a UNet with ``unet_levels`` levels
+        (used only when ``text_cfg.layerwise_injection`` is on)."""
+        return cls(text_dim=text_dim, context_dim=text_cfg.context_dim, num_queries=text_cfg.num_queries,
+                   num_layers=getattr(text_cfg, "injection_layers", 2),
+                   num_levels=unet_levels if getattr(text_cfg, "layerwise_injection", False) else 0)
 
     def null_context(self, batch_size: int) -> Tensor:
-        """``(B, Q, C)`` null condition for classifier-free guidance."""
-        return self.null[None].expand(batch_size, -1, -1)
+        """``(B, Q, C)`` (or layer-wise ``(B, L, Q, C)``) null condition for classifier-free guidance."""
+        return self.null[None].expand(batch_size, *self.null.shape)
 
     def forward(self, tokens: Tensor, mask: Tensor, findings_vec: Tensor, drop: Tensor | None = None) -> Tensor:
         """tokens ``(B, L, D_text)``, mask ``(B, L)`` bool (True = real), findings_vec ``(B, F)``,
-        drop ``(B,)`` bool or None → context ``(B, Q, C)``."""
+        drop ``(B,)`` bool or None → context ``(B, Q, C)``, or ``(B, L, Q, C)`` when layer-wise."""
         b = tokens.shape[0]
         text = self.text_proj(tokens.float()) + self.type_embed[0]
         fnd = self.findings_proj(findings_vec.float()).view(b, self.findings_tokens, self.context_dim) + self.type_embed[1]
@@ -96,9 +123,21 @@ class KnowledgeInjection(nn.Module):
         key_pad = torch.cat([~mask.bool(), torch.zeros(b, self.findings_tokens, dtype=torch.bool, device=mask.device)], 1)
         q = self.queries[None].expand(b, -1, -1)
         ctx = self.out_norm(self.blocks(q, memory, memory_key_padding_mask=key_pad))
+        if self.num_levels > 0:
+            ctx = self.layer_responses(ctx, memory, key_pad)
         if drop is not None:
-            ctx = torch.where(drop.to(ctx.device).view(b, 1, 1), self.null_context(b).to(ctx.dtype), ctx)
+            keep = drop.to(ctx.device).view(b, *([1] * (ctx.dim() - 1)))
+            ctx = torch.where(keep, self.null_context(b).to(ctx.dtype), ctx)
         return ctx
+
+    def layer_responses(self, task: Tensor, memory: Tensor, key_pad: Tensor) -> Tensor:
+        """R_task ``(B, Q, C)`` → per-level responses ``(B, L, Q, C)`` (levels batched together)."""
+        b, q, c = task.shape
+        levels = self.num_levels
+        queries = (task[:, None] + self.level_queries[None]).reshape(b * levels, q, c)
+        out = self.level_block(queries, memory.repeat_interleave(levels, 0),
+                               memory_key_padding_mask=key_pad.repeat_interleave(levels, 0))
+        return self.level_norm(out).view(b, levels, q, c)
 
 
 def text_for_encoding(raw: str, findings: Findings | None = None, mode: str = "both") -> str:
@@ -150,8 +189,7 @@ class TextConditioner:
             torch.zeros(0, FINDINGS_DIM)
         return {"tokens": tokens, "mask": mask, "findings_vec": vec.to(tokens.device)}
 
-    def build_injection(self) -> KnowledgeInjection:
-        """A :class:`KnowledgeInjection` sized for this encoder and the config."""
-        return KnowledgeInjection(text_dim=self.encoder.dim, context_dim=self.cfg.context_dim,
-                                  num_queries=self.cfg.num_queries,
-                                  num_layers=getattr(self.cfg, "injection_layers", 2))
+    def build_injection(self, unet_levels: int = 0) -> KnowledgeInjection:
+        """A :class:`KnowledgeInjection` sized for this encoder and the config (and a UNet with
+        ``unet_levels`` levels when the config asks for layer-wise responses)."""
+        return KnowledgeInjection.from_config(self.cfg, self.encoder.dim, unet_levels)

@@ -40,8 +40,7 @@ def build_ldm_model(cfg: GuideGenConfig, label_set: LabelSet, text_dim: int, lat
     """Knowledge injection + latent UNet sized from the config, the label set and the AE."""
     from guidegen.text.knowledge import KnowledgeInjection
 
-    injector = KnowledgeInjection(text_dim=text_dim, context_dim=cfg.text.context_dim, num_queries=cfg.text.num_queries,
-                                  num_layers=cfg.text.injection_layers)
+    injector = KnowledgeInjection.from_config(cfg.text, text_dim, len(cfg.ldm.channels))
     unet = LatentUNet.from_config(cfg.ldm, label_set.num_classes, cfg.text.context_dim, latent_channels, factor)
     return LatentDenoiser(injector, unet)
 

@@ -27,8 +27,7 @@ def build_tcss_model(cfg: GuideGenConfig, label_set: LabelSet, text_dim: int) ->
     """Knowledge injection + TCSS UNet sized from the config and the label set."""
     from guidegen.text.knowledge import KnowledgeInjection
 
-    injector = KnowledgeInjection(text_dim=text_dim, context_dim=cfg.text.context_dim, num_queries=cfg.text.num_queries,
-                                  num_layers=cfg.text.injection_layers)
+    injector = KnowledgeInjection.from_config(cfg.text, text_dim, len(cfg.tcss.channels))
     unet = TCSSUNet.from_config(cfg.tcss, label_set.num_classes, cfg.text.context_dim)
     return ConditionedDenoiser(injector, unet)
 
