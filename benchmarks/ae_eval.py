@@ -20,6 +20,8 @@ import time
 import numpy as np
 import torch
 
+from guidegen.checkpoints import total_train_steps
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,7 +57,7 @@ def main() -> None:
     secs = time.perf_counter() - t0
     mean = lambda k: float(np.mean(rows[k])) if rows[k] else float("nan")  # noqa: E731
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"checkpoint: {ckpt} ({meta.get('train_steps')} training steps), grid {tuple(cfg.data.grid)}, {args.n} cases (seeds 0..{args.n - 1})")
+    print(f"checkpoint: {ckpt} ({total_train_steps(meta)} training steps), grid {tuple(cfg.data.grid)}, {args.n} cases (seeds 0..{args.n - 1})")
     print(f"MAE inside organs, soft-tissue window: {mean('organ_mae'):6.1f} HU   (target <= 25)")
     print(f"tumour |mean HU error|:                {mean('tumor'):6.1f} HU   (target <= 15; {len(rows['tumor'])} cases with a tumour)")
     print(f"vertebrae / rib |mean HU error|:       {mean('vertebrae'):6.1f} / {mean('rib'):.1f} HU   (target <= 60)")

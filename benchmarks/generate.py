@@ -10,7 +10,7 @@
    against the generated label map (target >= 0.80), the fraction of organ HU medians inside the
    real set's per-organ range, and the time ratio.
 
-    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 24] [--ddpm] [--work DIR]
+    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 24] [--ddpm] [--tcss-steps N] [--work DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from guidegen.checkpoints import total_train_steps
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--n-real", type=int, default=24)
     ap.add_argument("--ddpm", action="store_true", help="also sample each CT with 1000-step DDPM")
     ap.add_argument("--seg-steps", type=int, default=600)
+    ap.add_argument("--tcss-steps", type=int, default=None, help="label-map sampler steps (default: the checkpoint's)")
     ap.add_argument("--work", default="runs/bench_generate")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -63,7 +66,8 @@ def main() -> None:
     results = {name: {"dice": [], "seconds": [], "hu_in_range": []} for name in samplers}
     for i, (text, _) in enumerate(make_prompts(args.n)):
         f = prompt_findings(text)
-        lab = pipe.labels([text], [f], seed=i, steps=pipe.labels.cfg.tcss.sample_steps, guidance=pipe.labels.cfg.tcss.guidance)[0]
+        lab = pipe.labels([text], [f], seed=i, steps=args.tcss_steps or pipe.labels.cfg.tcss.sample_steps,
+                          guidance=pipe.labels.cfg.tcss.guidance)[0]
         for name, steps in samplers.items():
             t0 = time.perf_counter()
             ct, _ = pipe.ct(lab, text, f, seed=i, steps=steps)
@@ -77,8 +81,8 @@ def main() -> None:
             results[name]["hu_in_range"].append(np.mean([ref[n][0] <= meds[n] <= ref[n][1] for n in names]) if names else np.nan)
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"checkpoints: TCSS {pipe.labels.meta.get('train_steps')} steps, LDM {pipe.ct.meta.get('train_steps')} steps, "
-          f"AE {pipe.ct.ae_meta.get('train_steps')} steps; {args.n} prompts; segmenter trained on {args.n_real} real phantom cases")
+    print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
+          f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.n} prompts; segmenter trained on {args.n_real} real phantom cases")
     for name, r in results.items():
         print(f"{name:>5} ({samplers[name]} steps): {np.mean(r['seconds']):6.1f} s/CT | alignment mean organ Dice "
               f"{np.mean(r['dice']):.3f} (target >= 0.80) | organ HU medians within real range {np.nanmean(r['hu_in_range']):.0%}")

@@ -22,6 +22,8 @@ import time
 import numpy as np
 import torch
 
+from guidegen.checkpoints import total_train_steps
+
 PHASE_TEXT = {"non_contrast": "non-contrast CT of the chest, abdomen and pelvis",
               "arterial": "arterial phase CT of the chest, abdomen and pelvis",
               "portal_venous": "portal venous phase CT of the chest, abdomen and pelvis"}
@@ -56,8 +58,8 @@ def main() -> None:
                 rows[g]["correct"].append(nearest == phase)
                 rows[g]["err"].append(abs(aorta - target[phase]))
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"checkpoints: LDM {pipe.ct.meta.get('train_steps')} steps (default guidance {pipe.ct.cfg.ldm.guidance}), "
-          f"AE {pipe.ct.ae_meta.get('train_steps')} steps; {args.cases} phantom label maps x {len(PHASE_TEXT)} phases, "
+    print(f"checkpoints: LDM {total_train_steps(pipe.ct.meta)} steps (default guidance {pipe.ct.cfg.ldm.guidance}), "
+          f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.cases} phantom label maps x {len(PHASE_TEXT)} phases, "
           f"{pipe.ct.cfg.ldm.sample_steps} DDIM steps; {time.perf_counter() - t0:.0f} s")
     print(f"aorta HU per phase in the phantom: {target}")
     for g, r in rows.items():

@@ -25,6 +25,8 @@ import time
 import numpy as np
 import torch
 
+from guidegen.checkpoints import total_train_steps
+
 SITES = [("liver", None), ("kidney", "left"), ("kidney", "right"), ("lung", "left"), ("lung", "right"),
          ("pancreas", None), ("spleen", None), ("colon", None), ("stomach", None)]
 STYLES = [
@@ -103,7 +105,7 @@ def main() -> None:
                      "organs": organs, "order_ok": order_ok})
     secs = time.perf_counter() - t0
     settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
-                "checkpoint": f"{pipe.checkpoint_root} (TCSS {gen.meta.get('train_steps')} steps)", "prompts": args.n,
+                "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
                 "steps": args.steps, "guidance": guidance, "injection": not args.no_injection}
     summarize(settings, rows, secs)
     if args.json:

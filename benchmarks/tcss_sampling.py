@@ -21,6 +21,8 @@ import time
 import numpy as np
 import torch
 
+from guidegen.checkpoints import total_train_steps
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,7 +57,7 @@ def main() -> None:
     finite = {k: v for k, v in w1.items() if np.isfinite(v)}
     worst = max(finite, key=finite.get)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads")
-    print(f"checkpoint {pipe.checkpoint_root} (TCSS {gen.meta.get('train_steps')} steps), {args.n} prompts, guidance {guidance}")
+    print(f"checkpoint {pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps), {args.n} prompts, guidance {guidance}")
     print(f"organ-volume relative W1, strided {args.steps} vs ancestral {T}: mean {np.mean(list(finite.values())):.1%}, "
           f"worst {worst} {finite[worst]:.1%} (target <= 10 %)")
     print(f"time per sample: strided {seconds['strided']:.1f} s, ancestral {seconds['ancestral']:.1f} s, "

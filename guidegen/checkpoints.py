@@ -22,3 +22,9 @@ def list_shipped() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(f"{p.parent.name}/{p.name}" for p in root.glob("*/*") if (p / "model.safetensors").is_file())
+
+
+def total_train_steps(meta: dict) -> int | None:
+    """All training steps behind an exported checkpoint: its own plus those of the runs it was
+    continued from (``--init-from``; ``meta.json`` ``total_train_steps``), else its ``train_steps``."""
+    return meta.get("total_train_steps", meta.get("train_steps"))

@@ -149,8 +149,8 @@ class CTGenerator:
 
     def versions(self) -> dict:
         return {
-            "autoencoder": {k: self.ae_meta.get(k) for k in ("train_steps", "created", "weights")},
-            "ldm": {**{k: self.meta.get(k) for k in ("train_steps", "created", "weights")}, "autoencoder_sha256": self.meta.get("autoencoder_sha256")},
+            "autoencoder": {k: self.ae_meta.get(k) for k in ("train_steps", "total_train_steps", "created", "weights")},
+            "ldm": {**{k: self.meta.get(k) for k in ("train_steps", "total_train_steps", "created", "weights")}, "autoencoder_sha256": self.meta.get("autoencoder_sha256")},
         }
 
     @torch.no_grad()
@@ -274,7 +274,7 @@ class GuideGenPipeline:
 
     def versions(self) -> dict:
         """Identity of the loaded checkpoints (for the meta of each sample)."""
-        out = {"tcss": {k: self.labels.meta.get(k) for k in ("train_steps", "created", "weights")}}
+        out = {"tcss": {k: self.labels.meta.get(k) for k in ("train_steps", "total_train_steps", "created", "weights")}}
         if self.ct is not None:
             out.update(self.ct.versions())
         return out

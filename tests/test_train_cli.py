@@ -1,5 +1,6 @@
 """`guidegen train` glue: run config check, --init-from, one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -49,6 +50,19 @@ def test_init_from_starts_a_new_run_from_exported_weights(setup, label_set):
     for k, v in exported.items():  # ... by the exported (fp16) weights, in the model and its EMA
         torch.testing.assert_close(after[k].float(), v.float(), atol=1e-3, rtol=0)
         torch.testing.assert_close(ema[k].float(), v.float(), atol=1e-3, rtol=0)
+
+
+def test_continued_runs_record_their_lineage(setup):
+    from guidegen.training.run import run_training
+
+    root, data, cfg_path = setup
+    first = run_training("tcss", cfg_path, data, root / "lin1", max_steps=2, progress=False)
+    second = run_training("tcss", cfg_path, data, root / "lin2", max_steps=3, progress=False, init_from=first)
+    third = run_training("tcss", cfg_path, data, root / "lin3", max_steps=1, progress=False, init_from=second)
+    m1, m2, m3 = (json.loads((p / "meta.json").read_text()) for p in (first, second, third))
+    assert "init_from" not in m1 and m1["train_steps"] == 2
+    assert m2["train_steps"] == 3 and m2["init_from"]["train_steps"] == 2 and m2["total_train_steps"] == 5
+    assert m3["train_steps"] == 1 and m3["init_from"]["train_steps"] == 5 and m3["total_train_steps"] == 6
 
 
 def test_changed_config_on_resume_is_refused(setup):

@@ -6,6 +6,8 @@ small inference checkpoint (DESIGN §7) that ``generate`` loads.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,19 @@ def init_from_checkpoint(trainer, ckpt_dir: str | Path) -> None:
         trainer.ema["model"].module.load_state_dict(model.state_dict())
 
 
+def lineage_meta(init_from: str | Path, steps: int) -> dict:
+    """Meta keys of a run started from ``init_from``: the parent's step count and the total.
+
+    ``train_steps`` stays this run's own count; ``total_train_steps`` adds the parent's total
+    (its own ``total_train_steps``, else its ``train_steps``), so chains of continued runs add up.
+    """
+    meta_path = Path(init_from) / "meta.json"
+    parent = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    parent_total = int(parent.get("total_train_steps", parent.get("train_steps", 0)))
+    return {"init_from": {"train_steps": parent_total, "created": parent.get("created")},
+            "total_train_steps": parent_total + int(steps)}
+
+
 def training_hu_reference(ct_dataset, label_set, max_cases: int = 64) -> dict:
     """Per-class ranges of HU medians over (up to ``max_cases``) training cases, for generate's QC."""
     from guidegen.qc import hu_reference
@@ -105,6 +120,8 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
         init_from_checkpoint(trainer, init_from)
     result = trainer.fit(max_steps=max_steps)
     meta.update(task.export_meta(trainer) if hasattr(task, "export_meta") else {})
+    if init_from is not None:
+        meta.update(lineage_meta(init_from, trainer.step))
     if stage == "ldm":
         meta["hu_reference"] = training_hu_reference(dataset.source, label_set)
     export = out / "export"
