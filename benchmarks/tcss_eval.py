@@ -5,7 +5,9 @@ clinical styles that the phantom's report templates do not use):
 - tumour placement: the tumour touches / lies in the requested organ (and side);
 - size accuracy: equivalent-sphere diameter within ±50 % of the request;
 - organ presence: >= 18 of the 19 organ groups;
-- anatomical order: lungs above liver, bladder lowest, heart between the lungs.
+- anatomical order: lungs above liver, bladder lowest, heart between the lungs;
+- speckle: the share of labelled voxels unlike all 6 neighbours (next to the same figure for
+  real phantom cases, where thin ribs give some).
 
     python benchmarks/tcss_eval.py [--checkpoint ROOT] [--n 50] [--steps 50] [--guidance 2.0]
                                    [--no-injection]  # ablation: findings vector zeroed
@@ -74,7 +76,8 @@ def main() -> None:
     shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(args.threads)
 
-    from guidegen.evaluation.metrics import case_stats, match_tumors
+    from guidegen.data.phantom import render_phantom
+    from guidegen.evaluation.metrics import case_stats, isolated_fraction, match_tumors
     from guidegen.pipeline import GuideGenPipeline, prompt_findings
 
     pipe = GuideGenPipeline.from_pretrained(args.checkpoint, labels_only=True)
@@ -102,11 +105,12 @@ def main() -> None:
         order_ok = all(v is True for v in st.order.values())
         rows.append({"prompt": text, "parsed_ok": bool(f.tumors and f.tumors[0].site == want["site"]), "placed": m["placed"],
                      "size_ok": bool(m["size_ok"]), "measured_mm": m["measured_mm"], "requested_mm": want["size_mm"],
-                     "organs": organs, "order_ok": order_ok})
+                     "organs": organs, "order_ok": order_ok, "isolated": isolated_fraction(lab)})
     secs = time.perf_counter() - t0
     settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
-                "steps": args.steps, "guidance": guidance, "injection": not args.no_injection}
+                "steps": args.steps, "guidance": guidance, "injection": not args.no_injection,
+                "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
     summarize(settings, rows, secs)
     if args.json:
         with open(args.json, "w") as fh:
@@ -125,6 +129,9 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
     print(f"tumour size within ±50 %:              {rate('size_ok'):.1%}   (target >= 80 %)")
     print(f">= 18 organ groups present:            {np.mean([r['organs'] >= 18 for r in rows]):.1%}   (target >= 90 %)")
     print(f"anatomical order holds:                {rate('order_ok'):.1%}   (target >= 95 %)")
+    if "isolated" in rows[0]:
+        print(f"speckle (voxels unlike all 6 neighbours): {np.mean([r['isolated'] for r in rows]):.2%} "
+              f"(real phantom cases: {settings['isolated_real']:.2%})")
     print(f"time: {secs:.0f} s of compute ({secs / len(rows):.1f} s/sample)")
 
 if __name__ == "__main__":

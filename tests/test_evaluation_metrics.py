@@ -112,3 +112,17 @@ def test_shift_labels_moves_and_fills_zero():
     out = shift_labels(lab, (2, -1, 0))
     assert out[3, 0, 1] == 5 and out.sum() == 5
     assert shift_labels(lab, (10, 0, 0)).sum() == 0
+
+
+def test_isolated_fraction_hand_cases():
+    from guidegen.evaluation.metrics import isolated_fraction
+
+    cube = np.zeros((5, 5, 5), dtype=np.uint8)
+    cube[1:4, 1:4, 1:4] = 3
+    assert isolated_fraction(cube) == 0.0
+    cube[2, 2, 2] = 7  # one speckle inside a 27-voxel organ
+    assert isolated_fraction(cube) == pytest.approx(1 / 27)
+    lone = np.zeros((3, 3, 3), dtype=np.uint8)
+    lone[0, 0, 0] = 2  # at the border: the padding is background, not a wrapped neighbour
+    assert isolated_fraction(lone) == 1.0
+    assert isolated_fraction(np.zeros((2, 2, 2), dtype=np.uint8)) == 0.0

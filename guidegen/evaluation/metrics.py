@@ -168,6 +168,23 @@ def anatomical_order(labels: np.ndarray, label_set: LabelSet) -> dict[str, bool 
     return out
 
 
+def isolated_fraction(labels: np.ndarray) -> float:
+    """Share of non-background voxels whose label differs from all 6 face neighbours (speckle).
+
+    ``labels`` (X, Y, Z) integer ids; the volume border is padded with background. A clean
+    label map has few (thin structures such as ribs give some); a diffusion sampler that leaves
+    noise voxels behind has many.
+    """
+    lab = np.pad(np.asarray(labels), 1, constant_values=0)
+    core = lab[1:-1, 1:-1, 1:-1]
+    same = np.zeros(core.shape, dtype=bool)
+    for axis in range(3):
+        for shift in (-1, 1):
+            same |= np.roll(lab, shift, axis=axis)[1:-1, 1:-1, 1:-1] == core
+    fg = core != 0
+    return float((fg & ~same).sum() / max(int(fg.sum()), 1))
+
+
 def case_stats(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet) -> CaseStats:
     """Volumes, component counts, order checks and tumour components of one label map."""
     labels = np.asarray(labels)
