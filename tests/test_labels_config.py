@@ -39,7 +39,9 @@ def test_demo_preset_loads_and_defaults_fill_in():
     cfg = load_config("demo")
     assert isinstance(cfg, GuideGenConfig)
     assert cfg.name == "demo" and cfg.data.grid == (48, 48, 64)
-    assert cfg.tcss.timesteps == 1000 and cfg.tcss.t_power == 1.5
+    assert cfg.tcss.timesteps == 1000 and cfg.tcss.schedule == "cosine"  # not in demo.yaml: defaults
+    assert cfg.tcss.t_power == 0.5 and cfg.tcss.input_evidence  # demo.yaml's own choices
+    assert GuideGenConfig().tcss.t_power == 1.5 and not GuideGenConfig().tcss.input_evidence  # the paper's
 
 
 def test_unknown_key_is_named():
