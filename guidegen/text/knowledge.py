@@ -9,6 +9,10 @@ UNets through cross-attention. Here:
                                             ┘
     queries (Q, C) ──[self-attn → cross-attn(memory) → MLP] × layers──LN──> context (B, Q, C)
 
+so the UNets always see a fixed-size context ``(B, Q, context_dim)`` whatever the encoder
+width or prompt length. The findings vector enters as ``Ff`` extra memory tokens: the
+structured fields are available even when the encoder blurs them (numbers, laterality).
+
 **Layer-wise responses** (``num_levels`` > 0, ``text.layerwise_injection``): the paper derives,
 from the task response R_task above, one response R_layer per UNet level, "some attending to
 global anatomy, others to local structures". Here each level ``l`` has its own learnable query
@@ -16,10 +20,6 @@ offsets added to R_task; one shared transformer-decoder block lets those queries
 same memory again, giving ``(B, L, Q, C)``; level ``l``'s cross-attention reads ``[:, l]``
 (``guidegen.models.unet_checkpoint``). The offsets start at zero, so at initialisation every level
 reads R_task refined once more; training lets the levels diverge.
-
-so the UNets always see a fixed-size context ``(B, Q, context_dim)`` whatever the encoder
-width or prompt length. The findings vector enters as ``Ff`` extra memory tokens: the
-structured fields are available even when the encoder blurs them (numbers, laterality).
 
 Classifier-free guidance: a learned null context ``(Q, C)`` replaces the context of rows where
 ``drop`` is True (training drops with probability ``cond_drop_prob``; sampling evaluates the
@@ -105,8 +105,8 @@ class KnowledgeInjection(nn.Module):
         """Sized from the ``text`` config section for a UNet with ``unet_levels`` levels
         (used only when ``text_cfg.layerwise_injection`` is on)."""
         return cls(text_dim=text_dim, context_dim=text_cfg.context_dim, num_queries=text_cfg.num_queries,
-                   num_layers=getattr(text_cfg, "injection_layers", 2),
-                   num_levels=unet_levels if getattr(text_cfg, "layerwise_injection", False) else 0)
+                   num_layers=text_cfg.injection_layers,
+                   num_levels=unet_levels if text_cfg.layerwise_injection else 0)
 
     def null_context(self, batch_size: int) -> Tensor:
         """``(B, Q, C)`` (or layer-wise ``(B, L, Q, C)``) null condition for classifier-free guidance."""
@@ -126,8 +126,8 @@ class KnowledgeInjection(nn.Module):
         if self.num_levels > 0:
             ctx = self.layer_responses(ctx, memory, key_pad)
         if drop is not None:
-            keep = drop.to(ctx.device).view(b, *([1] * (ctx.dim() - 1)))
-            ctx = torch.where(keep, self.null_context(b).to(ctx.dtype), ctx)
+            dropped = drop.to(ctx.device).view(b, *([1] * (ctx.dim() - 1)))
+            ctx = torch.where(dropped, self.null_context(b).to(ctx.dtype), ctx)
         return ctx
 
     def layer_responses(self, task: Tensor, memory: Tensor, key_pad: Tensor) -> Tensor:

@@ -6,8 +6,6 @@ small inference checkpoint (DESIGN §7) that ``generate`` loads.
 
 from __future__ import annotations
 
-import json
-
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +70,9 @@ def lineage_meta(init_from: str | Path, steps: int) -> dict:
     ``train_steps`` stays this run's own count; ``total_train_steps`` adds the parent's total
     (its own ``total_train_steps``, else its ``train_steps``), so chains of continued runs add up.
     """
-    meta_path = Path(init_from) / "meta.json"
-    parent = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    from guidegen.training.trainer import read_checkpoint_meta
+
+    parent = read_checkpoint_meta(init_from)
     parent_total = int(parent.get("total_train_steps", parent.get("train_steps", 0)))
     return {"init_from": {"train_steps": parent_total, "created": parent.get("created")},
             "total_train_steps": parent_total + int(steps)}

@@ -900,5 +900,10 @@ def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict
                             f"{tuple(own[bad[0]].shape)} in the model)")
     cast = {k: v.to(own[k].dtype) for k, v in tensors.items() if k in own}
     module.load_state_dict(cast, strict=strict)
+    return read_checkpoint_meta(ckpt_dir)
+
+
+def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
+    """An exported checkpoint's ``meta.json`` as a dict (``{}`` if absent)."""
     meta_path = Path(ckpt_dir) / "meta.json"
     return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
