@@ -126,6 +126,10 @@ class AutoencoderConfig(_Strict):
     # Share of crops centred on a voxel of a class drawn uniformly among those present (background
     # and body excluded); the rest are uniform. Small structures then appear in crops often.
     focus_crop_prob: float = Field(0.0, ge=0, le=1)
+    # Fine-tune the decoder only (needs --init-from): the encoder, the shared label embedding and
+    # the latent scale stay bit-identical, so the latent space - and every latent generator
+    # trained on it - stays valid (checked by the latent-space digest, guidegen.data.latents).
+    freeze_encoder: bool = False
     train: TrainConfig = TrainConfig()
 
 

@@ -126,7 +126,7 @@ class CTGenerator:
     """Stages 3 + 2 at inference: (label map, prompt) → latent (LDM) → CT in HU (AE decoder)."""
 
     def __init__(self, ae_dir: Path, ldm_dir: Path, device: torch.device, label_set: LabelSet, conditioner=None):
-        from guidegen.data.latents import checkpoint_sha256, load_autoencoder
+        from guidegen.data.latents import checkpoint_sha256, latent_space_sha256, load_autoencoder
         from guidegen.text.knowledge import TextConditioner
         from guidegen.training.ldm import build_ldm_model
         from guidegen.training.trainer import load_model_weights
@@ -135,8 +135,13 @@ class CTGenerator:
         if not (ae_dir / "model.safetensors").is_file():
             raise GuideGenError(f"{ae_dir}: autoencoder checkpoint not found (expected model.safetensors)")
         self.ae, self.ae_cfg, self.ae_meta = load_autoencoder(ae_dir, device)
-        want = self.meta.get("autoencoder_sha256")
-        if want and checkpoint_sha256(ae_dir) != want:
+        # The LDM needs the latent space it was trained in: the same encoder side and latent scale
+        # (any decoder will do). Older metas only know the whole file's hash.
+        want_space, want_file = self.meta.get("autoencoder_latent_sha256"), self.meta.get("autoencoder_sha256")
+        if want_space and latent_space_sha256(ae_dir) != want_space:
+            raise GuideGenError(f"{ae_dir}: this autoencoder's latent space (encoder, latent scale) is not the one the "
+                                f"latent generator in {ldm_dir} was trained in")
+        if not want_space and want_file and checkpoint_sha256(ae_dir) != want_file:
             raise GuideGenError(f"{ae_dir}: this autoencoder is not the one the latent generator in {ldm_dir} was trained with")
         self.label_set = label_set
         self.conditioner = conditioner if conditioner is not None else TextConditioner(self.cfg.text, device=device)
@@ -150,7 +155,8 @@ class CTGenerator:
     def versions(self) -> dict:
         return {
             "autoencoder": {k: self.ae_meta.get(k) for k in ("train_steps", "total_train_steps", "created", "weights")},
-            "ldm": {**{k: self.meta.get(k) for k in ("train_steps", "total_train_steps", "created", "weights")}, "autoencoder_sha256": self.meta.get("autoencoder_sha256")},
+            "ldm": {**{k: self.meta.get(k) for k in ("train_steps", "total_train_steps", "created", "weights")}, "autoencoder_sha256": self.meta.get("autoencoder_sha256"),
+                    "autoencoder_latent_sha256": self.meta.get("autoencoder_latent_sha256")},
         }
 
     @torch.no_grad()

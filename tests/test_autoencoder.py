@@ -114,6 +114,19 @@ def test_label_pyramid_area_resampling_keeps_thin_structures():
     torch.testing.assert_close(pyr[2][0, :, 1, 0, 0], expected)
 
 
+def test_freeze_encoder_stops_gradients_to_the_latent_space_only():
+    model = tiny_model()
+    model.freeze_encoder()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("encoder.", "labels.")) for n in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("decoder."))
+    hu, lab = phantom_like()
+    recon, _ = model(hu_to_norm(hu), lab)
+    recon.mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+    assert model.decoder.conv_out.weight.grad is not None
+
+
 def test_bad_grid_and_label_shape_raise():
     m = tiny_model()
     with pytest.raises(GuideGenError, match="divisible by 4"):

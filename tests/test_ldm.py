@@ -133,7 +133,7 @@ def test_latent_cache_written_once_and_reused(workspace, monkeypatch):
     from guidegen.data import latents as L
 
     ds = L.LatentDataset(workspace["data"], GRID, workspace["ae"], progress=False)
-    assert ds.dir.parent.name == f"latents-{L.checkpoint_sha256(workspace['ae'])[:16]}"
+    assert ds.dir.parent.name == f"latents-{L.latent_space_sha256(workspace['ae'])[:16]}"
     assert sorted(p.name for p in ds.dir.glob("*.npz")) == sorted(f"{c}.npz" for c in ds.cases)
     item = ds[0]
     assert item["latent"].shape == LATENT and item["latent"].dtype == torch.float32
@@ -193,13 +193,14 @@ def trained(workspace):
 
 
 def test_training_through_run_training_exports(trained, workspace):
-    from guidegen.data.latents import checkpoint_sha256
+    from guidegen.data.latents import checkpoint_sha256, latent_space_sha256
 
     export = trained["export"]
     assert sorted(p.name for p in export.iterdir()) == ["config.yaml", "meta.json", "model.safetensors"]
     meta = json.loads((export / "meta.json").read_text())
     assert meta["stage"] == "ldm" and meta["train_steps"] == 3
     assert meta["autoencoder_sha256"] == checkpoint_sha256(workspace["ae"])
+    assert meta["autoencoder_latent_sha256"] == latent_space_sha256(workspace["ae"])
     assert meta["latent_scale"] == pytest.approx(0.5) and meta["latent_shape"] == list(LATENT)
     assert meta["prediction"] == "v_prediction" and meta["label_set"] == "guidegen22"
     logs = [json.loads(line) for line in (trained["out"] / "log.jsonl").read_text().splitlines()]
@@ -220,6 +221,42 @@ def _load_exported(trained, label_set):
     model = build_ldm_model(cfg, label_set, cond.text_dim, latent_channels=4, factor=4)
     load_model_weights(model, trained["export"])
     return cfg, cond, perturb(model.eval())
+
+
+def test_decoder_only_finetune_keeps_the_latent_space(trained, workspace, label_set):
+    """autoencoder.freeze_encoder: the encoder side and latent scale stay bit-identical while the
+    decoder trains, so the LDM trained on the parent's latents accepts the child (and still
+    rejects an autoencoder with another encoder)."""
+    from safetensors.torch import load_file
+
+    from guidegen.data.latents import checkpoint_sha256, latent_space_sha256
+    from guidegen.models.autoencoder import LATENT_SPACE_KEYS
+    from guidegen.pipeline import CTGenerator
+    from guidegen.training.run import run_training
+
+    raw = json.loads(json.dumps(TINY))
+    raw["autoencoder"].update(freeze_encoder=True, train={"max_steps": 2, "log_every": 1, "sample_every": 1000,
+                                                          "checkpoint_every": 1000})
+    cfg_path = workspace["root"] / "tiny_decoder_ft.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(GuideGenError, match="--init-from"):
+        run_training("autoencoder", cfg_path, workspace["data"], workspace["root"] / "ft0", max_steps=1, progress=False)
+    child = run_training("autoencoder", cfg_path, workspace["data"], workspace["root"] / "ft", max_steps=2,
+                         progress=False, init_from=workspace["ae"])
+    parent_w, child_w = load_file(str(workspace["ae"] / "model.safetensors")), load_file(str(child / "model.safetensors"))
+    space = [k for k in parent_w if k.startswith(LATENT_SPACE_KEYS)]
+    assert any(k.startswith("encoder.") for k in space) and "latent_scale" in space
+    assert all(torch.equal(parent_w[k], child_w[k]) for k in space)
+    assert any(not torch.equal(parent_w[k], child_w[k]) for k in parent_w if k.startswith("decoder."))
+    assert checkpoint_sha256(child) != checkpoint_sha256(workspace["ae"])
+    assert latent_space_sha256(child) == latent_space_sha256(workspace["ae"])
+    meta = json.loads((child / "meta.json").read_text())
+    assert meta["latent_scale_kept"] and meta["latent_scale"] == pytest.approx(0.5)
+    assert meta["total_train_steps"] == 2  # the random parent was exported with 0 steps
+    CTGenerator(child, trained["export"], torch.device("cpu"), label_set)  # same latent space: accepted
+    other = export_random_ae(workspace["root"] / "ae3", workspace["cfg"], label_set, seed=2)
+    with pytest.raises(GuideGenError, match="latent space"):
+        CTGenerator(other, trained["export"], torch.device("cpu"), label_set)
 
 
 def test_ddim_sampling_deterministic_and_cfg1_is_conditional(trained, workspace, label_set):

@@ -7,8 +7,9 @@ times the AE's ``latent_scale``) and stored as ::
                                                    spacing_mm (3,)
     DATASET/cache/latents-<ae>/<prep>/info.json    AE checkpoint, its hash, latent scale, grid
 
-``<ae>`` is the first 16 hex digits of the sha256 of the AE checkpoint's ``model.safetensors``
-(a retrained AE gets a new cache; the old one stays valid for its checkpoint), ``<prep>`` the
+``<ae>`` is the first 16 hex digits of the AE's latent-space digest (:func:`latent_space_sha256`:
+the encoder side of the weights and the latent scale), so a retrained AE gets a new cache while a
+decoder-only fine-tune (``autoencoder.freeze_encoder``) shares its parent's; ``<prep>`` is the
 grid preprocessing key of :class:`guidegen.data.cache.PreprocessConfig` (grid, margin, label set).
 Files are written atomically, so an interrupted encoding leaves only complete cases.
 """
@@ -41,6 +42,33 @@ def checkpoint_sha256(ckpt_dir: str | Path) -> str:
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def latent_space_sha256(ckpt_dir: str | Path) -> str:
+    """sha256 (hex) over the tensors of ``ckpt_dir/model.safetensors`` that define the latent space.
+
+    Those are the keys under :data:`~guidegen.models.autoencoder.LATENT_SPACE_KEYS` (encoder,
+    shared label embedding, latent scale), hashed with their names, dtypes and shapes in sorted
+    order. A latent generator trained on one checkpoint's latents is valid for every checkpoint
+    with the same digest: the decoder may differ.
+    """
+    from safetensors.torch import load_file
+
+    from guidegen.models.autoencoder import LATENT_SPACE_KEYS
+
+    path = Path(ckpt_dir) / "model.safetensors"
+    if not path.is_file():
+        raise GuideGenError(f"{path}: autoencoder checkpoint weights not found")
+    tensors = load_file(str(path))
+    keys = sorted(k for k in tensors if k.startswith(LATENT_SPACE_KEYS))
+    if not any(k.startswith("encoder.") for k in keys):
+        raise GuideGenError(f"{path}: no encoder weights in this checkpoint (is it an autoencoder?)")
+    h = hashlib.sha256()
+    for k in keys:
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -105,7 +133,8 @@ class LatentDataset(Dataset):
         self.reader, self.cases, self.grid = self.source.reader, self.source.cases, self.source.grid
         self.ae_checkpoint = Path(ae_checkpoint_dir)
         self.ae_sha256 = checkpoint_sha256(self.ae_checkpoint)
-        self.dir = self.reader.root / "cache" / f"latents-{self.ae_sha256[:16]}" / self.source.cache.cfg.key()
+        self.latent_sha256 = latent_space_sha256(self.ae_checkpoint)
+        self.dir = self.reader.root / "cache" / f"latents-{self.latent_sha256[:16]}" / self.source.cache.cfg.key()
         self.device = device
         if build:
             self.build_cache(progress=progress)
@@ -146,7 +175,7 @@ class LatentDataset(Dataset):
                              spacing_mm=np.asarray(item["spacing_mm"], dtype=np.float32))
         write_json_atomic(self.dir / "info.json", {
             "version": LATENT_CACHE_VERSION, "autoencoder_checkpoint": str(self.ae_checkpoint),
-            "autoencoder_sha256": self.ae_sha256, "latent_scale": float(ae.latent_scale),
+            "autoencoder_sha256": self.ae_sha256, "autoencoder_latent_sha256": self.latent_sha256, "latent_scale": float(ae.latent_scale),
             "latent_shape": shape, "grid": list(self.grid), "hu_range": list(hu_range)})
 
     def _item(self, case: str) -> dict:

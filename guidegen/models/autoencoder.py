@@ -225,6 +225,12 @@ class Decoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- the model
+# State-dict keys (prefixes) that fix the map CT → scaled latent: the encoder, the label embedding
+# it shares with the decoder, and the latent scale. Two checkpoints equal on these tensors encode
+# every volume to the same latent, whatever their decoders.
+LATENT_SPACE_KEYS = ("encoder.", "labels.", "latent_scale")
+
+
 class AnatomyAwareAutoencoder(nn.Module):
     """3D KL autoencoder for CT with label-map pyramid injection.
 
@@ -283,6 +289,12 @@ class AnatomyAwareAutoencoder(nn.Module):
         if any(n % f for n in spatial):
             raise GuideGenError(f"volume grid {list(spatial)} must be divisible by {f} on every axis "
                                 "(the autoencoder's downsampling factor)")
+
+    def freeze_encoder(self) -> None:
+        """Stop gradients to everything that defines the latent space (see :data:`LATENT_SPACE_KEYS`)."""
+        for name, param in self.named_parameters():
+            if name.startswith(LATENT_SPACE_KEYS):
+                param.requires_grad_(False)
 
     @property
     def last_layer_weight(self) -> torch.Tensor:

@@ -51,12 +51,14 @@ class AutoencoderTask(StageTask):
 
     def modules(self) -> dict[str, nn.Module]:
         grid = self.ae_cfg.train_crop or self.cfg.data.grid
-        return {"model": AnatomyAwareAutoencoder.from_config(self.ae_cfg, self.label_set.num_classes),
-                "disc": AutoencoderLoss.from_config(self.ae_cfg, grid)}
+        model = AnatomyAwareAutoencoder.from_config(self.ae_cfg, self.label_set.num_classes)
+        if self.ae_cfg.freeze_encoder:
+            model.freeze_encoder()
+        return {"model": model, "disc": AutoencoderLoss.from_config(self.ae_cfg, grid)}
 
     def optimizers(self, modules: Mapping[str, nn.Module], cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-        return {name: torch.optim.AdamW(modules[name].parameters(), lr=cfg.lr, betas=(0.5, 0.9),
-                                        weight_decay=cfg.weight_decay) for name in ("model", "disc")}
+        return {name: torch.optim.AdamW([p for p in modules[name].parameters() if p.requires_grad], lr=cfg.lr,
+                                        betas=(0.5, 0.9), weight_decay=cfg.weight_decay) for name in ("model", "disc")}
 
     def training_step(self, batch: dict[str, Any], step: int, ctx: StepContext) -> Mapping[str, torch.Tensor]:
         ct = hu_to_norm(batch["ct"].float(), self.hu_range)  # (B, 1, X, Y, Z) in [-1, 1]
@@ -99,8 +101,16 @@ class AutoencoderTask(StageTask):
                                         recon[i, 0].float().cpu().numpy(), title=f"step {step}")
 
     def export_meta(self, trainer) -> dict:
-        """Measure the latent scale with the exported (EMA) weights and store it in both copies."""
+        """Measure the latent scale with the exported (EMA) weights and store it in both copies.
+
+        A decoder-only fine-tune (``freeze_encoder``) keeps the scale it started from instead:
+        re-measuring would move the latent space its latent generators were trained in.
+        """
         model = trainer.ema["model"].module if "model" in trainer.ema else trainer.modules["model"]
+        common = {"hu_range": list(self.hu_range), "latent_channels": model.latent_channels,
+                  "latent_factor": model.downsample_factor}
+        if self.ae_cfg.freeze_encoder:
+            return {"latent_scale": float(model.latent_scale), "latent_scale_kept": True, **common}
         device = next(model.parameters()).device
         dataset = trainer.dataset
         n = min(len(dataset), LATENT_SCALE_CASES)
@@ -114,8 +124,7 @@ class AutoencoderTask(StageTask):
         scale = measure_latent_scale(model, batches())
         for m in {id(model): model, id(trainer.modules["model"]): trainer.modules["model"]}.values():
             m.latent_scale.fill_(scale)
-        return {"latent_scale": scale, "latent_scale_cases": n, "hu_range": list(self.hu_range),
-                "latent_channels": model.latent_channels, "latent_factor": model.downsample_factor}
+        return {"latent_scale": scale, "latent_scale_cases": n, **common}
 
 
 def random_crop(ct: torch.Tensor, labels: torch.Tensor, size: tuple[int, int, int], focus_prob: float = 0.0,

@@ -195,6 +195,7 @@ def ldm_setup(cfg: GuideGenConfig, label_set: LabelSet, data: str | Path):
         previews.append({k: item[k] for k in ("case", "labels", "ct", "text", "findings_json", "spacing")})
     conditioner = TextConditioner(cfg.text, cache_dir=text_cache_dir(data))
     ae_info = {"autoencoder_checkpoint": describe_checkpoint_path(ae_dir), "autoencoder_sha256": dataset.ae_sha256,
+               "autoencoder_latent_sha256": dataset.latent_sha256,
                "latent_scale": float(ae.latent_scale), "latent_mean": round(mean, 4), "latent_std": round(std, 4),
                "latent_cache": str(dataset.dir.relative_to(dataset.reader.root)),
                "hu_range": list(ae_cfg.autoencoder.hu_range)}

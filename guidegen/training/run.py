@@ -99,6 +99,9 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
     cfg = load_config(config)
     out = Path(out)
     _check_run_config(out, cfg, stage)
+    if stage == "autoencoder" and cfg.autoencoder.freeze_encoder and init_from is None:
+        raise GuideGenError("autoencoder.freeze_encoder fine-tunes the decoder of a trained autoencoder: "
+                            "pass --init-from CHECKPOINT (the one whose latent space to keep)")
     label_set = load_label_set(cfg.data.label_set)
     from guidegen.data.layout import DatasetReader
 
