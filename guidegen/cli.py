@@ -167,13 +167,14 @@ def generate(
     labels_only: bool = typer.Option(False, "--labels-only", help="Stop after stage 1 (label maps only)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Generate CT for this label map (NIfTI) instead of sampling one."),
     qc_retries: int = typer.Option(0, "--qc-retries", help="Re-sample a sample that fails QC up to K times with new seeds."),
+    raw_labels: bool = typer.Option(False, "--raw-labels", help="Keep the sampled label map as the model gave it (no isolated-voxel cleanup)."),
 ) -> None:
     """Generate paired label maps and CT volumes from text (DESIGN §1)."""
     from guidegen.pipeline import run_generate_command
 
     run_generate_command(prompt=prompt, out=out, prompts_file=prompts, n=n, seed=seed, steps=steps, guidance=guidance,
                          ct_steps=ct_steps, ct_guidance=ct_guidance, checkpoint=checkpoint, device=device,
-                         labels_only=labels_only, labels_path=labels, qc_retries=qc_retries)
+                         labels_only=labels_only, labels_path=labels, qc_retries=qc_retries, raw_labels=raw_labels)
 
 
 # --------------------------------------------------------------------------- reconstruct

@@ -25,6 +25,7 @@ import torch
 from guidegen.config import GuideGenConfig, load_config
 from guidegen.errors import GuideGenError
 from guidegen.labels import LabelSet, load_label_set
+from guidegen.postprocess import relabel_isolated_voxels
 from guidegen.text.findings import Findings, parse_findings
 
 STAGE_DIRS = ("tcss", "autoencoder", "ldm")
@@ -257,14 +258,17 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
 class GuideGenPipeline:
     """Prompt → (label map, CT). Stage 1 always; stages 2+3 unless ``labels_only``."""
 
-    def __init__(self, labels: LabelMapGenerator, ct: "CTGenerator | None", checkpoint_root: Path):
+    def __init__(self, labels: LabelMapGenerator, ct: "CTGenerator | None", checkpoint_root: Path, *, clean_labels: bool = True):
         self.labels = labels
         self.ct = ct
         self.checkpoint_root = checkpoint_root
         self.label_set = labels.label_set
+        # sampled label maps get the isolated-voxel cleanup (guidegen.postprocess); False keeps the raw output
+        self.clean_labels = clean_labels
 
     @classmethod
-    def from_pretrained(cls, root: str | Path | None = None, *, device: str | None = "cpu", labels_only: bool = False) -> "GuideGenPipeline":
+    def from_pretrained(cls, root: str | Path | None = None, *, device: str | None = "cpu", labels_only: bool = False,
+                        clean_labels: bool = True) -> "GuideGenPipeline":
         """Load the stage checkpoints under ``root`` (default: the shipped demo checkpoints)."""
         dev = resolve_device(device)
         root = Path(root) if root is not None else default_checkpoint_root()
@@ -276,7 +280,7 @@ class GuideGenPipeline:
             ldm_cfg, _ = load_stage_config(root / "ldm", "ldm")
             shared = labels.conditioner if ldm_cfg.text == labels.cfg.text else None  # one text encoder in memory
             ct = CTGenerator(root / "autoencoder", root / "ldm", dev, labels.label_set, conditioner=shared)
-        return cls(labels, ct, root)
+        return cls(labels, ct, root, clean_labels=clean_labels)
 
     def versions(self) -> dict:
         """Identity of the loaded checkpoints (for the meta of each sample)."""
@@ -295,13 +299,17 @@ class GuideGenPipeline:
         guidance = tcfg.guidance if guidance is None else guidance
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        cleaned = None  # voxels changed by the isolated-voxel cleanup (None: not applied)
         if labels is None:
             label_map = self.labels([prompt], [findings], seed, steps, guidance, progress)[0]
+            if self.clean_labels:
+                label_map, cleaned = relabel_isolated_voxels(label_map)
             affine = self.labels.affine()
             timings["labels_s"] = round(time.perf_counter() - t0, 3)
         else:
             label_map, affine = labels, labels_affine if labels_affine is not None else np.eye(4)
-        settings = {"tcss_steps": steps if labels is None else None, "tcss_guidance": guidance if labels is None else None}
+        settings = {"tcss_steps": steps if labels is None else None, "tcss_guidance": guidance if labels is None else None,
+                    "label_cleanup_voxels": cleaned}
         ct = None
         if self.ct is not None:
             t1 = time.perf_counter()
@@ -420,7 +428,8 @@ def _distributed_rank() -> tuple[int, int]:
 
 def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | None, n: int, seed: int, steps: int | None,
                          guidance: float | None, ct_steps: int | None, ct_guidance: float | None, checkpoint: Path | None,
-                         device: str, labels_only: bool, labels_path: Path | None, qc_retries: int) -> list[str]:
+                         device: str, labels_only: bool, labels_path: Path | None, qc_retries: int,
+                         raw_labels: bool = False) -> list[str]:
     """The ``guidegen generate`` command: validate options, load, generate, write."""
     if n < 1:
         raise GuideGenError(f"--n must be at least 1, got {n}")
@@ -440,7 +449,7 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
     items = read_prompts(prompts_file) if prompts_file is not None else [PromptItem(single_prompt_id(prompt or "", seed), prompt or "")]
     for it in items:
         prompt_findings(it.prompt)  # fail on an empty prompt before loading any model
-    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only)
+    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only, clean_labels=not raw_labels)
     rank, world = _distributed_rank()
     written = generate_dataset(pipe, items, out, n=n, seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps,
                                ct_guidance=ct_guidance, qc_retries=qc_retries, rank=rank, world_size=world)

@@ -126,3 +126,30 @@ def test_isolated_fraction_hand_cases():
     lone[0, 0, 0] = 2  # at the border: the padding is background, not a wrapped neighbour
     assert isolated_fraction(lone) == 1.0
     assert isolated_fraction(np.zeros((2, 2, 2), dtype=np.uint8)) == 0.0
+
+
+def test_relabel_isolated_voxels_hand_cases():
+    from guidegen.postprocess import isolated_voxels, relabel_isolated_voxels
+
+    vol = np.full((5, 5, 5), 3, dtype=np.uint8)
+    vol[2, 2, 2] = 7  # a lone voxel inside organ 3 → 3
+    vol[0, 0, 0] = 9  # a lone corner voxel: outside counts as background, 19 of its 26 neighbours → 0
+    pair = vol.copy()
+    fixed, n = relabel_isolated_voxels(vol)
+    assert n == 2 and fixed[2, 2, 2] == 3 and fixed[0, 0, 0] == 0 and fixed.dtype == np.uint8
+    assert isolated_voxels(vol).sum() == 2 and not isolated_voxels(fixed).any()
+    # two adjacent voxels are a structure, not speckle: left alone
+    pair[2, 2, 2] = pair[2, 2, 3] = 7
+    pair[0, 0, 0] = 3
+    same, n = relabel_isolated_voxels(pair)
+    assert n == 0 and np.array_equal(same, pair)
+    # ties go to the smaller id; the input is not modified
+    tie = np.zeros((3, 3, 3), dtype=np.int64)
+    tie[0] = 5
+    tie[2] = 4
+    tie[1] = 6
+    tie[1, 1, 1] = 1
+    before = tie.copy()
+    out, _ = relabel_isolated_voxels(tie)
+    assert np.array_equal(tie, before)
+    assert out[1, 1, 1] == 4  # neighbours: nine 5s, nine 4s, eight 6s → tie → smaller id

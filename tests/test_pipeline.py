@@ -62,6 +62,22 @@ def test_same_prompt_and_seed_is_bitwise_identical(ckpt_root, tmp_path):
     assert not (np.array_equal(a.labels, c.labels) and np.array_equal(a.ct, c.ct))
 
 
+def test_sampled_maps_get_the_isolated_voxel_cleanup_unless_raw(ckpt_root):
+    from guidegen.evaluation.metrics import isolated_fraction
+    from guidegen.pipeline import GuideGenPipeline
+    from guidegen.postprocess import isolated_voxels, relabel_isolated_voxels
+
+    raw_pipe = GuideGenPipeline.from_pretrained(ckpt_root, labels_only=True, clean_labels=False)
+    clean_pipe = GuideGenPipeline.from_pretrained(ckpt_root, labels_only=True)
+    raw, clean = raw_pipe(PROMPT, seed=5), clean_pipe(PROMPT, seed=5)
+    assert raw.settings["label_cleanup_voxels"] is None
+    expected, changed = relabel_isolated_voxels(raw.labels)  # same seed: same sampled map before cleanup
+    np.testing.assert_array_equal(clean.labels, expected)
+    assert clean.settings["label_cleanup_voxels"] == changed > 0  # a 2-step model leaves plenty of speckle
+    assert isolated_voxels(clean.labels).sum() < isolated_voxels(raw.labels).sum()
+    assert isolated_fraction(clean.labels) < isolated_fraction(raw.labels)
+
+
 def test_batch_prompts_resume_and_labels_only(ckpt_root, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "prompt": "liver mass 3 cm"}\n{"id": "b", "prompt": "55 yo woman, normal CT"}\n')

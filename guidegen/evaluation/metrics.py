@@ -14,6 +14,7 @@ from scipy import linalg, ndimage
 from scipy.stats import wasserstein_distance
 
 from guidegen.labels import LabelSet
+from guidegen.postprocess import isolated_voxels
 
 _STRUCT26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -175,14 +176,9 @@ def isolated_fraction(labels: np.ndarray) -> float:
     label map has few (thin structures such as ribs give some); a diffusion sampler that leaves
     noise voxels behind has many.
     """
-    lab = np.pad(np.asarray(labels), 1, constant_values=0)
-    core = lab[1:-1, 1:-1, 1:-1]
-    same = np.zeros(core.shape, dtype=bool)
-    for axis in range(3):
-        for shift in (-1, 1):
-            same |= np.roll(lab, shift, axis=axis)[1:-1, 1:-1, 1:-1] == core
-    fg = core != 0
-    return float((fg & ~same).sum() / max(int(fg.sum()), 1))
+    lab = np.asarray(labels)
+    fg = lab != 0
+    return float((fg & isolated_voxels(lab)).sum() / max(int(fg.sum()), 1))
 
 
 def case_stats(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet) -> CaseStats:
