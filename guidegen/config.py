@@ -117,6 +117,8 @@ class AutoencoderConfig(_Strict):
     full_range_weight: float = Field(1.0, ge=0)
     # full-range L1 averaged per label class, so small structures (tumour, ribs) weigh like organs
     class_l1_weight: float = Field(0.0, ge=0)
+    # per-class weights inside that term (class name → weight, others 1), e.g. {"tumor": 4.0}
+    class_l1_weights: dict[str, float] = {}
     adv_weight: float = Field(0.05, ge=0)
     disc_start: int = Field(1000, ge=0)
     # Train on random crops of this size (voxels; multiples of 4) instead of the whole grid: the

@@ -253,6 +253,11 @@ def test_class_balanced_l1_hand_values_and_generator_term():
     # two samples: classes are averaged per sample, then over all (sample, class) pairs
     two = class_balanced_l1(torch.cat([recon, recon]), torch.cat([target, target]), torch.cat([labels, one_class]))
     torch.testing.assert_close(two, torch.tensor((1 + 4 + 7 / 4) / 3))
+    # class weights (K,): tumour-like class 7 weighs 3 → (1·1 + 3·4) / (1 + 3); absent classes do not count
+    w = torch.ones(K)
+    w[7], w[5] = 3.0, 100.0
+    torch.testing.assert_close(class_balanced_l1(recon, target, labels, w), torch.tensor(13 / 4))
+    torch.testing.assert_close(class_balanced_l1(recon, target, labels, torch.ones(K)), torch.tensor(2.5))
     m = tiny_model()
     hu, lab = phantom_like()
     ct = hu_to_norm(hu)
@@ -419,3 +424,18 @@ def test_autoencoder_task_trains_samples_and_exports(tmp_path, label_set):
     info = load_model_weights(m, out)
     assert info["latent_scale"] == pytest.approx(meta["latent_scale"]) and meta["latent_scale"] > 0
     assert float(m.latent_scale) == pytest.approx(meta["latent_scale"], rel=1e-3)  # stored as fp16
+
+
+def test_autoencoder_task_builds_the_class_l1_weights(label_set):
+    from guidegen.training.autoencoder import AutoencoderTask
+
+    cfg = load_config("demo")
+    cfg.autoencoder.class_l1_weights = {"tumor": 4.0, "rib": 2.0}
+    loss = AutoencoderTask(cfg, label_set).modules()["disc"]
+    w = loss.class_l1_class_weights
+    assert w.shape == (label_set.num_classes,) and w[label_set.tumor_id] == 4.0 and w[label_set.id_of("rib")] == 2.0
+    assert float(w.sum()) == label_set.num_classes - 2 + 6.0
+    assert "class_l1_class_weights" not in loss.state_dict()  # config-derived, not a checkpoint tensor
+    with pytest.raises(GuideGenError):
+        cfg.autoencoder.class_l1_weights = {"tumour_typo": 2.0}
+        AutoencoderTask(cfg, label_set).modules()

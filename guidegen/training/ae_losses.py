@@ -104,11 +104,12 @@ def window_to_norm(center_hu: torch.Tensor | float, width_hu: torch.Tensor | flo
     return (center_hu - lo) * scale - 1.0, width_hu * scale
 
 
-def class_balanced_l1(recon: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over (sample, present class) of the mean |recon - target| inside that class.
+def class_balanced_l1(recon: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean over (sample, present class) of the mean |recon - target| inside that class.
 
-    ``recon``/``target`` (B, 1, X, Y, Z), ``labels`` (B, X, Y, Z) integer ids; returns a scalar.
-    Equals the plain L1 when one class fills the volume.
+    ``recon``/``target`` (B, 1, X, Y, Z), ``labels`` (B, X, Y, Z) integer ids, ``class_weights``
+    (K,) (None: all 1); returns a scalar. Equals the plain L1 when one class fills the volume.
     """
     batch = labels.shape[0]
     ids = labels.reshape(batch, -1).long()
@@ -117,7 +118,11 @@ def class_balanced_l1(recon: torch.Tensor, target: torch.Tensor, labels: torch.T
     sums = err.new_zeros(batch, k).scatter_add(1, ids, err)
     counts = err.new_zeros(batch, k).scatter_add(1, ids, torch.ones_like(err))
     present = counts > 0
-    return (sums[present] / counts[present]).mean()
+    means = sums[present] / counts[present]
+    if class_weights is None:
+        return means.mean()
+    w = class_weights.to(err.dtype)[:k].expand(batch, k)[present]
+    return (w * means).sum() / w.sum()
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -171,13 +176,15 @@ class AutoencoderLoss(nn.Module):
 
     def __init__(self, hu_range: tuple[float, float] = DEFAULT_HU_RANGE, window_weight: float = 1.0,
                  ssim_weight: float = 0.2, full_range_weight: float = 1.0, class_l1_weight: float = 0.0,
-                 kl_weight: float = 1e-6, adv_weight: float = 0.05, disc_start: int = 1000, num_slices: int = 2, p_random_window: float = 0.25,
+                 class_l1_class_weights: torch.Tensor | None = None, kl_weight: float = 1e-6, adv_weight: float = 0.05, disc_start: int = 1000, num_slices: int = 2, p_random_window: float = 0.25,
                  disc_channels: int = 16, disc_layers: int = 3, ssim_win_size: int = 7) -> None:
         super().__init__()
         self.hu_range = (float(hu_range[0]), float(hu_range[1]))
         self.window_weight, self.ssim_weight = window_weight, ssim_weight
         self.full_range_weight, self.kl_weight = full_range_weight, kl_weight
         self.class_l1_weight = class_l1_weight
+        # (K,) weights inside the class-balanced L1; not saved with the module (the config has them)
+        self.register_buffer("class_l1_class_weights", class_l1_class_weights, persistent=False)
         self.adv_weight, self.disc_start = adv_weight, disc_start
         self.num_slices, self.p_random_window = num_slices, p_random_window
         self.ssim = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=ssim_win_size)
@@ -185,11 +192,14 @@ class AutoencoderLoss(nn.Module):
         self.volume_disc = VolumeDiscriminator(channels=disc_channels, num_layers=disc_layers)
 
     @classmethod
-    def from_config(cls, cfg: AutoencoderConfig, grid: tuple[int, ...] | None = None) -> AutoencoderLoss:
-        """Loss from the config; ``grid`` (X, Y, Z) of the training crops caps the discriminator depth."""
+    def from_config(cls, cfg: AutoencoderConfig, grid: tuple[int, ...] | None = None,
+                    class_l1_class_weights: torch.Tensor | None = None) -> AutoencoderLoss:
+        """Loss from the config; ``grid`` (X, Y, Z) of the training crops caps the discriminator depth;
+        ``class_l1_class_weights`` (K,) from ``cfg.class_l1_weights`` (see training.common)."""
         return cls(disc_layers=disc_layers_for(grid) if grid else 3, hu_range=tuple(cfg.hu_range),
                    window_weight=cfg.window_weight, ssim_weight=cfg.ssim_weight,
                    full_range_weight=cfg.full_range_weight, class_l1_weight=cfg.class_l1_weight,
+                   class_l1_class_weights=class_l1_class_weights,
                    kl_weight=cfg.kl_weight, adv_weight=cfg.adv_weight,
                    disc_start=cfg.disc_start, p_random_window=cfg.p_random_window)
 
@@ -214,7 +224,7 @@ class AutoencoderLoss(nn.Module):
                  "ssim_window": self.ssim(win_r, win_t),
                  "l1_full": (recon - target).abs().mean()}
         if labels is not None:
-            terms["l1_class"] = class_balanced_l1(recon, target, labels)
+            terms["l1_class"] = class_balanced_l1(recon, target, labels, self.class_l1_class_weights)
         return terms
 
     def generator_loss(self, recon: torch.Tensor, target: torch.Tensor, posterior: DiagonalGaussian, step: int,

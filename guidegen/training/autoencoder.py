@@ -22,6 +22,7 @@ from guidegen.config import GuideGenConfig, TrainConfig
 from guidegen.labels import LabelSet
 from guidegen.models.autoencoder import AnatomyAwareAutoencoder, hu_to_norm, measure_latent_scale, norm_to_hu
 from guidegen.training.ae_losses import AutoencoderLoss
+from guidegen.training.common import class_weight_vector
 from guidegen.training.trainer import StageTask, StepContext
 
 # (name, center HU, width HU) of the rows of the sample montage.
@@ -54,7 +55,8 @@ class AutoencoderTask(StageTask):
         model = AnatomyAwareAutoencoder.from_config(self.ae_cfg, self.label_set.num_classes)
         if self.ae_cfg.freeze_encoder:
             model.freeze_encoder()
-        return {"model": model, "disc": AutoencoderLoss.from_config(self.ae_cfg, grid)}
+        weights = class_weight_vector(self.ae_cfg.class_l1_weights, self.label_set)
+        return {"model": model, "disc": AutoencoderLoss.from_config(self.ae_cfg, grid, weights)}
 
     def optimizers(self, modules: Mapping[str, nn.Module], cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
         return {name: torch.optim.AdamW([p for p in modules[name].parameters() if p.requires_grad], lr=cfg.lr,

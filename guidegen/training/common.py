@@ -1,4 +1,4 @@
-"""Pieces the diffusion stages share: building the text condition of a batch."""
+"""Pieces the training stages share: the text condition of a batch, per-class loss weights."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from guidegen.labels import LabelSet
 from guidegen.text.findings import Findings, parse_findings
 from guidegen.text.knowledge import TextConditioner
 
@@ -33,3 +34,13 @@ def batch_condition(conditioner: TextConditioner, batch: dict, device: torch.dev
 def text_cache_dir(data_root: str | Path) -> Path:
     """Embedding cache location inside a dataset (frozen encoders only)."""
     return Path(data_root) / "cache" / "text"
+
+
+def class_weight_vector(weights: dict[str, float], label_set: LabelSet) -> Tensor | None:
+    """(K,) loss weights: ``weights`` (class name → weight) over ones, or None when empty."""
+    if not weights:
+        return None
+    w = torch.ones(label_set.num_classes)
+    for name, value in weights.items():
+        w[label_set.id_of(name)] = value
+    return w

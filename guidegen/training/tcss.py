@@ -14,7 +14,7 @@ from guidegen.labels import LabelSet
 from guidegen.models.conditioned import ConditionedDenoiser
 from guidegen.models.tcss_unet import TCSSUNet
 from guidegen.text.knowledge import TextConditioner, sample_drop_mask
-from guidegen.training.common import batch_condition
+from guidegen.training.common import batch_condition, class_weight_vector
 from guidegen.training.trainer import StageTask, StepContext
 
 SAMPLE_PROMPTS = (
@@ -30,16 +30,6 @@ def build_tcss_model(cfg: GuideGenConfig, label_set: LabelSet, text_dim: int) ->
     injector = KnowledgeInjection.from_config(cfg.text, text_dim, len(cfg.tcss.channels))
     unet = TCSSUNet.from_config(cfg.tcss, label_set.num_classes, cfg.text.context_dim)
     return ConditionedDenoiser(injector, unet)
-
-
-def class_weight_vector(cfg: GuideGenConfig, label_set: LabelSet) -> torch.Tensor | None:
-    """(K,) loss weights from ``tcss.class_weights`` (names → weight), or None when empty."""
-    if not cfg.tcss.class_weights:
-        return None
-    w = torch.ones(label_set.num_classes)
-    for name, value in cfg.tcss.class_weights.items():
-        w[label_set.id_of(name)] = value
-    return w
 
 
 @torch.no_grad()
@@ -67,7 +57,7 @@ class TCSSTask(StageTask):
     def __init__(self, cfg: GuideGenConfig, label_set: LabelSet, conditioner: TextConditioner):
         self.cfg, self.label_set, self.conditioner = cfg, label_set, conditioner
         self.alphas_bar = cat.cosine_schedule(cfg.tcss.timesteps)
-        self.class_weights = class_weight_vector(cfg, label_set)
+        self.class_weights = class_weight_vector(cfg.tcss.class_weights, label_set)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": build_tcss_model(self.cfg, self.label_set, self.conditioner.text_dim)}
