@@ -97,7 +97,7 @@ def main() -> None:
             cases.append((text, f, lab if args.raw_labels else relabel_isolated_voxels(lab)[0]))
 
     samplers = {"ddim": pipe.ct.cfg.ldm.sample_steps} | ({"ddpm": pipe.ct.cfg.ldm.timesteps} if args.ddpm else {})
-    results = {name: {"dice": [], "seconds": [], "hu_in_range": []} for name in samplers}
+    results = {name: {"dice": [], "seconds": [], "hu_in_range": [], "hu_misses": {}} for name in samplers}
     for i, (text, f, lab) in enumerate(cases):
         for name, steps in samplers.items():
             t0 = time.perf_counter()
@@ -107,6 +107,9 @@ def main() -> None:
             meds = hu_medians(ct.astype(np.float32), lab, ls)
             names = [n for n in meds if n in ref and n in ls.names and ls.id_of(n) in ls.organ_ids]
             results[name]["hu_in_range"].append(np.mean([ref[n][0] <= meds[n] <= ref[n][1] for n in names]) if names else np.nan)
+            for n in names:
+                if not ref[n][0] <= meds[n] <= ref[n][1]:
+                    results[name]["hu_misses"][n] = results[name]["hu_misses"].get(n, 0) + 1
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
@@ -116,6 +119,9 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:>5} ({samplers[name]} steps): {np.mean(r['seconds']):6.1f} s/CT | alignment mean organ Dice "
               f"{np.mean(r['dice']):.3f} (target >= 0.80) | organ HU medians within real range {np.nanmean(r['hu_in_range']):.0%}")
+        misses = sorted(r["hu_misses"].items(), key=lambda kv: -kv[1])
+        print("      organ HU medians outside the real range (organ: samples): "
+              + (", ".join(f"{n}: {c}" for n, c in misses) or "none"))
     if "ddpm" in results:
         print(f"DDIM speed-up over DDPM: x{np.mean(results['ddpm']['seconds']) / np.mean(results['ddim']['seconds']):.1f}")
     train_dice = [organ_dice(ct, lab) for ct, lab in zip(real.ct[:4], real.labels[:4])]
