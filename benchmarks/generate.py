@@ -13,7 +13,7 @@
    real set's per-organ range, and the time ratio; and, as the instrument's own ceiling, the
    segmenter's Dice on held-out real cases.
 
-    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 24] [--ddpm] [--tcss-steps N]
+    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N]
                                   [--labels-from tcss|real] [--raw-labels] [--seg-steps N] [--seg-channels C,..] [--work DIR]
 """
 
@@ -105,11 +105,11 @@ def main() -> None:
             results[name]["seconds"].append(time.perf_counter() - t0)
             results[name]["dice"].append(organ_dice(ct, lab))
             meds = hu_medians(ct.astype(np.float32), lab, ls)
-            names = [n for n in meds if n in ref and n in ls.names and ls.id_of(n) in ls.organ_ids]
-            results[name]["hu_in_range"].append(np.mean([ref[n][0] <= meds[n] <= ref[n][1] for n in names]) if names else np.nan)
-            for n in names:
-                if not ref[n][0] <= meds[n] <= ref[n][1]:
-                    results[name]["hu_misses"][n] = results[name]["hu_misses"].get(n, 0) + 1
+            inside = {n: bool(ref[n][0] <= meds[n] <= ref[n][1])
+                      for n in meds if n in ref and n in ls.names and ls.id_of(n) in ls.organ_ids}
+            results[name]["hu_in_range"].append(np.mean(list(inside.values())) if inside else np.nan)
+            for n in (n for n, ok in inside.items() if not ok):
+                results[name]["hu_misses"][n] = results[name]["hu_misses"].get(n, 0) + 1
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "

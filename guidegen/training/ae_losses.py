@@ -176,7 +176,8 @@ class AutoencoderLoss(nn.Module):
 
     def __init__(self, hu_range: tuple[float, float] = DEFAULT_HU_RANGE, window_weight: float = 1.0,
                  ssim_weight: float = 0.2, full_range_weight: float = 1.0, class_l1_weight: float = 0.0,
-                 class_l1_class_weights: torch.Tensor | None = None, kl_weight: float = 1e-6, adv_weight: float = 0.05, disc_start: int = 1000, num_slices: int = 2, p_random_window: float = 0.25,
+                 class_l1_class_weights: torch.Tensor | None = None, kl_weight: float = 1e-6,
+                 adv_weight: float = 0.05, disc_start: int = 1000, num_slices: int = 2, p_random_window: float = 0.25,
                  disc_channels: int = 16, disc_layers: int = 3, ssim_win_size: int = 7) -> None:
         super().__init__()
         self.hu_range = (float(hu_range[0]), float(hu_range[1]))
