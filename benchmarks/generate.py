@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--tcss-steps", type=int, default=None, help="label-map sampler steps (default: the checkpoint's)")
     ap.add_argument("--labels-from", choices=("tcss", "real"), default="tcss",
                     help="label maps sampled by TCSS from the prompts, or held-out real phantom cases with their reports")
-    ap.add_argument("--raw-labels", action="store_true", help="skip generate's isolated-voxel cleanup of sampled label maps")
+    ap.add_argument("--raw-labels", action="store_true", help="skip generate's cleanup (isolated voxels, stray lesions) of sampled label maps")
     ap.add_argument("--work", default="runs/bench_generate")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -60,7 +60,7 @@ def main() -> None:
     from guidegen.evaluation.sets import ct_to_unit, load_eval_set
     from guidegen.models.segmenter import SegmenterConfig, segment
     from guidegen.pipeline import GuideGenPipeline, prompt_findings
-    from guidegen.postprocess import relabel_isolated_voxels
+    from guidegen.postprocess import clean_label_map
     from guidegen.qc import hu_medians, hu_reference
     from guidegen.text.findings import Findings
 
@@ -94,7 +94,7 @@ def main() -> None:
             f = prompt_findings(text)
             lab = pipe.labels([text], [f], seed=i, steps=args.tcss_steps or pipe.labels.cfg.tcss.sample_steps,
                               guidance=pipe.labels.cfg.tcss.guidance)[0]
-            cases.append((text, f, lab if args.raw_labels else relabel_isolated_voxels(lab)[0]))
+            cases.append((text, f, lab if args.raw_labels else clean_label_map(lab, ls.tumor_id, f.tumor_count)[0]))
 
     samplers = {"ddim": pipe.ct.cfg.ldm.sample_steps} | ({"ddpm": pipe.ct.cfg.ldm.timesteps} if args.ddpm else {})
     results = {name: {"dice": [], "seconds": [], "hu_in_range": [], "hu_misses": {}} for name in samplers}
@@ -114,7 +114,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
           f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.n} label maps from {args.labels_from}"
-          f"{' (raw)' if args.raw_labels else ' (with the isolated-voxel cleanup)' if args.labels_from == 'tcss' else ''}; "
+          f"{' (raw)' if args.raw_labels else ' (with the label-map cleanup)' if args.labels_from == 'tcss' else ''}; "
           f"segmenter: UNet {seg_cfg.channels}, {args.seg_steps} steps on {args.n_real} real phantom cases")
     for name, r in results.items():
         print(f"{name:>5} ({samplers[name]} steps): {np.mean(r['seconds']):6.1f} s/CT | alignment mean organ Dice "

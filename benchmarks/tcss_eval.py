@@ -8,13 +8,21 @@ clinical styles that the phantom's report templates do not use):
 - anatomical order: lungs above liver, bladder lowest, heart between the lungs;
 - speckle: the share of labelled voxels unlike all 6 neighbours (next to the same figure for
   real phantom cases, where thin ribs give some).
-Each rate is given for the model's raw output and after the isolated-voxel cleanup that
-``guidegen generate`` applies by default (guidegen.postprocess).
+Each rate is given for the model's raw output and after the cleanup that ``guidegen generate``
+applies by default (guidegen.postprocess: isolated voxels, then tumour regions beyond the number
+the prompt asks for).
 
     python benchmarks/tcss_eval.py [--checkpoint ROOT] [--n 50] [--steps 50] [--guidance 2.0]
-                                   [--no-injection]  # ablation: findings vector zeroed
+                                   [--no-injection]  # ablation: no parsed knowledge (see below)
                                    [--shard I/N --json F]  # prompts i with i % N == I, rows to F
     python benchmarks/tcss_eval.py --merge F1 F2 ...  # the summary of sharded runs
+
+Knowledge-injection ablation (``--no-injection``): the parsed findings reach the model twice,
+as the findings vector (memory tokens of the injection module) and as the canonical findings
+sentence that leads the encoded text (guidegen.text.knowledge.text_for_encoding); the two are
+redundant, and zeroing only the vector changed nothing (session notes). The ablation removes
+both: the encoder reads the raw report alone and the vector is zero. It is done at sampling
+time on the same checkpoint, so it also measures how much the model leans on that knowledge.
 
 Run on CPU; prints the machine, settings and the four rates.
 """
@@ -65,7 +73,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=None)
-    ap.add_argument("--no-injection", action="store_true", help="zero the findings vector (knowledge-injection ablation)")
+    ap.add_argument("--no-injection", action="store_true", help="knowledge-injection ablation: raw report only, findings vector zeroed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
     ap.add_argument("--shard", default="0/1", help="I/N: evaluate only the prompts i with i %% N == I")
@@ -81,11 +89,12 @@ def main() -> None:
     from guidegen.data.phantom import render_phantom
     from guidegen.evaluation.metrics import case_stats, isolated_fraction, match_tumors
     from guidegen.pipeline import GuideGenPipeline, prompt_findings
-    from guidegen.postprocess import relabel_isolated_voxels
+    from guidegen.postprocess import clean_label_map
 
     pipe = GuideGenPipeline.from_pretrained(args.checkpoint, labels_only=True)
     gen, ls = pipe.labels, pipe.label_set
     if args.no_injection:
+        gen.conditioner.mode = "raw"  # no canonical findings sentence before the report
         prepare = gen.conditioner.prepare
 
         def no_findings(texts, findings=None):
@@ -111,7 +120,7 @@ def main() -> None:
                     "order_ok": all(v is True for v in st.order.values()), "isolated": isolated_fraction(labels)}
 
         rows.append({"prompt": text, "parsed_ok": bool(f.tumors and f.tumors[0].site == want["site"]),
-                     "requested_mm": want["size_mm"], **score(lab), "cleaned": score(relabel_isolated_voxels(lab)[0])})
+                     "requested_mm": want["size_mm"], **score(lab), "cleaned": score(clean_label_map(lab, ls.tumor_id, f.tumor_count)[0])})
     secs = time.perf_counter() - t0
     settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,

@@ -167,7 +167,7 @@ def generate(
     labels_only: bool = typer.Option(False, "--labels-only", help="Stop after stage 1 (label maps only)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Generate CT for this label map (NIfTI) instead of sampling one."),
     qc_retries: int = typer.Option(0, "--qc-retries", help="Re-sample a sample that fails QC up to K times with new seeds."),
-    raw_labels: bool = typer.Option(False, "--raw-labels", help="Keep the sampled label map as the model gave it (no isolated-voxel cleanup)."),
+    raw_labels: bool = typer.Option(False, "--raw-labels", help="Keep the sampled label map as the model gave it (no isolated-voxel or stray-lesion cleanup)."),
 ) -> None:
     """Generate paired label maps and CT volumes from text (DESIGN §1)."""
     from guidegen.pipeline import run_generate_command

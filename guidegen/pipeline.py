@@ -25,7 +25,7 @@ import torch
 from guidegen.config import GuideGenConfig, load_config
 from guidegen.errors import GuideGenError
 from guidegen.labels import LabelSet, load_label_set
-from guidegen.postprocess import relabel_isolated_voxels
+from guidegen.postprocess import clean_label_map
 from guidegen.text.findings import Findings, parse_findings
 
 STAGE_DIRS = ("tcss", "autoencoder", "ldm")
@@ -263,7 +263,8 @@ class GuideGenPipeline:
         self.ct = ct
         self.checkpoint_root = checkpoint_root
         self.label_set = labels.label_set
-        # sampled label maps get the isolated-voxel cleanup (guidegen.postprocess); False keeps the raw output
+        # sampled label maps get the isolated-voxel and stray-lesion cleanup (guidegen.postprocess);
+        # False keeps the raw output
         self.clean_labels = clean_labels
 
     @classmethod
@@ -299,17 +300,17 @@ class GuideGenPipeline:
         guidance = tcfg.guidance if guidance is None else guidance
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        cleaned = None  # voxels changed by the isolated-voxel cleanup (None: not applied)
+        cleaned = {"isolated_voxels": None, "stray_tumor_voxels": None}  # voxels changed (None: not applied)
         if labels is None:
             label_map = self.labels([prompt], [findings], seed, steps, guidance, progress)[0]
             if self.clean_labels:
-                label_map, cleaned = relabel_isolated_voxels(label_map)
+                label_map, cleaned = clean_label_map(label_map, self.label_set.tumor_id, findings.tumor_count)
             affine = self.labels.affine()
             timings["labels_s"] = round(time.perf_counter() - t0, 3)
         else:
             label_map, affine = labels, labels_affine if labels_affine is not None else np.eye(4)
         settings = {"tcss_steps": steps if labels is None else None, "tcss_guidance": guidance if labels is None else None,
-                    "label_cleanup_voxels": cleaned}
+                    "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"]}
         ct = None
         if self.ct is not None:
             t1 = time.perf_counter()

@@ -106,6 +106,20 @@ def test_tumor_placement_right_site_side_and_size(liver_case):
     assert too_big[0]["placed"] is True and too_big[0]["size_ok"] is False
 
 
+def test_tumor_match_takes_the_lesion_not_a_stray_voxel():
+    """A stray tumour voxel deep in the organ (organ share 1.0) must not stand for a real lesion
+    that bulges out of the organ (share < 1): the largest qualifying region is matched."""
+    lab = np.full((20, 20, 20), LS.id_of("body"), np.uint8)
+    lab[2:18, 2:18, 2:18] = LS.id_of("liver")
+    lab[14:19, 8:13, 8:13] = LS.tumor_id  # 5^3 lesion crossing the liver edge into the body
+    lab[5, 5, 5] = LS.tumor_id  # one stray voxel inside the liver
+    st = case_stats(lab, np.diag([7.0, 7.0, 7.0, 1.0]), LS)
+    assert sorted(c.voxels for c in st.tumors) == [1, 125]
+    res = match_tumors([{"site": "liver", "side": None, "size_mm": 40.0}], st, LS)[0]
+    d125 = (6 * 125 * 7.0**3 / np.pi) ** (1 / 3)
+    assert res["placed"] and res["measured_mm"] == pytest.approx(d125, abs=0.01) and res["size_ok"]
+
+
 def test_shift_labels_moves_and_fills_zero():
     lab = np.zeros((6, 6, 4), np.uint8)
     lab[1, 1, 1] = 5
@@ -153,3 +167,29 @@ def test_relabel_isolated_voxels_hand_cases():
     out, _ = relabel_isolated_voxels(tie)
     assert np.array_equal(tie, before)
     assert out[1, 1, 1] == 4  # neighbours: nine 5s, nine 4s, eight 6s → tie → smaller id
+
+
+def test_keep_largest_lesions_relabels_fragments_by_their_shell():
+    from guidegen.postprocess import clean_label_map, keep_largest_lesions
+
+    liver, kidney, body, tum = LS.id_of("liver"), LS.id_of("kidney"), LS.id_of("body"), LS.tumor_id
+    vol = np.full((16, 16, 16), body, np.uint8)
+    vol[:8] = liver
+    vol[8:] = kidney
+    vol[2:5, 2:5, 2:5] = tum  # the lesion: 27 voxels in the liver
+    vol[11:13, 11:13, 11] = tum  # a 4-voxel fragment inside the kidney
+    vol[7, 14, 14] = tum  # a 1-voxel fragment on the liver/kidney border, diagonal to nothing else
+    out, n = keep_largest_lesions(vol, tum, keep=1)
+    assert n == 5 and (out == tum).sum() == 27 and (out[2:5, 2:5, 2:5] == tum).all()
+    assert (out[11:13, 11:13, 11] == kidney).all()
+    # shell of (7,14,14): 9 voxels at x=6 and 8 at x=7 are liver (17), 9 at x=8 kidney -> liver
+    assert out[7, 14, 14] == liver
+    assert np.array_equal(out[out != tum], np.where(vol == tum, out, vol)[out != tum])  # nothing else moved
+    # keep 2 keeps the fragment too; keep 0 (no tumour asked) and keep >= regions change nothing
+    assert (keep_largest_lesions(vol, tum, keep=2)[0] == tum).sum() == 31
+    for keep in (0, 3, 5):
+        same, n0 = keep_largest_lesions(vol, tum, keep=keep)
+        assert n0 == 0 and np.array_equal(same, vol)
+    # the default post-process: the lone border voxel is isolated (cleaned first), the 4-voxel one is stray
+    cleaned, counts = clean_label_map(vol, tum, requested_tumors=1)
+    assert counts == {"isolated_voxels": 1, "stray_tumor_voxels": 4} and (cleaned == tum).sum() == 27

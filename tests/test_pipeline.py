@@ -62,18 +62,20 @@ def test_same_prompt_and_seed_is_bitwise_identical(ckpt_root, tmp_path):
     assert not (np.array_equal(a.labels, c.labels) and np.array_equal(a.ct, c.ct))
 
 
-def test_sampled_maps_get_the_isolated_voxel_cleanup_unless_raw(ckpt_root):
+def test_sampled_maps_get_the_cleanup_unless_raw(ckpt_root):
     from guidegen.evaluation.metrics import isolated_fraction
     from guidegen.pipeline import GuideGenPipeline
-    from guidegen.postprocess import isolated_voxels, relabel_isolated_voxels
+    from guidegen.postprocess import clean_label_map, isolated_voxels
 
     raw_pipe = GuideGenPipeline.from_pretrained(ckpt_root, labels_only=True, clean_labels=False)
     clean_pipe = GuideGenPipeline.from_pretrained(ckpt_root, labels_only=True)
     raw, clean = raw_pipe(PROMPT, seed=5), clean_pipe(PROMPT, seed=5)
-    assert raw.settings["label_cleanup_voxels"] is None
-    expected, changed = relabel_isolated_voxels(raw.labels)  # same seed: same sampled map before cleanup
+    assert raw.settings["label_cleanup_voxels"] is None and raw.settings["stray_tumor_voxels"] is None
+    # same seed: same sampled map before cleanup; the prompt asks for one tumour
+    expected, changed = clean_label_map(raw.labels, clean_pipe.label_set.tumor_id, requested_tumors=1)
     np.testing.assert_array_equal(clean.labels, expected)
-    assert clean.settings["label_cleanup_voxels"] == changed > 0  # a 2-step model leaves plenty of speckle
+    assert clean.settings["label_cleanup_voxels"] == changed["isolated_voxels"] > 0  # a 2-step model leaves plenty of speckle
+    assert clean.settings["stray_tumor_voxels"] == changed["stray_tumor_voxels"]
     assert isolated_voxels(clean.labels).sum() < isolated_voxels(raw.labels).sum()
     assert isolated_fraction(clean.labels) < isolated_fraction(raw.labels)
 

@@ -214,8 +214,10 @@ def match_tumors(requested: list[dict], stats: CaseStats, label_set: LabelSet, m
     request is *placed* when some not yet used tumour region touches or sits inside the
     requested organ: the organ makes up at least ``min_share`` of the region's 1-voxel shell
     (the tumour label overwrites the organ, so "inside" shows as the organ all around it) and,
-    for a paired organ with a side, the region's centroid is on that side of the spine.
-    Largest requests are matched first. Returns one dict per request: site, side,
+    for a paired organ with a side, the region's centroid is on that side of the spine. Among
+    the qualifying regions the largest is taken (ties: the larger organ share): a sampled map may
+    hold a real lesion and a few stray tumour voxels, and a stray voxel deep in the organ must
+    not stand for the lesion. Largest requests are matched first. Returns one dict per request: site, side,
     requested_mm, placed, measured_mm (equivalent-sphere diameter, or None), size_ok
     (within ±50 % of the request, or None when unplaced or no size was asked).
     """
@@ -226,7 +228,7 @@ def match_tumors(requested: list[dict], stats: CaseStats, label_set: LabelSet, m
     for i in order:
         req = requested[i]
         site, side, size = req.get("site"), req.get("side"), req.get("size_mm")
-        best, best_share = None, 0.0
+        best, best_key = None, (0, 0.0)
         if site in label_set.names:
             oid = label_set.id_of(site)
             for j, comp in enumerate(stats.tumors):
@@ -237,8 +239,8 @@ def match_tumors(requested: list[dict], stats: CaseStats, label_set: LabelSet, m
                     right = comp.centroid_mm[0] > stats.midline_x_mm  # RAS: +x is the patient's right
                     if right != (side == "right"):
                         continue
-                if share >= min_share and share > best_share:
-                    best, best_share = j, share
+                if share >= min_share and (comp.voxels, share) > best_key:
+                    best, best_key = j, (comp.voxels, share)
         rec = {"site": site, "side": side, "requested_mm": size, "placed": best is not None, "measured_mm": None, "size_ok": None}
         if best is not None:
             used.add(best)
