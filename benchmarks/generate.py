@@ -94,7 +94,7 @@ def main() -> None:
             f = prompt_findings(text)
             lab = pipe.labels([text], [f], seed=i, steps=args.tcss_steps or pipe.labels.cfg.tcss.sample_steps,
                               guidance=pipe.labels.cfg.tcss.guidance)[0]
-            cases.append((text, f, lab if args.raw_labels else clean_label_map(lab, ls.tumor_id, f.tumor_count)[0]))
+            cases.append((text, f, lab if args.raw_labels else clean_label_map(lab, pipe.labels.affine(), ls, f.to_dict()["tumors"])[0]))
 
     samplers = {"ddim": pipe.ct.cfg.ldm.sample_steps} | ({"ddpm": pipe.ct.cfg.ldm.timesteps} if args.ddpm else {})
     results = {name: {"dice": [], "seconds": [], "hu_in_range": [], "hu_misses": {}} for name in samplers}

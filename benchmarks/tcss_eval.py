@@ -2,15 +2,18 @@
 
 Prints, over N prompts (tumour site, side and size drawn from a seeded list, phrased in
 clinical styles that the phantom's report templates do not use):
-- tumour placement: the tumour touches / lies in the requested organ (and side);
-- size accuracy: equivalent-sphere diameter within ±50 % of the request;
+- tumour placement, site-blind: the model's largest tumour region touches / lies in the
+  requested organ (and side) - the number the >= 90 % target is read against; and, leniently,
+  whether any tumour region does (a model that scatters fragments everywhere passes that one);
+- size accuracy: equivalent-sphere diameter of that region within ±50 % of the request;
 - organ presence: >= 18 of the 19 organ groups;
 - anatomical order: lungs above liver, bladder lowest, heart between the lungs;
 - speckle: the share of labelled voxels unlike all 6 neighbours (next to the same figure for
   real phantom cases, where thin ribs give some).
 Each rate is given for the model's raw output and after the cleanup that ``guidegen generate``
-applies by default (guidegen.postprocess: isolated voxels, then tumour regions beyond the number
-the prompt asks for).
+applies by default (guidegen.postprocess: isolated voxels, then the tumour regions that match no
+requested tumour). The cleanup selects by the requested site, so after it the two placement
+rows agree by construction: the site-blind row of the raw output is the model's own placement.
 
     python benchmarks/tcss_eval.py [--checkpoint ROOT] [--n 50] [--steps 50] [--guidance 2.0]
                                    [--no-injection]  # ablation: no parsed knowledge (see below)
@@ -30,6 +33,7 @@ Run on CPU; prints the machine, settings and the four rates.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -115,12 +119,16 @@ def main() -> None:
         def score(labels: np.ndarray) -> dict:
             st = case_stats(labels, gen.affine(), ls)
             m = match_tumors([want], st, ls)[0]
+            # site-blind: is the largest tumour region (wherever the model put it) the requested one?
+            largest = max(st.tumors, key=lambda c: c.voxels, default=None)
+            lm = match_tumors([want], dataclasses.replace(st, tumors=[largest] if largest else []), ls)[0]
             return {"placed": m["placed"], "size_ok": bool(m["size_ok"]), "measured_mm": m["measured_mm"],
+                    "largest_placed": lm["placed"], "largest_size_ok": bool(lm["size_ok"]),
                     "organs": int(sum(st.volumes_ml[j] > 0 for j in ls.organ_ids)),
                     "order_ok": all(v is True for v in st.order.values()), "isolated": isolated_fraction(labels)}
 
         rows.append({"prompt": text, "parsed_ok": bool(f.tumors and f.tumors[0].site == want["site"]),
-                     "requested_mm": want["size_mm"], **score(lab), "cleaned": score(clean_label_map(lab, ls.tumor_id, f.tumor_count)[0])})
+                     "requested_mm": want["size_mm"], **score(lab), "cleaned": score(clean_label_map(lab, gen.affine(), ls, f.to_dict()["tumors"])[0])})
     secs = time.perf_counter() - t0
     settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
@@ -146,8 +154,11 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
           f"knowledge injection {'on' if settings['injection'] else 'off'}")
     print(f"{'':<40}" + "".join(f"{name:>10}" for name, _ in cols))
     print(f"{'prompt parsed to the requested site':<40}{np.mean([r['parsed_ok'] for r in rows]):>10.1%}")
-    line("tumour placed in requested organ", rate("placed"), "target >= 90 %")
-    line("tumour size within ±50 %", rate("size_ok"), "target >= 80 %")
+    if all("largest_placed" in r for _, rs in cols for r in rs):
+        line("largest tumour region in requested organ", rate("largest_placed"), "target >= 90 %; site-blind")
+        line("  and its size within ±50 %", rate("largest_size_ok"), "target >= 80 %")
+    line("some tumour region in requested organ", rate("placed"), "lenient: any fragment")
+    line("  the largest such region's size ±50 %", rate("size_ok"))
     line(">= 18 organ groups present", lambda rs: f"{np.mean([r['organs'] >= 18 for r in rs]):.1%}", "target >= 90 %")
     line("anatomical order holds", rate("order_ok"), "target >= 95 %")
     if "isolated" in rows[0]:

@@ -304,7 +304,8 @@ class GuideGenPipeline:
         if labels is None:
             label_map = self.labels([prompt], [findings], seed, steps, guidance, progress)[0]
             if self.clean_labels:
-                label_map, cleaned = clean_label_map(label_map, self.label_set.tumor_id, findings.tumor_count)
+                label_map, cleaned = clean_label_map(label_map, self.labels.affine(), self.label_set,
+                                                     findings.to_dict()["tumors"])
             affine = self.labels.affine()
             timings["labels_s"] = round(time.perf_counter() - t0, 3)
         else:

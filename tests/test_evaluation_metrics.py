@@ -169,27 +169,34 @@ def test_relabel_isolated_voxels_hand_cases():
     assert out[1, 1, 1] == 4  # neighbours: nine 5s, nine 4s, eight 6s → tie → smaller id
 
 
-def test_keep_largest_lesions_relabels_fragments_by_their_shell():
-    from guidegen.postprocess import clean_label_map, keep_largest_lesions
+def test_unrequested_tumour_regions_are_relabelled_by_their_shell():
+    from guidegen.postprocess import clean_label_map, drop_tumor_regions, keep_requested_lesions, tumor_regions
 
     liver, kidney, body, tum = LS.id_of("liver"), LS.id_of("kidney"), LS.id_of("body"), LS.tumor_id
     vol = np.full((16, 16, 16), body, np.uint8)
     vol[:8] = liver
     vol[8:] = kidney
-    vol[2:5, 2:5, 2:5] = tum  # the lesion: 27 voxels in the liver
     vol[11:13, 11:13, 11] = tum  # a 4-voxel fragment inside the kidney
-    vol[7, 14, 14] = tum  # a 1-voxel fragment on the liver/kidney border, diagonal to nothing else
-    out, n = keep_largest_lesions(vol, tum, keep=1)
-    assert n == 5 and (out == tum).sum() == 27 and (out[2:5, 2:5, 2:5] == tum).all()
+    vol[2:5, 2:5, 2:5] = tum  # a 27-voxel lesion in the liver (region 1: regions are numbered in scan order)
+    vol[7, 14, 14] = tum  # a 1-voxel fragment on the liver/kidney border
+    cc, n = tumor_regions(vol, tum)
+    assert n == 3 and cc[3, 3, 3] == 1 and cc[7, 14, 14] == 2 and cc[11, 11, 11] == 3
+    out, changed = drop_tumor_regions(vol, tum, keep={1})
+    assert changed == 5 and (out == tum).sum() == 27 and (out[2:5, 2:5, 2:5] == tum).all()
     assert (out[11:13, 11:13, 11] == kidney).all()
     # shell of (7,14,14): 9 voxels at x=6 and 8 at x=7 are liver (17), 9 at x=8 kidney -> liver
     assert out[7, 14, 14] == liver
-    assert np.array_equal(out[out != tum], np.where(vol == tum, out, vol)[out != tum])  # nothing else moved
-    # keep 2 keeps the fragment too; keep 0 (no tumour asked) and keep >= regions change nothing
-    assert (keep_largest_lesions(vol, tum, keep=2)[0] == tum).sum() == 31
-    for keep in (0, 3, 5):
-        same, n0 = keep_largest_lesions(vol, tum, keep=keep)
-        assert n0 == 0 and np.array_equal(same, vol)
+    assert np.array_equal(out[vol != tum], vol[vol != tum])  # nothing else moved
+    affine = np.diag([7.0, 7.0, 7.0, 1.0])
+    # a liver tumour asked: the liver lesion stays; a kidney tumour asked: the kidney fragment stays
+    kept, _ = keep_requested_lesions(vol, affine, LS, [{"site": "liver", "side": None, "size_mm": 30.0}])
+    assert np.array_equal(kept, out)
+    kept, n_k = keep_requested_lesions(vol, affine, LS, [{"site": "kidney", "side": None, "size_mm": 20.0}])
+    assert n_k == 28 and (kept == tum).sum() == 4 and (kept[2:5, 2:5, 2:5] == liver).all()
+    # no tumour asked: nothing removed; an asked organ with no tumour region: every region removed
+    same, n0 = keep_requested_lesions(vol, affine, LS, [])
+    assert n0 == 0 and np.array_equal(same, vol)
+    assert (keep_requested_lesions(vol, affine, LS, [{"site": "spleen", "side": None, "size_mm": 20.0}])[0] == tum).sum() == 0
     # the default post-process: the lone border voxel is isolated (cleaned first), the 4-voxel one is stray
-    cleaned, counts = clean_label_map(vol, tum, requested_tumors=1)
+    cleaned, counts = clean_label_map(vol, affine, LS, [{"site": "liver", "side": None, "size_mm": 30.0}])
     assert counts == {"isolated_voxels": 1, "stray_tumor_voxels": 4} and (cleaned == tum).sum() == 27

@@ -72,7 +72,8 @@ def test_sampled_maps_get_the_cleanup_unless_raw(ckpt_root):
     raw, clean = raw_pipe(PROMPT, seed=5), clean_pipe(PROMPT, seed=5)
     assert raw.settings["label_cleanup_voxels"] is None and raw.settings["stray_tumor_voxels"] is None
     # same seed: same sampled map before cleanup; the prompt asks for one tumour
-    expected, changed = clean_label_map(raw.labels, clean_pipe.label_set.tumor_id, requested_tumors=1)
+    expected, changed = clean_label_map(raw.labels, raw.affine, clean_pipe.label_set, raw.findings.to_dict()["tumors"])
+    assert len(raw.findings.tumors) == 1
     np.testing.assert_array_equal(clean.labels, expected)
     assert clean.settings["label_cleanup_voxels"] == changed["isolated_voxels"] > 0  # a 2-step model leaves plenty of speckle
     assert clean.settings["stray_tumor_voxels"] == changed["stray_tumor_voxels"]

@@ -14,7 +14,7 @@ from scipy import linalg, ndimage
 from scipy.stats import wasserstein_distance
 
 from guidegen.labels import LabelSet
-from guidegen.postprocess import isolated_voxels
+from guidegen.postprocess import isolated_voxels, tumor_regions
 
 _STRUCT26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -194,7 +194,7 @@ def case_stats(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet) -> C
     tumors: list[TumorComponent] = []
     tid = label_set.tumor_id
     if tid is not None and volumes[tid] > 0:
-        lab, k = ndimage.label(labels == tid, structure=_STRUCT26)
+        lab, k = tumor_regions(labels, tid)  # the numbering guidegen.postprocess drops regions by
         for i in range(1, k + 1):
             m = lab == i
             shell = ndimage.binary_dilation(m, structure=_STRUCT26) & ~m
@@ -219,7 +219,8 @@ def match_tumors(requested: list[dict], stats: CaseStats, label_set: LabelSet, m
     hold a real lesion and a few stray tumour voxels, and a stray voxel deep in the organ must
     not stand for the lesion. Largest requests are matched first. Returns one dict per request: site, side,
     requested_mm, placed, measured_mm (equivalent-sphere diameter, or None), size_ok
-    (within ±50 % of the request, or None when unplaced or no size was asked).
+    (within ±50 % of the request, or None when unplaced or no size was asked) and region (the
+    index into ``stats.tumors`` of the matched region, or None).
     """
     results: list[dict] = []
     used: set[int] = set()
@@ -241,7 +242,8 @@ def match_tumors(requested: list[dict], stats: CaseStats, label_set: LabelSet, m
                         continue
                 if share >= min_share and (comp.voxels, share) > best_key:
                     best, best_key = j, (comp.voxels, share)
-        rec = {"site": site, "side": side, "requested_mm": size, "placed": best is not None, "measured_mm": None, "size_ok": None}
+        rec = {"site": site, "side": side, "requested_mm": size, "placed": best is not None, "measured_mm": None, "size_ok": None,
+               "region": best}
         if best is not None:
             used.add(best)
             d = stats.tumors[best].diameter_mm
