@@ -13,7 +13,7 @@
    real set's per-organ range, and the time ratio; and, as the instrument's own ceiling, the
    segmenter's Dice on held-out real cases.
 
-    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N]
+    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G]
                                   [--labels-from tcss|real] [--raw-labels] [--seg-steps N] [--seg-channels C,..] [--work DIR]
 """
 
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seg-steps", type=int, default=1500)
     ap.add_argument("--seg-channels", default="8,16,32,64", help="segmenter UNet channels per level")
     ap.add_argument("--tcss-steps", type=int, default=None, help="label-map sampler steps (default: the checkpoint's)")
+    ap.add_argument("--tcss-guidance", type=float, default=None, help="label-map guidance (default: the checkpoint's)")
     ap.add_argument("--labels-from", choices=("tcss", "real"), default="tcss",
                     help="label maps sampled by TCSS from the prompts, or held-out real phantom cases with their reports")
     ap.add_argument("--raw-labels", action="store_true", help="skip generate's cleanup (isolated voxels, stray lesions) of sampled label maps")
@@ -90,10 +91,11 @@ def main() -> None:
                  for text, f, lab in zip(held.texts, held.findings, held.labels)]
     else:
         cases = []
+        tcss_guidance = pipe.labels.cfg.tcss.guidance if args.tcss_guidance is None else args.tcss_guidance
         for i, (text, _) in enumerate(make_prompts(args.n)):
             f = prompt_findings(text)
             lab = pipe.labels([text], [f], seed=i, steps=args.tcss_steps or pipe.labels.cfg.tcss.sample_steps,
-                              guidance=pipe.labels.cfg.tcss.guidance)[0]
+                              guidance=tcss_guidance)[0]
             cases.append((text, f, lab if args.raw_labels else clean_label_map(lab, pipe.labels.affine(), ls, f.to_dict()["tumors"])[0]))
 
     samplers = {"ddim": pipe.ct.cfg.ldm.sample_steps} | ({"ddpm": pipe.ct.cfg.ldm.timesteps} if args.ddpm else {})
@@ -114,7 +116,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
           f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.n} label maps from {args.labels_from}"
-          f"{' (raw)' if args.raw_labels else ' (with the label-map cleanup)' if args.labels_from == 'tcss' else ''}; "
+          f"{' (raw)' if args.raw_labels else ' (with the label-map cleanup)' if args.labels_from == 'tcss' else ''}"
+          f"{f', TCSS guidance {tcss_guidance}' if args.labels_from == 'tcss' else ''}; "
           f"segmenter: UNet {seg_cfg.channels}, {args.seg_steps} steps on {args.n_real} real phantom cases")
     for name, r in results.items():
         print(f"{name:>5} ({samplers[name]} steps): {np.mean(r['seconds']):6.1f} s/CT | alignment mean organ Dice "
