@@ -303,10 +303,9 @@ class GuideGenPipeline:
         cleaned = {"isolated_voxels": None, "stray_tumor_voxels": None}  # voxels changed (None: not applied)
         if labels is None:
             label_map = self.labels([prompt], [findings], seed, steps, guidance, progress)[0]
-            if self.clean_labels:
-                label_map, cleaned = clean_label_map(label_map, self.labels.affine(), self.label_set,
-                                                     findings.to_dict()["tumors"])
             affine = self.labels.affine()
+            if self.clean_labels:
+                label_map, cleaned = clean_label_map(label_map, affine, self.label_set, findings.to_dict()["tumors"])
             timings["labels_s"] = round(time.perf_counter() - t0, 3)
         else:
             label_map, affine = labels, labels_affine if labels_affine is not None else np.eye(4)

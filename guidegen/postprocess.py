@@ -80,27 +80,40 @@ def tumor_regions(labels: np.ndarray, tumor_id: int) -> tuple[np.ndarray, int]:
     return ndimage.label(np.asarray(labels) == tumor_id, structure=_STRUCT26)
 
 
+def region_shells(labels: np.ndarray, regions: np.ndarray):
+    """For each region k = 1..n of ``regions`` (as from :func:`tumor_regions`), in order, yield
+    ``(k, box, mask, shell_labels)``: ``box`` the region's bounding box grown by one voxel (clipped
+    to the volume), ``mask`` the region inside it (bool), ``shell_labels`` (S,) the labels of its
+    1-voxel 26-neighbourhood shell. Voxels outside the volume are not part of the shell.
+
+    Works inside each box, so a map with many small fragments costs their boxes, not one pass
+    over the whole volume per fragment.
+    """
+    lab = np.asarray(labels)
+    for k, tight in enumerate(ndimage.find_objects(regions), start=1):
+        if tight is None:
+            continue
+        box = tuple(slice(max(t.start - 1, 0), min(t.stop + 1, size)) for t, size in zip(tight, regions.shape))
+        mask = regions[box] == k
+        shell = ndimage.binary_dilation(mask, structure=_STRUCT26) & ~mask
+        yield k, box, mask, lab[box][shell]
+
+
 def drop_tumor_regions(labels: np.ndarray, tumor_id: int, keep: set[int]) -> tuple[np.ndarray, int]:
     """Relabel every tumour region (:func:`tumor_regions`) whose id is not in ``keep``.
 
-    A removed region takes the most frequent label in its 1-voxel shell (26-neighbourhood;
-    outside the volume counts as background; the shell holds no tumour, which would belong to
-    the region); ties go to the smaller label id. Returns ``(cleaned copy, voxels changed)``.
+    A removed region takes the most frequent label in its shell (:func:`region_shells`; the shell
+    holds no tumour, which would belong to the region); ties go to the smaller label id, and a
+    region with no shell (the whole volume) becomes background. Returns ``(cleaned copy, voxels changed)``.
     """
     lab = np.asarray(labels)
     out = lab.copy()
-    cc, n = tumor_regions(lab, tumor_id)
-    padded_cc, padded_lab = np.pad(cc, 1), np.pad(lab, 1, constant_values=0)
     changed = 0
-    for k, box in enumerate(ndimage.find_objects(padded_cc), start=1):
-        if k in keep or box is None:
+    for k, box, mask, shell_labels in region_shells(lab, tumor_regions(lab, tumor_id)[0]):
+        if k in keep:
             continue
-        grown = tuple(slice(b.start - 1, b.stop + 1) for b in box)  # room for the shell
-        region = padded_cc[grown] == k
-        shell = ndimage.binary_dilation(region, structure=_STRUCT26) & ~region
-        fill = np.bincount(padded_lab[grown][shell].astype(np.int64)).argmax()
-        out[tuple(slice(b.start - 1, b.stop - 1) for b in box)][region[1:-1, 1:-1, 1:-1]] = fill
-        changed += int(region.sum())
+        out[box][mask] = np.bincount(shell_labels.astype(np.int64)).argmax() if shell_labels.size else 0
+        changed += int(mask.sum())
     return out, changed
 
 

@@ -14,7 +14,7 @@ from scipy import linalg, ndimage
 from scipy.stats import wasserstein_distance
 
 from guidegen.labels import LabelSet
-from guidegen.postprocess import isolated_voxels, tumor_regions
+from guidegen.postprocess import isolated_voxels, region_shells, tumor_regions
 
 _STRUCT26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -194,12 +194,11 @@ def case_stats(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet) -> C
     tumors: list[TumorComponent] = []
     tid = label_set.tumor_id
     if tid is not None and volumes[tid] > 0:
-        lab, k = tumor_regions(labels, tid)  # the numbering guidegen.postprocess drops regions by
-        for i in range(1, k + 1):
-            m = lab == i
-            shell = ndimage.binary_dilation(m, structure=_STRUCT26) & ~m
-            counts = np.bincount(labels[shell].astype(np.int64), minlength=n)[:n]
-            tumors.append(TumorComponent(int(m.sum()), float(m.sum() * voxel_ml), _world(affine, np.argwhere(m).mean(0)), counts))
+        # the numbering guidegen.postprocess drops regions by: tumors[j] is region j + 1
+        for _, box, mask, shell_labels in region_shells(labels, tumor_regions(labels, tid)[0]):
+            counts = np.bincount(shell_labels.astype(np.int64), minlength=n)[:n]
+            centroid = np.argwhere(mask).mean(0) + [b.start for b in box]
+            tumors.append(TumorComponent(int(mask.sum()), float(mask.sum() * voxel_ml), _world(affine, centroid), counts))
     spine = labels == label_set.id_of("vertebrae") if "vertebrae" in label_set.names else np.zeros_like(labels, bool)
     ref = spine if spine.any() else labels > 0
     midline = float(_world(affine, np.argwhere(ref).mean(0))[0]) if ref.any() else 0.0
