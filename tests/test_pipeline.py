@@ -42,7 +42,7 @@ def test_generate_writes_a_paired_sample(ckpt_root, tmp_path, label_set):
     meta = reader.meta(case)
     assert meta["seed"] == 3 and {"labels_s", "ct_s", "total_s"} <= set(meta["timings"])
     assert set(meta["models"]) == {"tcss", "autoencoder", "ldm"}
-    assert "passed" in meta["qc"] and "medians" in meta["qc"]["hu"]
+    assert "passed" in meta["qc"] and meta["qc"]["hu"]["statistic"] == "trimmed_mean_10" and "air" in meta["qc"]["hu"]["levels"]
     reference = json.loads((ckpt_root / "ldm" / "meta.json").read_text())["hu_reference"]  # QC compares against it
     assert reference["air"][0] <= reference["air"][1] < -500 and "liver" in reference
     assert (out / "previews" / f"{case}.png").is_file()

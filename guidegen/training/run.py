@@ -79,7 +79,7 @@ def lineage_meta(init_from: str | Path, steps: int) -> dict:
 
 
 def training_hu_reference(ct_dataset, label_set, max_cases: int = 64) -> dict:
-    """Per-class ranges of HU medians over (up to ``max_cases``) training cases, for generate's QC."""
+    """Per-class ranges of HU levels (``qc.HU_STATISTIC``) over (up to ``max_cases``) training cases, for generate's QC."""
     from guidegen.qc import hu_reference
 
     n = min(len(ct_dataset), max_cases)
@@ -125,7 +125,10 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
     if init_from is not None:
         meta.update(lineage_meta(init_from, trainer.step))
     if stage == "ldm":
+        from guidegen.qc import HU_STATISTIC
+
         meta["hu_reference"] = training_hu_reference(dataset.source, label_set)
+        meta["hu_reference_statistic"] = HU_STATISTIC
     export = out / "export"
     if trainer.is_main:  # under DDP the replicas are identical: one rank writes, the others wait for it
         export_checkpoint(trainer, export, stage, cfg, {**meta, "interrupted": result.interrupted})

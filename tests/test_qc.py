@@ -1,0 +1,75 @@
+"""Per-sample QC (guidegen.qc): HU levels, the training reference and the label-map checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guidegen import qc
+
+
+def test_trimmed_mean_hand_computed():
+    v = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1000.0])  # 11 values: int(1.1) = 1 cut at each end
+    assert qc.trimmed_mean(v) == pytest.approx(5.0)
+    assert qc.trimmed_mean(np.array([3.0, 4.0])) == pytest.approx(3.5)  # nothing to cut
+
+
+def _bone_case(label_set, cortex_share: float, blur: bool):
+    """A label map with a rib block of 100 voxels: cortex at 920 HU, marrow at 290 HU (or its mean)."""
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[:1] = label_set.id_of("rib")
+    ct = np.full(labels.shape, -1000.0, np.float32)
+    n_cortex = int(round(cortex_share * 100))
+    rib = np.r_[np.full(n_cortex, 920.0), np.full(100 - n_cortex, 290.0)]
+    ct[:1] = (np.full(100, rib.mean()) if blur else rib).reshape(1, 10, 10)
+    return ct, labels
+
+
+def test_hu_level_of_a_bimodal_class_follows_its_mean_not_its_majority_mode(label_set):
+    # the failure the trimmed mean fixes: a blurred rib keeps its mean but not its median
+    sharp, labels = _bone_case(label_set, 0.6, blur=False)
+    blurred, _ = _bone_case(label_set, 0.6, blur=True)
+    med = lambda ct: qc.hu_levels(ct, labels, label_set, "median")["rib"]  # noqa: E731
+    lvl = lambda ct: qc.hu_levels(ct, labels, label_set)["rib"]  # noqa: E731
+    assert med(sharp) == 920.0 and med(blurred) == pytest.approx(668.0)
+    assert abs(lvl(sharp) - lvl(blurred)) < 30  # 10 % trimmed: (40·920 + 40·290)/80 = 605 vs 668
+    # a 55/45 case moves the median by 630 HU; the level moves continuously
+    other, _ = _bone_case(label_set, 0.45, blur=False)
+    assert med(other) == 290.0 and abs(lvl(other) - lvl(sharp)) < 120
+    assert qc.hu_levels(sharp, labels, label_set)["air"] == -1000.0
+
+
+def test_hu_checks_margin_statistic_and_message(label_set):
+    ct, labels = _bone_case(label_set, 0.6, blur=True)  # rib level 668, air -1000
+    ref = {"air": [-1001.0, -999.0], "rib": [700.0, 760.0]}
+    info, failures = qc.hu_checks(ct, labels, label_set, ref)
+    assert info["statistic"] == "trimmed_mean_10" and info["levels"]["rib"] == pytest.approx(668.0)
+    assert failures == ["rib HU level 668 outside training range [700, 760]"]  # 32 HU below: beyond the 25 HU margin
+    _, ok = qc.hu_checks(ct, labels, label_set, {"rib": [680.0, 760.0]})
+    assert ok == []  # 12 HU below, inside the margin
+    # an old reference (medians) is compared as medians: the sharp rib's median 920 is inside [900, 930]
+    sharp, _ = _bone_case(label_set, 0.6, blur=False)
+    assert qc.hu_checks(sharp, labels, label_set, {"rib": [900.0, 930.0]}, "median")[1] == []
+    assert qc.hu_checks(sharp, labels, label_set, {"rib": [900.0, 930.0]})[1] != []
+
+
+def test_hu_reference_ranges(label_set):
+    a, labels = _bone_case(label_set, 0.6, blur=True)
+    b = a.copy()
+    b[labels > 0] += 50
+    ref = qc.hu_reference([(a, labels), (b, labels)], label_set)
+    assert ref["rib"] == [pytest.approx(668.0), pytest.approx(718.0)] and ref["air"] == [-1000.0, -1000.0]
+
+
+def test_label_checks_name_the_failures(label_set):
+    from guidegen.data.phantom import render_phantom
+
+    case = render_phantom(0, (48, 48, 64))
+    info, failures = qc.label_checks(case.labels, case.affine, case.findings, label_set)
+    assert failures == [] and info["organs_present"] == 19
+    lab = case.labels.copy()
+    lab[lab == label_set.id_of("spleen")] = label_set.body_id
+    lab[lab == label_set.id_of("heart")] = label_set.body_id
+    _, failures = qc.label_checks(lab, case.affine, {"tumors": [{"site": "gallbladder", "side": None, "size_mm": 30}]}, label_set)
+    assert failures[0] == "only 17 organ groups present (missing spleen, heart)"
+    assert "requested gallbladder tumour not placed" in failures
