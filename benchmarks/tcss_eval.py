@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--no-injection", action="store_true", help="knowledge-injection ablation: raw report only, findings vector zeroed")
+    ap.add_argument("--site-gate", type=float, default=None, help="tumour-site gate strength (default: the checkpoint's tcss.site_gate)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
     ap.add_argument("--shard", default="0/1", help="I/N: evaluate only the prompts i with i %% N == I")
@@ -108,6 +109,8 @@ def main() -> None:
 
         gen.conditioner.prepare = no_findings
     guidance = gen.cfg.tcss.guidance if args.guidance is None else args.guidance
+    if args.site_gate is not None:
+        gen.site_gate = args.site_gate
     rows = []
     t0 = time.perf_counter()
     for i, (text, want) in enumerate(make_prompts(args.n)):
@@ -132,7 +135,7 @@ def main() -> None:
     secs = time.perf_counter() - t0
     settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
-                "steps": args.steps, "guidance": guidance, "injection": not args.no_injection,
+                "steps": args.steps, "guidance": guidance, "injection": not args.no_injection, "site_gate": gen.site_gate,
                 "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
     summarize(settings, rows, secs)
     if args.json:
@@ -151,7 +154,7 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
     print(f"machine: {settings['machine']}")
     print(f"checkpoint: {settings['checkpoint']}, prompts {len(rows)} of {settings['prompts']}, "
           f"sampler steps {settings['steps']}, guidance {settings['guidance']}, "
-          f"knowledge injection {'on' if settings['injection'] else 'off'}")
+          f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}")
     print(f"{'':<40}" + "".join(f"{name:>10}" for name, _ in cols))
     print(f"{'prompt parsed to the requested site':<40}{np.mean([r['parsed_ok'] for r in rows]):>10.1%}")
     if all("largest_placed" in r for _, rs in cols for r in rs):

@@ -88,6 +88,9 @@ class TCSSConfig(_Strict):
     # extra loss weight per class name (e.g. {"tumor": 4.0}): tumours are a tiny fraction of
     # the voxels, so without it the denoiser under-learns exactly what the prompt asks for
     class_weights: dict[str, float] = {}
+    # strength of the tumour-site gate on the x_0 logits (diffusion.categorical.site_gated_logits):
+    # tumour outside every organ the findings name keeps ~p_tumour^(1+gate) of its odds; 0 = off
+    site_gate: float = Field(0.0, ge=0)
     channels: tuple[int, ...] = (32, 64, 96, 128)
     attention_levels: tuple[bool, ...] = (False, False, True, True)
     num_res_blocks: int = Field(1, ge=1)
@@ -113,6 +116,12 @@ class AutoencoderConfig(_Strict):
     p_random_window: float = Field(0.25, ge=0, le=1)  # share of fully random HU windows in the loss
     kl_weight: float = Field(1e-6, ge=0)
     window_weight: float = Field(1.0, ge=0)
+    # average the random-window L1 per label class (like class_l1) instead of per voxel: a voxel
+    # mean is mostly air and body, so the window term pulled against the small structures
+    window_class_balanced: bool = False
+    # share of the loss windows centred on the mean HU of a random present class, 100-500 HU
+    # wide (training.ae_losses.class_window): the tumour-vs-host contrast gets a steep window
+    class_window_prob: float = Field(0.0, ge=0, le=1)
     ssim_weight: float = Field(0.2, ge=0)
     full_range_weight: float = Field(1.0, ge=0)
     # full-range L1 averaged per label class, so small structures (tumour, ribs) weigh like organs

@@ -105,6 +105,7 @@ class LabelMapGenerator:
         self.alphas_bar = cosine_schedule(self.cfg.tcss.timesteps).to(device)
         self.grid = tuple(self.meta.get("grid", self.cfg.data.grid))
         self.spacing = tuple(self.meta.get("spacing_mm", (1.0, 1.0, 1.0)))
+        self.site_gate = self.cfg.tcss.site_gate  # strength of the tumour-site gate; may be overridden
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], findings: list[Findings], seed: int, steps: int, guidance: float, progress: bool = False) -> np.ndarray:
@@ -113,8 +114,8 @@ class LabelMapGenerator:
 
         cond = {k: v.to(self.device) for k, v in self.conditioner.prepare(prompts, findings).items()}
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        maps = sample_label_maps(self.model, cond, self.grid, self.alphas_bar, self.label_set.num_classes, steps=steps,
-                                 guidance=guidance, generator=gen, progress=progress)
+        maps = sample_label_maps(self.model, cond, self.grid, self.alphas_bar, self.label_set, steps=steps,
+                                 guidance=guidance, generator=gen, site_gate=self.site_gate, progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:

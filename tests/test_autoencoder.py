@@ -270,6 +270,47 @@ def test_class_balanced_l1_hand_values_and_generator_term():
     torch.testing.assert_close(g["loss"].detach(), base["loss"].detach() + 2.0 * g["l1_class"], rtol=1e-5, atol=1e-6)
 
 
+def test_window_l1_class_balanced_averages_each_class_inside_the_window():
+    target = hu_to_norm(torch.zeros(1, 1, 8, 8, 8))  # all 0 HU
+    recon_hu = torch.full((1, 1, 8, 8, 8), 10.0)
+    recon_hu[0, 0, 4, 4, 4] = 100.0
+    recon = hu_to_norm(recon_hu)
+    labels = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    labels[0, 4, 4, 4] = 7  # a one-voxel class with a large error
+    seen_contrast = 0
+    for seed in range(8):  # windows are random: some clamp 0 and 100 HU alike
+        terms = AutoencoderLoss(window_class_balanced=True).reconstruction_terms(
+            recon, target, torch.Generator().manual_seed(seed), labels)
+        c, w = window_to_norm(*random_window(torch.Generator().manual_seed(seed), 1), (-1024.0, 2048.0))
+        win_r, win_t = apply_window(recon, c, w), apply_window(target, c, w)
+        torch.testing.assert_close(terms["l1_window"], class_balanced_l1(win_r, win_t, labels))
+        plain = AutoencoderLoss().reconstruction_terms(recon, target, torch.Generator().manual_seed(seed), labels)
+        torch.testing.assert_close(plain["l1_window"], (win_r - win_t).abs().mean())
+        if plain["l1_window"] > 0:  # the one-voxel class with the large error counts half, not 1/512
+            seen_contrast += 1
+            assert terms["l1_window"] > 2 * plain["l1_window"]
+    assert seen_contrast >= 2
+
+
+def test_class_window_centres_on_a_present_class():
+    from guidegen.training.ae_losses import CLASS_WINDOW_WIDTH_HU, class_window
+
+    ct = torch.full((1, 1, 8, 8, 8), 40.0)
+    labels = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    ct[0, 0, 4, 4, 4], labels[0, 4, 4, 4] = -20.0, 20  # a one-voxel "tumour" at -20 HU in a 40 HU organ
+    ct[0, 0, 4, 4, 5] = -10.0  # another organ voxel: the organ's mean is (511·40 - 10) / 511
+    gen = torch.Generator().manual_seed(0)
+    centres = [class_window(ct, labels, gen) for _ in range(40)]
+    seen = {round(float(c[0]), 3) for c, _ in centres}
+    assert seen == {-20.0, round((510 * 40.0 - 10.0) / 511, 3)}  # both classes drawn, each at its mean
+    assert all(CLASS_WINDOW_WIDTH_HU[0] <= float(w[0]) <= CLASS_WINDOW_WIDTH_HU[1] for _, w in centres)
+    # with class_window_prob 1 every loss window is one of these (same draws from the generator)
+    loss = AutoencoderLoss(class_window_prob=1.0, window_class_balanced=True)
+    x = hu_to_norm(ct)
+    terms = loss.reconstruction_terms(x + 0.01, x, torch.Generator().manual_seed(1), labels)
+    assert terms["l1_window"] > 0.01 * 3072 / 2 / 500  # a ≤ 500 HU window: steeper than the full range
+
+
 def test_random_crop_focus_centres_on_small_classes():
     from guidegen.training.autoencoder import random_crop
 

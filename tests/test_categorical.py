@@ -284,3 +284,32 @@ def test_guidance():
     calls.clear()
     plain = cat.classifier_free_guidance(model_fn, ctx, null, 1.0)(x, t)
     assert calls == [2] and torch.equal(plain, 2 * x)
+
+
+def test_guided_transform_applies_after_guidance():
+    x = cat.one_hot(torch.randint(0, K, (2, 2, 2, 2), generator=torch.Generator().manual_seed(1)), K)
+    ctx, null = torch.full((2, 5, 8), 2.0), torch.zeros(1, 5, 8)
+    model_fn = lambda x, t, c: x * c.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1) + 1.0  # noqa: E731
+    square = lambda logits: logits**2  # noqa: E731  (not shift-invariant: shows where it is applied)
+    guided = cat.classifier_free_guidance(model_fn, ctx, null, 3.0, square)(x, torch.tensor([2, 2]))
+    torch.testing.assert_close(guided, cat.guided_logits(2 * x + 1.0, 0 * x + 1.0, 3.0) ** 2)
+    plain = cat.classifier_free_guidance(model_fn, ctx, null, 1.0, square)(x, torch.tensor([2, 2]))
+    torch.testing.assert_close(plain, (2 * x + 1.0) ** 2)
+
+
+def test_site_gated_logits_hand_computed():
+    # K = 4: 0 background, 1 liver, 2 lung, 3 tumour; one voxel per case
+    probs = torch.tensor([[0.1, 0.6, 0.1, 0.2],    # voxel 0: inside the liver
+                          [0.1, 0.05, 0.75, 0.1]])  # voxel 1: in the lung
+    logits = torch.log(probs).T.unsqueeze(0).repeat(2, 1, 1)  # (B=2, K=4, 2 voxels), both cases alike
+    sites = torch.tensor([[False, True, False, False], [False, False, False, False]])  # case 0: liver tumour
+    out = cat.site_gated_logits(logits, sites, tumor_id=3, strength=1.0)
+    assert torch.equal(out[:, :3], logits[:, :3]) and torch.equal(out[1], logits[1])  # only case 0's tumour channel
+    # g = log(p_liver + p_tumour): voxel 0 log 0.8 (the maximum), voxel 1 log 0.15 → shifts 0, log(0.15 / 0.8)
+    torch.testing.assert_close(out[0, 3] - logits[0, 3], torch.tensor([0.0, float(torch.log(torch.tensor(0.15 / 0.8)))]))
+    p = out[0].softmax(0)
+    assert p[3, 1] < 0.025  # in the lung: tumour probability 0.1 → 0.02
+    torch.testing.assert_close(p[3, 0], torch.tensor(0.2))  # the most liver-like voxel: unchanged
+    torch.testing.assert_close(cat.site_gated_logits(logits, sites, 3, 0.0), logits)
+    twice = cat.site_gated_logits(logits, sites, 3, 2.0)
+    torch.testing.assert_close(twice[0, 3] - logits[0, 3], 2 * (out[0, 3] - logits[0, 3]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,21 @@ def test_patch_size_folds_blocks_into_channels():
     assert diff[5, 9, 13] > 0
     with pytest.raises(GuideGenError, match="data.grid"):
         model(cat.one_hot(torch.zeros(1, 16, 16, 18, dtype=torch.long), K), t, ctx)
+
+
+def test_tumor_site_classes_from_findings_vector(label_set):
+    from guidegen.text.findings import parse_findings
+    from guidegen.text.prompts import findings_vector
+    from guidegen.training.tcss import site_gate_fn, tumor_site_classes
+
+    texts = ["4 cm mass in the left kidney and a 2 cm lesion in the liver.", "No focal lesion.", "Liver mass."]
+    vec = torch.from_numpy(np.stack([findings_vector(parse_findings(t)) for t in texts]))
+    sites = tumor_site_classes(vec, label_set)
+    assert sites.shape == (3, label_set.num_classes)
+    assert {label_set.name_of(int(i)) for i in sites[0].nonzero()} == {"kidney", "liver"}
+    assert not sites[1].any() and {label_set.name_of(int(i)) for i in sites[2].nonzero()} == {"liver"}
+    assert not tumor_site_classes(torch.zeros_like(vec), label_set).any()  # the no-knowledge ablation
+    logits = torch.randn(3, label_set.num_classes, 2, 2, 2)
+    gated = site_gate_fn(vec, label_set, 1.0, drop=torch.tensor([False, False, True]))(logits)
+    assert not torch.equal(gated[0], logits[0]) and torch.equal(gated[1:], logits[1:])  # row 2 dropped
+    assert site_gate_fn(vec, label_set, 0.0) is None

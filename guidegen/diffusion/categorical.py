@@ -282,22 +282,67 @@ def guided_logits(cond_logits: Tensor, uncond_logits: Tensor, scale: float) -> T
 
 
 def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], context: Tensor,
-                             null_context: Tensor, scale: float) -> DenoiseFn:
+                             null_context: Tensor, scale: float,
+                             guided_transform: Callable[[Tensor], Tensor] | None = None) -> DenoiseFn:
     """Turn ``model_fn(xt_onehot, t, context) -> logits`` into a guided :data:`DenoiseFn`.
 
     The conditional and unconditional passes run as one doubled batch. ``null_context`` is
     (1 or B, Q, D) and is broadcast to ``context`` (B, Q, D). scale == 1 skips the null pass.
+    ``guided_transform`` (e.g. :func:`site_gated_logits`) maps the guided logits: applied to the
+    conditional logits alone, guidance would multiply its effect by ``scale`` (at 4 a gate of
+    -0.7 becomes -2.8 and the tumour vanished everywhere: tcss_eval, session notes).
+    At scale 1 it is exactly what training applies to the conditional rows.
     """
+    keep = guided_transform if guided_transform is not None else (lambda logits: logits)
     if scale == 1.0:
-        return lambda x, t: model_fn(x, t, context)
+        return lambda x, t: keep(model_fn(x, t, context))
     null = null_context.expand_as(context)
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         both = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null]))
         cond, uncond = both.chunk(2)
-        return guided_logits(cond, uncond, scale)
+        return keep(guided_logits(cond, uncond, scale))
 
     return denoise
+
+
+def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, strength: float = 1.0) -> Tensor:
+    """Tumour x_0 logits gated by the model's own belief that a voxel lies in a requested site.
+
+    ``logit'_tumour = logit_tumour + strength · (g - max g)``, ``g = log Σ_{k ∈ S ∪ {tumour}} p_k``,
+    p = softmax(logits), S = the organ classes the report puts a tumour in, max over the
+    volume of each case. Where the model is surest of a requested organ (or of tumour) nothing
+    changes; elsewhere g ≈ log p_tumour, so a tumour voxel outside every requested organ keeps
+    about p_tumour^strength of its odds relative to the best site voxel: scattered
+    low-confidence tumour is suppressed while a confident lesion survives (a soft constraint,
+    never a mask). Subtracting the maximum matters early in sampling, where the organ
+    probabilities are diffuse (p_site ≈ 0.3 even inside the organ): the plain log-sum then
+    lowered the tumour everywhere. This is the findings' *site* injected where the network's
+    output lives, next to the text cross-attention (why: README, issue #6 notes).
+
+    Args:
+        logits: (B, K, *spatial) x_0 logits.
+        site_classes: (B, K) bool, True for the classes a requested tumour may lie in; rows
+            with no True entry (no tumour site known, or a dropped condition) are unchanged.
+        tumor_id: class index of the tumour.  strength: >= 0; 0 returns ``logits`` unchanged.
+    Returns:
+        (B, K, *spatial) logits; only channel ``tumor_id`` differs.
+    """
+    if strength == 0:
+        return logits
+    allowed = site_classes.to(device=logits.device, dtype=torch.bool).clone()
+    active = allowed.any(dim=1)  # (B,)
+    if not bool(active.any()):
+        return logits
+    allowed[:, tumor_id] = True
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    shape = (*allowed.shape, *([1] * (logits.dim() - 2)))
+    gate = torch.logsumexp(log_p.masked_fill(~allowed.view(shape), float("-inf")), dim=1)  # (B, *spatial)
+    gate = gate - gate.flatten(1).amax(dim=1).view(-1, *([1] * (logits.dim() - 2)))
+    gate = torch.where(active.view(-1, *([1] * (logits.dim() - 2))), gate, torch.zeros_like(gate))
+    out = logits.clone()
+    out[:, tumor_id] = logits[:, tumor_id] + (strength * gate).to(logits.dtype)
+    return out
 
 
 def gumbel_sample(log_probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

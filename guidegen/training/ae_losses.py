@@ -76,6 +76,30 @@ def random_window(generator: torch.Generator | None, batch: int, p_random: float
     return center, width
 
 
+CLASS_WINDOW_WIDTH_HU: tuple[float, float] = (100.0, 500.0)
+
+
+def class_window(target_hu: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                 width_hu: tuple[float, float] = CLASS_WINDOW_WIDTH_HU) -> tuple[torch.Tensor, torch.Tensor]:
+    """One narrow window per sample centred on the mean HU of a label class present in it.
+
+    The class is drawn uniformly among the classes present (so a tumour counts like the liver
+    around it); the width uniformly in ``width_hu``. A 50 HU tumour-vs-host difference is a
+    quarter of a 200 HU window but 3 % of the full range: these windows are where that contrast
+    gets its gradient. ``target_hu`` (B, 1, X, Y, Z) in HU, ``labels`` (B, X, Y, Z); returns
+    (center_hu (B,), width_hu (B,)) float32 on the CPU.
+    """
+    batch = labels.shape[0]
+    center = torch.empty(batch)
+    u = torch.rand(batch, 2, generator=generator)
+    for i in range(batch):
+        ids = labels[i].unique()
+        cls = ids[min(int(u[i, 0] * len(ids)), len(ids) - 1)]
+        center[i] = target_hu[i, 0][labels[i] == cls].float().mean().cpu()
+    width = width_hu[0] + (width_hu[1] - width_hu[0]) * u[:, 1]
+    return center, width
+
+
 def _per_sample(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
     """A scalar stays a scalar; a (B,) tensor becomes (B, 1, 1, ...) to broadcast over ``like``."""
     if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -176,6 +200,7 @@ class AutoencoderLoss(nn.Module):
 
     def __init__(self, hu_range: tuple[float, float] = DEFAULT_HU_RANGE, window_weight: float = 1.0,
                  ssim_weight: float = 0.2, full_range_weight: float = 1.0, class_l1_weight: float = 0.0,
+                 window_class_balanced: bool = False, class_window_prob: float = 0.0,
                  class_l1_class_weights: torch.Tensor | None = None, kl_weight: float = 1e-6,
                  adv_weight: float = 0.05, disc_start: int = 1000, num_slices: int = 2, p_random_window: float = 0.25,
                  disc_channels: int = 16, disc_layers: int = 3, ssim_win_size: int = 7) -> None:
@@ -183,7 +208,8 @@ class AutoencoderLoss(nn.Module):
         self.hu_range = (float(hu_range[0]), float(hu_range[1]))
         self.window_weight, self.ssim_weight = window_weight, ssim_weight
         self.full_range_weight, self.kl_weight = full_range_weight, kl_weight
-        self.class_l1_weight = class_l1_weight
+        self.class_l1_weight, self.window_class_balanced = class_l1_weight, window_class_balanced
+        self.class_window_prob = class_window_prob
         # (K,) weights inside the class-balanced L1; not saved with the module (the config has them)
         self.register_buffer("class_l1_class_weights", class_l1_class_weights, persistent=False)
         self.adv_weight, self.disc_start = adv_weight, disc_start
@@ -200,6 +226,7 @@ class AutoencoderLoss(nn.Module):
         return cls(disc_layers=disc_layers_for(grid) if grid else 3, hu_range=tuple(cfg.hu_range),
                    window_weight=cfg.window_weight, ssim_weight=cfg.ssim_weight,
                    full_range_weight=cfg.full_range_weight, class_l1_weight=cfg.class_l1_weight,
+                   window_class_balanced=cfg.window_class_balanced, class_window_prob=cfg.class_window_prob,
                    class_l1_class_weights=class_l1_class_weights,
                    kl_weight=cfg.kl_weight, adv_weight=cfg.adv_weight,
                    disc_start=cfg.disc_start, p_random_window=cfg.p_random_window)
@@ -217,11 +244,21 @@ class AutoencoderLoss(nn.Module):
                              generator: torch.Generator | None = None,
                              labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Random-window L1 and 1-SSIM (window drawn per sample), full-range L1 and, when
-        ``labels`` (B, X, Y, Z) are given, the class-balanced full-range L1; each a scalar."""
+        ``labels`` (B, X, Y, Z) are given, the class-balanced full-range L1; each a scalar.
+        With ``window_class_balanced`` and ``labels`` the window L1 is class-balanced too; with
+        ``class_window_prob`` and ``labels`` that share of the windows is a :func:`class_window`."""
         center_hu, width_hu = random_window(generator, target.shape[0], self.p_random_window)
+        if self.class_window_prob > 0 and labels is not None:
+            use = torch.rand(target.shape[0], generator=generator) < self.class_window_prob
+            if bool(use.any()):
+                lo, hi = self.hu_range
+                c_cls, w_cls = class_window(lo + (target.detach() + 1) * (hi - lo) / 2, labels, generator)
+                center_hu, width_hu = torch.where(use, c_cls, center_hu), torch.where(use, w_cls, width_hu)
         c, w = window_to_norm(center_hu, width_hu, self.hu_range)
         win_t, win_r = apply_window(target, c, w), apply_window(recon, c, w)
-        terms = {"l1_window": (win_r - win_t).abs().mean(),
+        balanced = self.window_class_balanced and labels is not None
+        terms = {"l1_window": class_balanced_l1(win_r, win_t, labels, self.class_l1_class_weights) if balanced
+                 else (win_r - win_t).abs().mean(),
                  "ssim_window": self.ssim(win_r, win_t),
                  "l1_full": (recon - target).abs().mean()}
         if labels is not None:
@@ -234,10 +271,11 @@ class AutoencoderLoss(nn.Module):
                        labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Autoencoder objective; ``last_layer`` (the decoder's output weight) enables the adaptive
         weight; ``labels`` (B, X, Y, Z) enable the class-balanced L1 (``class_l1_weight``)."""
-        terms = self.reconstruction_terms(recon, target, generator, labels if self.class_l1_weight > 0 else None)
+        needs_labels = self.class_l1_weight > 0 or self.window_class_balanced or self.class_window_prob > 0
+        terms = self.reconstruction_terms(recon, target, generator, labels if needs_labels else None)
         rec = (self.window_weight * terms["l1_window"] + self.ssim_weight * terms["ssim_window"]
                + self.full_range_weight * terms["l1_full"])
-        if "l1_class" in terms:
+        if "l1_class" in terms and self.class_l1_weight > 0:
             rec = rec + self.class_l1_weight * terms["l1_class"]
         kl = posterior.kl().mean()
         loss = rec + self.kl_weight * kl

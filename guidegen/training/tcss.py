@@ -32,18 +32,50 @@ def build_tcss_model(cfg: GuideGenConfig, label_set: LabelSet, text_dim: int) ->
     return ConditionedDenoiser(injector, unet)
 
 
+def tumor_site_classes(findings_vec: torch.Tensor, label_set: LabelSet) -> torch.Tensor:
+    """(B, K) bool: the label classes the findings put a tumour in, read from the findings vector.
+
+    ``findings_vec`` (B, FINDINGS_DIM) holds one ``site_counts`` entry per organ group of
+    :data:`~guidegen.text.findings.ORGAN_SITES`; sites are matched to the label set by name, so a
+    custom label set without some group simply never gates on it. All False for a row without a
+    tumour site (including the zeroed vector of the no-knowledge ablation).
+    """
+    from guidegen.text.findings import ORGAN_SITES
+    from guidegen.text.prompts import findings_slices
+
+    counts = findings_vec[:, findings_slices()["site_counts"]] > 0  # (B, len(ORGAN_SITES))
+    out = torch.zeros(findings_vec.shape[0], label_set.num_classes, dtype=torch.bool, device=findings_vec.device)
+    for j, site in enumerate(ORGAN_SITES):
+        if site in label_set.names:
+            out[:, label_set.id_of(site)] = counts[:, j]
+    return out
+
+
+def site_gate_fn(findings_vec: torch.Tensor, label_set: LabelSet, strength: float, drop: torch.Tensor | None = None):
+    """``logits -> site-gated logits`` for a batch (see :func:`~guidegen.diffusion.categorical.site_gated_logits`),
+    or None when the gate is off (strength 0 or no tumour class). Rows in ``drop`` (B,) bool are not gated."""
+    if strength == 0 or label_set.tumor_id is None:
+        return None
+    sites = tumor_site_classes(findings_vec, label_set)
+    if drop is not None:
+        sites = sites & ~drop.view(-1, 1)
+    return lambda logits: cat.site_gated_logits(logits, sites, label_set.tumor_id, strength)
+
+
 @torch.no_grad()
 def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, int, int], alphas_bar: torch.Tensor,
-                      num_classes: int, *, steps: int, guidance: float, generator: torch.Generator,
-                      progress: bool = False) -> torch.Tensor:
+                      label_set: LabelSet, *, steps: int, guidance: float, generator: torch.Generator,
+                      site_gate: float = 0.0, progress: bool = False) -> torch.Tensor:
     """Sample label maps ``(B, X, Y, Z)`` long for prepared condition tensors ``cond``.
 
     ``steps`` == T runs the full ancestral sampler; fewer uses the strided sampler. Guidance
-    is classifier-free on the x0 logits with the model's learned null context.
+    is classifier-free on the x0 logits with the model's learned null context; ``site_gate``
+    > 0 gates the guided tumour logits by the requested sites (:func:`site_gate_fn`).
     """
-    b = cond["tokens"].shape[0]
+    b, num_classes = cond["tokens"].shape[0], label_set.num_classes
     context = model.context(cond["tokens"], cond["mask"], cond["findings_vec"])
-    denoise = cat.classifier_free_guidance(model.net, context, model.null_context(1), guidance)
+    gate = site_gate_fn(cond["findings_vec"], label_set, site_gate)
+    denoise = cat.classifier_free_guidance(model.net, context, model.null_context(1), guidance, gate)
     shape = (b, *grid)
     timesteps = alphas_bar.shape[0] - 1
     if steps >= timesteps:
@@ -71,6 +103,9 @@ class TCSSTask(StageTask):
         xt = cat.q_sample(x0, t, ab, k)
         drop = sample_drop_mask(b, self.cfg.text.cond_drop_prob, device=ctx.device)
         logits = ctx.modules["model"](cat.one_hot(xt, k), t, cond["tokens"], cond["mask"], cond["findings_vec"], drop)
+        gate = site_gate_fn(cond["findings_vec"], self.label_set, self.cfg.tcss.site_gate, drop)
+        if gate is not None:
+            logits = gate(logits)
         # KL (+ class-weighted auxiliary x0 cross-entropy) is the loss; plain KL/CE are logged
         loss = cat.kl_loss(x0, xt, logits, t, ab, aux_ce_weight=self.cfg.tcss.aux_ce_weight, class_weights=self.class_weights)
         with torch.no_grad():
@@ -86,7 +121,8 @@ class TCSSTask(StageTask):
         device = next(model.parameters()).device
         cond = {k: v.to(device) for k, v in self.conditioner.prepare(list(SAMPLE_PROMPTS)).items()}
         gen = torch.Generator(device=device).manual_seed(step)
-        maps = sample_label_maps(model, cond, self.cfg.data.grid, self.alphas_bar.to(device), self.label_set.num_classes,
-                                 steps=min(25, self.cfg.tcss.timesteps), guidance=self.cfg.tcss.guidance, generator=gen)
+        maps = sample_label_maps(model, cond, self.cfg.data.grid, self.alphas_bar.to(device), self.label_set,
+                                 steps=min(25, self.cfg.tcss.timesteps), guidance=self.cfg.tcss.guidance, generator=gen,
+                                 site_gate=self.cfg.tcss.site_gate)
         for i, lab in enumerate(maps.cpu().numpy().astype("uint8")):
             save_case_preview(out_dir / f"step{step:07d}_prompt{i}.png", lab, None, self.label_set, title=f"step {step}: {SAMPLE_PROMPTS[i]}")
