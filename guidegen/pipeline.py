@@ -311,6 +311,7 @@ class GuideGenPipeline:
         else:
             label_map, affine = labels, labels_affine if labels_affine is not None else np.eye(4)
         settings = {"tcss_steps": steps if labels is None else None, "tcss_guidance": guidance if labels is None else None,
+                    "tcss_site_gate": self.labels.site_gate if labels is None else None,
                     "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"]}
         ct = None
         if self.ct is not None:
