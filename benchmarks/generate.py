@@ -63,7 +63,7 @@ def main() -> None:
     from guidegen.models.segmenter import SegmenterConfig, segment
     from guidegen.pipeline import GuideGenPipeline, prompt_findings
     from guidegen.postprocess import clean_label_map
-    from guidegen.qc import hu_levels, hu_reference
+    from guidegen.qc import HU_STATISTIC, hu_levels, hu_reference
     from guidegen.text.findings import Findings
 
     pipe = GuideGenPipeline.from_pretrained(args.checkpoint)
@@ -75,7 +75,7 @@ def main() -> None:
     real = load_eval_set(real_dir, grid)
     seg_cfg = SegmenterConfig(channels=tuple(int(c) for c in args.seg_channels.split(",")), steps=args.seg_steps)
     seg = trained_segmenter(real, seg_cfg, work / "cache", "segmenter")[0]
-    stats = ("trimmed_mean_10", "median")
+    stats = (HU_STATISTIC, "median")
     refs = {st: hu_reference(zip(real.ct, real.labels), ls, st) for st in stats}
     held_dir = work / f"heldout_{args.n}_{'x'.join(map(str, grid))}"
     if not (held_dir / "dataset.json").is_file():

@@ -6,11 +6,11 @@ with the ranges seen in training, which the latent-generator checkpoint carries 
 (``hu_reference``, written by :func:`hu_reference`, and ``hu_reference_statistic``).
 
 The HU level of a class is its 10 % trimmed mean (:func:`trimmed_mean`), not its median. Bone
-classes are bimodal at CT voxel sizes - in the phantom a rib is ~60 % cortex at ~920 HU and
-~40 % marrow near 290 HU - so their median sits on whichever mode has the majority: the real
+classes are bimodal at CT voxel sizes - in the phantom a rib is ~70 % cortex at ~920 HU and
+~30 % marrow near 290 HU - so their median sits on whichever mode has the majority: the real
 vertebra medians jump between 306 and 630 HU from case to case while their means stay at
 ~500, and an autoencoder that blurs the two modes moves the median by ~160 HU while keeping
-the mean within ~20 HU (seeds 0-2, the shipped demo autoencoder). A calibration check must
+the mean within 35 HU (rib means 14-33 HU off, seeds 0-2, the shipped demo autoencoder). A calibration check must
 follow the mean; trimming 10 % at each end keeps it robust to partial-volume outliers at the
 class border. References written before this (no statistic recorded) hold medians and are
 compared as medians.

@@ -335,11 +335,11 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
     if not bool(active.any()):
         return logits
     allowed[:, tumor_id] = True
+    ones = [1] * (logits.dim() - 2)  # broadcast (B,) / (B, K) over the spatial dims
     log_p = torch.log_softmax(logits.float(), dim=1)
-    shape = (*allowed.shape, *([1] * (logits.dim() - 2)))
-    gate = torch.logsumexp(log_p.masked_fill(~allowed.view(shape), float("-inf")), dim=1)  # (B, *spatial)
-    gate = gate - gate.flatten(1).amax(dim=1).view(-1, *([1] * (logits.dim() - 2)))
-    gate = torch.where(active.view(-1, *([1] * (logits.dim() - 2))), gate, torch.zeros_like(gate))
+    gate = torch.logsumexp(log_p.masked_fill(~allowed.view(*allowed.shape, *ones), float("-inf")), dim=1)  # (B, *spatial)
+    gate = gate - gate.flatten(1).amax(dim=1).view(-1, *ones)
+    gate = torch.where(active.view(-1, *ones), gate, torch.zeros_like(gate))
     out = logits.clone()
     out[:, tumor_id] = logits[:, tumor_id] + (strength * gate).to(logits.dtype)
     return out

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import SSIMLoss
 
-from guidegen.models.autoencoder import DEFAULT_HU_RANGE, DiagonalGaussian
+from guidegen.models.autoencoder import DEFAULT_HU_RANGE, DiagonalGaussian, norm_to_hu
 from guidegen.models.discriminators import SliceDiscriminator, VolumeDiscriminator, multi_window, random_slices
 
 if TYPE_CHECKING:
@@ -251,8 +251,7 @@ class AutoencoderLoss(nn.Module):
         if self.class_window_prob > 0 and labels is not None:
             use = torch.rand(target.shape[0], generator=generator) < self.class_window_prob
             if bool(use.any()):
-                lo, hi = self.hu_range
-                c_cls, w_cls = class_window(lo + (target.detach() + 1) * (hi - lo) / 2, labels, generator)
+                c_cls, w_cls = class_window(norm_to_hu(target.detach(), self.hu_range), labels, generator)
                 center_hu, width_hu = torch.where(use, c_cls, center_hu), torch.where(use, w_cls, width_hu)
         c, w = window_to_norm(center_hu, width_hu, self.hu_range)
         win_t, win_r = apply_window(target, c, w), apply_window(recon, c, w)
