@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--no-injection", action="store_true", help="knowledge-injection ablation: raw report only, findings vector zeroed")
     ap.add_argument("--site-gate", type=float, default=None, help="tumour-site gate strength (default: the checkpoint's tcss.site_gate)")
+    ap.add_argument("--size-guidance", type=float, default=None, help="tumour volume matching strength (default: the checkpoint's tcss.size_guidance)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
     ap.add_argument("--shard", default="0/1", help="I/N: evaluate only the prompts i with i %% N == I")
@@ -108,9 +109,12 @@ def main() -> None:
             return cond
 
         gen.conditioner.prepare = no_findings
+        args.site_gate = args.size_guidance = 0.0  # both read the parsed findings, which this arm withholds
     guidance = gen.cfg.tcss.guidance if args.guidance is None else args.guidance
     if args.site_gate is not None:
         gen.site_gate = args.site_gate
+    if args.size_guidance is not None:
+        gen.size_guidance = args.size_guidance
     rows = []
     t0 = time.perf_counter()
     for i, (text, want) in enumerate(make_prompts(args.n)):
@@ -136,6 +140,7 @@ def main() -> None:
     settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
                 "steps": args.steps, "guidance": guidance, "injection": not args.no_injection, "site_gate": gen.site_gate,
+                "size_guidance": gen.size_guidance, "size_guidance_pool": gen.cfg.tcss.size_guidance_pool,
                 "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
     summarize(settings, rows, secs)
     if args.json:
@@ -154,7 +159,8 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
     print(f"machine: {settings['machine']}")
     print(f"checkpoint: {settings['checkpoint']}, prompts {len(rows)} of {settings['prompts']}, "
           f"sampler steps {settings['steps']}, guidance {settings['guidance']}, "
-          f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}")
+          f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}, "
+          f"size guidance {settings.get('size_guidance', 0.0)} (pool {settings.get('size_guidance_pool', 1)})")
     print(f"{'':<40}" + "".join(f"{name:>10}" for name, _ in cols))
     print(f"{'prompt parsed to the requested site':<40}{np.mean([r['parsed_ok'] for r in rows]):>10.1%}")
     if all("largest_placed" in r for _, rs in cols for r in rs):

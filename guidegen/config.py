@@ -91,6 +91,12 @@ class TCSSConfig(_Strict):
     # strength of the tumour-site gate on the x_0 logits (diffusion.categorical.site_gated_logits):
     # tumour outside every organ the findings name keeps ~p_tumour^(1+gate) of its odds; 0 = off
     site_gate: float = Field(0.0, ge=0)
+    # sampling only: shift the tumour x_0 logit so the predicted tumour volume equals the
+    # report's sizes (diffusion.categorical.volume_matched_logits); 1 = exact, 0 = off
+    size_guidance: float = Field(0.0, ge=0)
+    # box width (voxels, odd) over which the tumour evidence is pooled before the volume is
+    # matched, so the threshold cuts one compact lesion rather than a porous cloud
+    size_guidance_pool: int = Field(3, ge=1)
     channels: tuple[int, ...] = (32, 64, 96, 128)
     attention_levels: tuple[bool, ...] = (False, False, True, True)
     num_res_blocks: int = Field(1, ge=1)
@@ -101,6 +107,13 @@ class TCSSConfig(_Strict):
     sample_steps: int = Field(50, ge=1)
     guidance: float = Field(1.5, ge=0)
     train: TrainConfig = TrainConfig()
+
+    @field_validator("size_guidance_pool")
+    @classmethod
+    def _odd_pool(cls, v: int) -> int:
+        if v % 2 != 1:
+            raise ValueError(f"must be an odd number of voxels, got {v}")
+        return v
 
 
 class AutoencoderConfig(_Strict):

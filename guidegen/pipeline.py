@@ -105,17 +105,22 @@ class LabelMapGenerator:
         self.alphas_bar = cosine_schedule(self.cfg.tcss.timesteps).to(device)
         self.grid = tuple(self.meta.get("grid", self.cfg.data.grid))
         self.spacing = tuple(self.meta.get("spacing_mm", (1.0, 1.0, 1.0)))
-        self.site_gate = self.cfg.tcss.site_gate  # strength of the tumour-site gate; may be overridden
+        # strengths of the findings' tumour constraints (site gate, volume matching); may be overridden
+        self.site_gate = self.cfg.tcss.site_gate
+        self.size_guidance = self.cfg.tcss.size_guidance
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], findings: list[Findings], seed: int, steps: int, guidance: float, progress: bool = False) -> np.ndarray:
         """(B, X, Y, Z) uint8 label maps for a batch of prompts."""
-        from guidegen.training.tcss import sample_label_maps
+        from guidegen.training.tcss import TumorRequests, sample_label_maps
 
         cond = {k: v.to(self.device) for k, v in self.conditioner.prepare(prompts, findings).items()}
+        requests = TumorRequests.from_findings(findings, self.label_set, float(np.prod(self.spacing)))
         gen = torch.Generator(device=self.device).manual_seed(seed)
         maps = sample_label_maps(self.model, cond, self.grid, self.alphas_bar, self.label_set, steps=steps,
-                                 guidance=guidance, generator=gen, site_gate=self.site_gate, progress=progress)
+                                 guidance=guidance, generator=gen, site_gate=self.site_gate,
+                                 size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
+                                 requests=requests, progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:
@@ -312,6 +317,8 @@ class GuideGenPipeline:
             label_map, affine = labels, labels_affine if labels_affine is not None else np.eye(4)
         settings = {"tcss_steps": steps if labels is None else None, "tcss_guidance": guidance if labels is None else None,
                     "tcss_site_gate": self.labels.site_gate if labels is None else None,
+                    "tcss_size_guidance": self.labels.size_guidance if labels is None else None,
+                    "tcss_size_guidance_pool": self.labels.cfg.tcss.size_guidance_pool if labels is None else None,
                     "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"]}
         ct = None
         if self.ct is not None:

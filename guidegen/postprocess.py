@@ -133,11 +133,16 @@ def keep_requested_lesions(labels: np.ndarray, affine: np.ndarray, label_set, re
 
 
 def clean_label_map(labels: np.ndarray, affine: np.ndarray, label_set, requested: list[dict]) -> tuple[np.ndarray, dict[str, int]]:
-    """The default post-process of a sampled map: isolated voxels, then unrequested tumour regions.
+    """The default post-process of a sampled map: unrequested tumour regions, then isolated voxels.
 
+    The lesions are matched on the model's own map: relabelling isolated organ voxels first can
+    move a lesion's organ share across the "touches the organ" threshold and so drop the requested
+    lesion for a small fragment (seen on 2 of 20 tcss_eval samples: a 44 mm pancreatic lesion
+    replaced by a 14 mm one). Stray single tumour voxels are tumour regions, so the first pass
+    removes them either way.
     ``requested``: the prompt's tumours as dicts (``Findings.to_dict()["tumors"]``).
     Returns ``(cleaned (X, Y, Z), {"isolated_voxels": n, "stray_tumor_voxels": m})``.
     """
-    out, isolated = relabel_isolated_voxels(labels)
-    out, stray = keep_requested_lesions(out, affine, label_set, requested)
+    out, stray = keep_requested_lesions(labels, affine, label_set, requested)
+    out, isolated = relabel_isolated_voxels(out)
     return out, {"isolated_voxels": isolated, "stray_tumor_voxels": stray}

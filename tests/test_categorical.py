@@ -305,11 +305,85 @@ def test_site_gated_logits_hand_computed():
     sites = torch.tensor([[False, True, False, False], [False, False, False, False]])  # case 0: liver tumour
     out = cat.site_gated_logits(logits, sites, tumor_id=3, strength=1.0)
     assert torch.equal(out[:, :3], logits[:, :3]) and torch.equal(out[1], logits[1])  # only case 0's tumour channel
-    # g = log(p_liver + p_tumour): voxel 0 log 0.8 (the maximum), voxel 1 log 0.15 → shifts 0, log(0.15 / 0.8)
-    torch.testing.assert_close(out[0, 3] - logits[0, 3], torch.tensor([0.0, float(torch.log(torch.tensor(0.15 / 0.8)))]))
+    # g = log p(liver | not tumour): voxel 0 log(0.6 / 0.8) (the maximum), voxel 1 log(0.05 / 0.9)
+    shift = torch.log(torch.tensor((0.05 / 0.9) / (0.6 / 0.8)))
+    torch.testing.assert_close(out[0, 3] - logits[0, 3], torch.tensor([0.0, float(shift)]))
     p = out[0].softmax(0)
-    assert p[3, 1] < 0.025  # in the lung: tumour probability 0.1 → 0.02
+    torch.testing.assert_close(p[3, 1], 0.1 * shift.exp() / (0.9 + 0.1 * shift.exp()))  # in the lung: 0.1 -> 0.008
     torch.testing.assert_close(p[3, 0], torch.tensor(0.2))  # the most liver-like voxel: unchanged
     torch.testing.assert_close(cat.site_gated_logits(logits, sites, 3, 0.0), logits)
     twice = cat.site_gated_logits(logits, sites, 3, 2.0)
     torch.testing.assert_close(twice[0, 3] - logits[0, 3], 2 * (out[0, 3] - logits[0, 3]))
+    # the tumour's own probability does not count as site: a confident tumour voxel in the lung
+    # (p_tumour 0.9) is gated by p(liver | not tumour) = 0.005 / 0.1 there
+    lesion = torch.log(torch.tensor([[0.02, 0.6, 0.08, 0.3], [0.02, 0.005, 0.075, 0.9]])).T[None]
+    gated = cat.site_gated_logits(lesion, sites[:1], 3)
+    torch.testing.assert_close(gated[0, 3, 1] - lesion[0, 3, 1], torch.log(torch.tensor(0.05 / (0.6 / 0.7))))
+
+
+def test_right_side_logit_hand_computed():
+    # midline probability on axis 0 (X = 5): mass 1 at i = 1 and 3 at i = 3 -> centre 2.5
+    prob = torch.zeros(1, 5, 2)
+    prob[0, 1, 0], prob[0, 3, 1] = 1.0, 3.0
+    z = cat.right_side_logit(prob)
+    assert z.shape == (1, 5, 1)
+    torch.testing.assert_close(z[0, :, 0], torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5]))
+    torch.testing.assert_close(cat.right_side_logit(torch.zeros(1, 5, 2))[0, :, 0], torch.arange(5.0) - 2)  # no spine: mid-axis
+
+
+def test_site_gated_logits_one_sided_site():
+    # K = 4: 0 background, 1 kidney, 2 vertebrae (the midline), 3 tumour; X = 3 voxels in a row:
+    # kidney at i = 0 (patient left) and i = 2 (right), spine at i = 1
+    probs = torch.tensor([[0.1, 0.8, 0.0, 0.1], [0.1, 0.0, 0.8, 0.1], [0.1, 0.8, 0.0, 0.1]]).clamp_min(1e-12)
+    logits = torch.log(probs).T[None]  # (1, 4, 3)
+    right_kidney = torch.zeros(1, 4, 2, dtype=torch.bool)
+    right_kidney[0, 1, 1] = True
+    out = cat.site_gated_logits(logits, right_kidney, tumor_id=3, midline_class=2)
+    # w = sigmoid(i - 1): g(i) = log(w(i) · p(kidney | not tumour)); the right kidney voxel is the max
+    q = 0.8 / 0.9
+    g = torch.log(torch.sigmoid(torch.tensor([-1.0, 0.0, 1.0])) * torch.tensor([q, 1e-12 / 0.9, q]))
+    torch.testing.assert_close(out[0, 3] - logits[0, 3], g - g.max(), atol=1e-4, rtol=1e-4)
+    both = cat.site_gated_logits(logits, right_kidney.any(-1), tumor_id=3)  # (B, K): either side
+    torch.testing.assert_close(both[0, 3, 0], both[0, 3, 2])
+    with pytest.raises(GuideGenError, match="midline_class"):
+        cat.site_gated_logits(logits, right_kidney, tumor_id=3)
+
+
+def test_volume_matched_logits_hand_computed():
+    # K = 2 (0 background, 1 tumour) so d = logit_tumour - logit_background; 4 voxels
+    d = torch.tensor([2.0, 0.0, -1.0, -3.0])
+    logits = torch.stack([torch.zeros(4), d])[None].repeat(2, 1, 1)  # (B=2, K=2, 4)
+    out = cat.volume_matched_logits(logits, torch.tensor([2.0, 0.0]), tumor_id=1)
+    assert torch.equal(out[1], logits[1]) and torch.equal(out[:, 0], logits[:, 0])  # target 0: unchanged
+    b = (out[0, 1] - logits[0, 1])
+    assert torch.allclose(b, b[0].expand(4))  # one shift for the whole case
+    torch.testing.assert_close(torch.sigmoid(d + b[0]).sum(), torch.tensor(2.0))  # expected volume = target
+    # solve sum sigmoid(d + b) = 2 by hand: at b = 0 the sum is 0.881 + 0.5 + 0.269 + 0.047 = 1.697 < 2
+    assert 0 < float(b[0]) < 1 and float(torch.sigmoid(d).sum()) < 2
+    half = cat.volume_matched_logits(logits, torch.tensor([2.0, 0.0]), tumor_id=1, strength=0.5)
+    torch.testing.assert_close(half[0, 1] - logits[0, 1], b / 2)
+    fewer = cat.volume_matched_logits(logits, torch.tensor([0.5, 0.0]), tumor_id=1)
+    assert float((fewer[0, 1] - logits[0, 1])[0]) < 0  # asking for less lowers the tumour
+    torch.testing.assert_close(torch.sigmoid(d + (fewer[0, 1] - logits[0, 1])).sum(), torch.tensor(0.5))
+
+def test_volume_matched_logits_pools_the_tumour_evidence():
+    # K = 2, one row of 5 voxels: d = [-5, 3, -5, -5, -5]; a 3-wide box without padding gives
+    # [(-5 + 3) / 2, (-5 + 3 - 5) / 3, (3 - 5 - 5) / 3, -5, -5]
+    d = torch.tensor([-5.0, 3.0, -5.0, -5.0, -5.0])
+    logits = torch.stack([torch.zeros(5), d])[None]
+    out = cat.volume_matched_logits(logits, torch.tensor([2.0]), tumor_id=1, pool=3)
+    pooled = torch.tensor([-1.0, -7 / 3, -7 / 3, -5.0, -5.0])
+    b = out[0, 1] - pooled
+    torch.testing.assert_close(b, b[0].expand(5))  # the pooled evidence plus one shift
+    torch.testing.assert_close(torch.sigmoid(out[0, 1]).sum(), torch.tensor(2.0))
+    # pooling spreads the lone confident voxel's evidence to its neighbours: the top two are adjacent
+    assert set(out[0, 1].topk(2).indices.tolist()) == {0, 1}
+    # a 3D volume: one strong voxel in the middle of a 5^3 box pools into a 3^3 blob (each inner
+    # voxel's box holds it: d = (50 - 26 * 50) / 27 = -46.3 there, -50 elsewhere)
+    vol = torch.full((1, 2, 5, 5, 5), 0.0)
+    vol[0, 1] = -50.0
+    vol[0, 1, 2, 2, 2] = 50.0
+    blob = cat.volume_matched_logits(vol, torch.tensor([27.0]), tumor_id=1, pool=3).argmax(1)[0]
+    assert blob.sum() == 27 and blob[1:4, 1:4, 1:4].all()
+    with pytest.raises(GuideGenError, match="odd"):
+        cat.volume_matched_logits(logits, torch.tensor([2.0]), tumor_id=1, pool=2)

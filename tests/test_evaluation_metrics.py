@@ -197,6 +197,23 @@ def test_unrequested_tumour_regions_are_relabelled_by_their_shell():
     same, n0 = keep_requested_lesions(vol, affine, LS, [])
     assert n0 == 0 and np.array_equal(same, vol)
     assert (keep_requested_lesions(vol, affine, LS, [{"site": "spleen", "side": None, "size_mm": 20.0}])[0] == tum).sum() == 0
-    # the default post-process: the lone border voxel is isolated (cleaned first), the 4-voxel one is stray
+    # the default post-process: unrequested regions first (both fragments), then isolated voxels
     cleaned, counts = clean_label_map(vol, affine, LS, [{"site": "liver", "side": None, "size_mm": 30.0}])
-    assert counts == {"isolated_voxels": 1, "stray_tumor_voxels": 4} and (cleaned == tum).sum() == 27
+    assert counts == {"isolated_voxels": 0, "stray_tumor_voxels": 5} and (cleaned == tum).sum() == 27
+
+
+def test_cleanup_matches_lesions_before_removing_isolated_voxels():
+    from guidegen.postprocess import clean_label_map, isolated_voxels
+
+    liver, body, tum = LS.id_of("liver"), LS.id_of("body"), LS.tumor_id
+    vol = np.full((16, 16, 16), body, np.uint8)
+    vol[:, :, 12:] = liver
+    vol[8:10, 2:4, 13] = tum  # a 4-voxel fragment deep in the liver
+    vol[6:9, 6:9, 6:9] = tum  # a 27-voxel lesion in the body envelope, touched by single liver voxels:
+    vol[5, 5:10:2, 5:10:2] = liver  # 9 on one side of its 98-voxel shell
+    vol[9, 7, 7] = liver  # and 1 on the other: liver share 10/98 >= 0.1, so it "touches" the liver
+    assert isolated_voxels(vol)[5, 5:10:2, 5:10:2].all()
+    cleaned, counts = clean_label_map(vol, np.diag([7.0, 7.0, 7.0, 1.0]), LS, [{"site": "liver", "side": None, "size_mm": 25.0}])
+    # the model's lesion is the one kept; cleaning the isolated voxels first would have dropped it for the fragment
+    assert (cleaned[6:9, 6:9, 6:9] == tum).all() and (cleaned == tum).sum() == 27
+    assert counts == {"isolated_voxels": 10, "stray_tumor_voxels": 4}

@@ -59,6 +59,12 @@ def test_grid_must_be_divisible_by_8():
         config_from_dict({"data": {"grid": [48, 48, 60]}}, "x.yaml")
 
 
+def test_size_guidance_pool_must_be_odd():
+    with pytest.raises(GuideGenError, match=r"x\.yaml: tcss\.size_guidance_pool.*odd"):
+        config_from_dict({"tcss": {"size_guidance_pool": 4}}, "x.yaml")
+    assert config_from_dict({"tcss": {"size_guidance_pool": 5}}, "x.yaml").tcss.size_guidance_pool == 5
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("data:\n  grid: [48, 48\n  label_set: x\n")

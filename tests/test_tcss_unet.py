@@ -195,7 +195,7 @@ def test_patch_size_folds_blocks_into_channels():
 def test_tumor_site_classes_from_findings_vector(label_set):
     from guidegen.text.findings import parse_findings
     from guidegen.text.prompts import findings_vector
-    from guidegen.training.tcss import site_gate_fn, tumor_site_classes
+    from guidegen.training.tcss import TumorRequests, tumor_guidance_fn, tumor_site_classes
 
     texts = ["4 cm mass in the left kidney and a 2 cm lesion in the liver.", "No focal lesion.", "Liver mass."]
     vec = torch.from_numpy(np.stack([findings_vector(parse_findings(t)) for t in texts]))
@@ -204,7 +204,32 @@ def test_tumor_site_classes_from_findings_vector(label_set):
     assert {label_set.name_of(int(i)) for i in sites[0].nonzero()} == {"kidney", "liver"}
     assert not sites[1].any() and {label_set.name_of(int(i)) for i in sites[2].nonzero()} == {"liver"}
     assert not tumor_site_classes(torch.zeros_like(vec), label_set).any()  # the no-knowledge ablation
+    requests = TumorRequests.from_vector(vec, label_set)
+    assert requests.sites.shape == (3, label_set.num_classes, 2) and torch.equal(requests.sites[..., 0], sites)
+    assert torch.equal(requests.sites[..., 1], sites) and not requests.volume_voxels.any()  # no sides, no volume
     logits = torch.randn(3, label_set.num_classes, 2, 2, 2)
-    gated = site_gate_fn(vec, label_set, 1.0, drop=torch.tensor([False, False, True]))(logits)
+    gated = tumor_guidance_fn(requests, label_set, 1.0, drop=torch.tensor([False, False, True]))(logits)
     assert not torch.equal(gated[0], logits[0]) and torch.equal(gated[1:], logits[1:])  # row 2 dropped
-    assert site_gate_fn(vec, label_set, 0.0) is None
+    assert tumor_guidance_fn(requests, label_set, 0.0) is None
+
+
+def test_tumor_requests_from_findings(label_set):
+    import math
+
+    from guidegen.text.findings import parse_findings
+    from guidegen.training.tcss import TumorRequests, tumor_guidance_fn
+
+    texts = ["4 cm mass in the left kidney and a 2 cm lesion in the liver.", "No focal lesion.",
+             "Liver mass of unknown size and a 3 cm right lung nodule."]
+    req = TumorRequests.from_findings([parse_findings(t) for t in texts], label_set, voxel_mm3=8.0)
+    kidney, liver, lung = (label_set.id_of(n) for n in ("kidney", "liver", "lung"))
+    assert req.sites[0, kidney].tolist() == [True, False] and req.sites[0, liver].tolist() == [True, True]
+    assert not req.sites[1].any() and req.sites[2, lung].tolist() == [False, True]
+    # equivalent spheres of 40 and 20 mm in 2 mm voxels; no volume when one size is unknown or no tumour
+    torch.testing.assert_close(req.volume_voxels, torch.tensor([math.pi / 6 * (40**3 + 20**3) / 8.0, 0.0, 0.0]))
+    # with volume matching on, row 0's expected tumour volume becomes the request; row 1 is untouched
+    logits = torch.randn(3, label_set.num_classes, 30, 30, 30, generator=torch.Generator().manual_seed(0))
+    out = tumor_guidance_fn(req, label_set, 1.0, size_guidance=1.0)(logits)
+    expected = out.softmax(1)[:, label_set.tumor_id].flatten(1).sum(1)
+    torch.testing.assert_close(expected[0], req.volume_voxels[0], rtol=1e-3, atol=1e-2)
+    assert torch.equal(out[1], logits[1])

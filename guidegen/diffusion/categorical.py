@@ -19,6 +19,12 @@ Conventions (k-diffusion style: small pure functions, no model imported here):
   :func:`cosine_schedule` with ``alphas_bar[0] == 1``
 - schedule coefficients are formed in float64 (1 - abar is tiny near t = 0) and then cast to
   the dtype of the volumes.
+
+Besides the process and its samplers, two constraints act on the (guided) x_0 logits of the
+tumour class at sampling time, each a statement of the report about the output space:
+:func:`site_gated_logits` (the tumour lies in the named organ, on the named side) and
+:func:`volume_matched_logits` (its volume is the named size). Both leave every other class's
+logits alone, so the anatomy stays the network's.
 """
 
 from __future__ import annotations
@@ -306,10 +312,11 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Tensor], Tensor
     return denoise
 
 
-def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, strength: float = 1.0) -> Tensor:
+def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, strength: float = 1.0,
+                      midline_class: int | None = None) -> Tensor:
     """Tumour x_0 logits gated by the model's own belief that a voxel lies in a requested site.
 
-    ``logit'_tumour = logit_tumour + strength · (g - max g)``, ``g = log Σ_{k ∈ S ∪ {tumour}} p_k``,
+    ``logit'_tumour = logit_tumour + strength · (g - max g)``, ``g = log(Σ_{k ∈ S} w_k p_k + p_tumour)``,
     p = softmax(logits), S = the organ classes the report puts a tumour in, max over the
     volume of each case. Where the model is surest of a requested organ (or of tumour) nothing
     changes; elsewhere g ≈ log p_tumour, so a tumour voxel outside every requested organ keeps
@@ -320,28 +327,118 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
     lowered the tumour everywhere. This is the findings' *site* injected where the network's
     output lives, next to the text cross-attention (why: README, issue #6 notes).
 
+    **Sides.** A paired organ merged into one class (kidney, lung) can be asked for on one side:
+    ``w_k`` is then the model's own belief that a voxel is on that side of the patient,
+    ``sigmoid(±(i - m))`` with ``i`` the index along spatial axis 0 (patient right, RAS+, as
+    :func:`guidegen.io.ras_affine`) and ``m`` the ``p_midline``-weighted mean of ``i`` (the
+    model's spine), one voxel wide. ``w_k = 1`` for a class allowed on both sides.
+
     Args:
         logits: (B, K, *spatial) x_0 logits.
-        site_classes: (B, K) bool, True for the classes a requested tumour may lie in; rows
-            with no True entry (no tumour site known, or a dropped condition) are unchanged.
+        site_classes: (B, K) bool, True for the classes a requested tumour may lie in, or
+            (B, K, 2) bool, [left allowed, right allowed] per class; rows with no True entry
+            (no tumour site known, or a dropped condition) are unchanged.
         tumor_id: class index of the tumour.  strength: >= 0; 0 returns ``logits`` unchanged.
+        midline_class: the class whose centroid is the midline (vertebrae); needed only when
+            some class is allowed on one side alone.
     Returns:
         (B, K, *spatial) logits; only channel ``tumor_id`` differs.
     """
     if strength == 0:
         return logits
-    allowed = site_classes.to(device=logits.device, dtype=torch.bool).clone()
-    active = allowed.any(dim=1)  # (B,)
+    sides = site_classes.to(device=logits.device, dtype=torch.bool)
+    sides = (sides.unsqueeze(-1).expand(*sides.shape, 2) if sides.dim() == 2 else sides).clone()
+    active = sides.flatten(1).any(dim=1)  # (B,)
     if not bool(active.any()):
         return logits
-    allowed[:, tumor_id] = True
+    sides[:, tumor_id] = False
     ones = [1] * (logits.dim() - 2)  # broadcast (B,) / (B, K) over the spatial dims
-    log_p = torch.log_softmax(logits.float(), dim=1)
-    gate = torch.logsumexp(log_p.masked_fill(~allowed.view(*allowed.shape, *ones), float("-inf")), dim=1)  # (B, *spatial)
+    # the organ a voxel would be if it were not tumour: softmax over the other classes
+    log_p = torch.log_softmax(logits.float().index_fill(1, torch.tensor([tumor_id], device=logits.device), float("-inf")), dim=1)
+    log_w = torch.where(sides.all(-1), 0.0, float("-inf")).view(*sides.shape[:2], *ones).expand_as(log_p)
+    one_sided = sides.any(-1) & ~sides.all(-1)  # (B, K)
+    if bool(one_sided.any()):
+        if midline_class is None:
+            raise GuideGenError("site_gated_logits: a one-sided site needs midline_class")
+        z = right_side_logit(log_p[:, midline_class].exp())  # (B, *spatial)
+        left_only = (sides[..., 0] & ~sides[..., 1]).view(*sides.shape[:2], *ones)
+        right_only = (sides[..., 1] & ~sides[..., 0]).view(*sides.shape[:2], *ones)
+        log_w = torch.where(left_only, F.logsigmoid(-z).unsqueeze(1), log_w)
+        log_w = torch.where(right_only, F.logsigmoid(z).unsqueeze(1), log_w)
+    gate = torch.logsumexp(log_p + log_w, dim=1)  # (B, *spatial)
     gate = gate - gate.flatten(1).amax(dim=1).view(-1, *ones)
     gate = torch.where(active.view(-1, *ones), gate, torch.zeros_like(gate))
     out = logits.clone()
     out[:, tumor_id] = logits[:, tumor_id] + (strength * gate).to(logits.dtype)
+    return out
+
+
+def right_side_logit(midline_prob: Tensor) -> Tensor:
+    """(B, X, ...) probability of the midline class → (B, X, ...) logit of "on the patient's right".
+
+    ``i - m`` along axis 1 (array axis 0 of the volume, towards patient Right in RAS+), ``m`` the
+    probability-weighted mean index of the midline class, in voxels (one voxel per unit of logit).
+    A case with no midline mass uses the middle of the axis.
+    """
+    n = midline_prob.shape[1]
+    idx = torch.arange(n, device=midline_prob.device, dtype=torch.float32).view(1, n, *([1] * (midline_prob.dim() - 2)))
+    mass = midline_prob.float().flatten(1).sum(1)
+    centre = (midline_prob.float() * idx).flatten(1).sum(1) / mass.clamp_min(1e-12)
+    centre = torch.where(mass > 1e-6, centre, torch.full_like(centre, (n - 1) / 2))
+    return idx - centre.view(-1, *([1] * (midline_prob.dim() - 1)))
+
+
+def volume_matched_logits(logits: Tensor, target_voxels: Tensor, tumor_id: int, strength: float = 1.0,
+                          pool: int = 1, iters: int = 60) -> Tensor:
+    """Shift each case's tumour x_0 logit so the predicted tumour volume is the requested one.
+
+    Finds per case the b with ``Σ_v sigmoid(d_v + b) = target``, where
+    ``d_v = logit_tumour - logsumexp(other logits)`` (so ``sigmoid(d_v + b)`` is the tumour
+    probability after adding b to the tumour logit) and the sum runs over all voxels: the
+    expected tumour voxel count of the predicted x_0 becomes the report's size. The sum is
+    monotone in b, so bisection finds it. Where the tumour lands is still the model's (and the
+    site gate's) choice: b lifts all voxels alike, so the voxels it turns into tumour are those
+    the model already found most tumour-like — the lesion grows from its core. ``strength``
+    scales b (1 = match exactly).
+
+    ``pool`` > 1 first replaces d by its mean over a ``pool``-wide box (the tumour logit becomes
+    ``logsumexp(others) + mean_box(d)``): lesions are compact, while an under-trained network's
+    per-voxel d is noisy, so thresholding the raw d cuts a porous cloud of voxels (26-connected
+    but mostly touching only at edges) whose core is a fraction of the asked size. Pooled, the
+    threshold cuts one blob. (Measured on the demo TCSS: README, issue #6 notes.)
+
+    Args:
+        logits: (B, K, *spatial), 1 to 3 spatial dims.  target_voxels: (B,) float, the requested
+            tumour volume in voxels; rows with target <= 0 (no size known) are unchanged.
+        pool: odd box width in voxels (1 = no pooling).
+    Returns:
+        (B, K, *spatial) logits; only channel ``tumor_id`` differs.
+    """
+    target = target_voxels.to(device=logits.device, dtype=torch.float32)
+    active = target > 0
+    if strength == 0 or not bool(active.any()):
+        return logits
+    if pool % 2 != 1:
+        raise GuideGenError(f"volume_matched_logits: pool must be an odd number of voxels, got {pool}")
+    others = torch.cat([logits[:, :tumor_id], logits[:, tumor_id + 1:]], dim=1).float()
+    rest = torch.logsumexp(others, dim=1)  # (B, *spatial)
+    d = logits[:, tumor_id].float() - rest
+    if pool > 1:
+        avg_pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[d.dim() - 1]
+        d = avg_pool(d.unsqueeze(1), pool, stride=1, padding=pool // 2, count_include_pad=False).squeeze(1)
+    tumour = rest + d  # the (pooled) tumour logit
+    d = d.flatten(1)  # (B, N)
+    target = target.clamp(max=d.shape[1] - 0.5)
+    lo = -d.amax(dim=1) - 40.0  # every sigmoid <= e^-40: the sum is below any target
+    hi = -d.amin(dim=1) + 40.0  # every sigmoid ~ 1: the sum is ~N, above any target
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        over = torch.sigmoid(d + mid[:, None]).sum(dim=1) > target
+        hi, lo = torch.where(over, mid, hi), torch.where(over, lo, mid)
+    shift = (strength * (lo + hi) / 2).view(-1, *([1] * (logits.dim() - 2)))
+    out = logits.clone()
+    matched = (tumour + shift).to(logits.dtype)
+    out[:, tumor_id] = torch.where(active.view_as(shift), matched, logits[:, tumor_id])
     return out
 
 

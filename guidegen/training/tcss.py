@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,6 +15,7 @@ from guidegen.diffusion import categorical as cat
 from guidegen.labels import LabelSet
 from guidegen.models.conditioned import ConditionedDenoiser
 from guidegen.models.tcss_unet import TCSSUNet
+from guidegen.text.findings import Findings
 from guidegen.text.knowledge import TextConditioner, sample_drop_mask
 from guidegen.training.common import batch_condition, class_weight_vector
 from guidegen.training.trainer import StageTask, StepContext
@@ -51,31 +54,91 @@ def tumor_site_classes(findings_vec: torch.Tensor, label_set: LabelSet) -> torch
     return out
 
 
-def site_gate_fn(findings_vec: torch.Tensor, label_set: LabelSet, strength: float, drop: torch.Tensor | None = None):
-    """``logits -> site-gated logits`` for a batch (see :func:`~guidegen.diffusion.categorical.site_gated_logits`),
-    or None when the gate is off (strength 0 or no tumour class). Rows in ``drop`` (B,) bool are not gated."""
-    if strength == 0 or label_set.tumor_id is None:
+@dataclass
+class TumorRequests:
+    """What a batch's findings ask of the tumour channel, in the form the sampling constraints take.
+
+    ``sites`` (B, K, 2) bool: per label class, [left side allowed, right side allowed] for a
+    requested tumour (both for an unpaired organ or a tumour without side; all False for a case
+    without a tumour site). ``volume_voxels`` (B,) float: the requested total tumour volume in
+    voxels (equivalent spheres of the stated sizes), 0 when any requested size is unknown.
+    """
+
+    sites: torch.Tensor
+    volume_voxels: torch.Tensor
+
+    @classmethod
+    def from_vector(cls, findings_vec: torch.Tensor, label_set: LabelSet) -> "TumorRequests":
+        """Sites (both sides) from the findings vector; no volume (the vector holds only the largest size)."""
+        sites = tumor_site_classes(findings_vec, label_set)
+        return cls(sites.unsqueeze(-1).expand(*sites.shape, 2).clone(), torch.zeros(sites.shape[0], device=sites.device))
+
+    @classmethod
+    def from_findings(cls, findings: list[Findings], label_set: LabelSet, voxel_mm3: float) -> "TumorRequests":
+        """Sites with sides and the requested volume from parsed findings (``voxel_mm3``: one voxel's volume)."""
+        sites = torch.zeros(len(findings), label_set.num_classes, 2, dtype=torch.bool)
+        volume = torch.zeros(len(findings))
+        for b, f in enumerate(findings):
+            for t in f.tumors:
+                if t.site in label_set.names:
+                    sides = {"left": [0], "right": [1]}.get(t.side or "", [0, 1])
+                    sites[b, label_set.id_of(t.site), sides] = True
+            sizes = [t.size_mm for t in f.tumors]
+            if sizes and all(d is not None for d in sizes):
+                volume[b] = sum(math.pi / 6 * d ** 3 for d in sizes) / voxel_mm3
+        return cls(sites, volume)
+
+    def to(self, device) -> "TumorRequests":
+        return TumorRequests(self.sites.to(device), self.volume_voxels.to(device))
+
+
+def tumor_guidance_fn(requests: TumorRequests, label_set: LabelSet, site_gate: float, size_guidance: float = 0.0,
+                      drop: torch.Tensor | None = None, pool: int = 1):
+    """``logits -> logits`` applying the findings' tumour constraints, or None when all are off.
+
+    Site gate (:func:`~guidegen.diffusion.categorical.site_gated_logits`, strength ``site_gate``),
+    then volume matching (:func:`~guidegen.diffusion.categorical.volume_matched_logits`, strength
+    ``size_guidance``, tumour evidence pooled over ``pool`` voxels; sampling only: training
+    leaves it at 0). Rows in ``drop`` (B,) bool are left alone.
+    """
+    tid = label_set.tumor_id
+    if tid is None or (site_gate == 0 and size_guidance == 0):
         return None
-    sites = tumor_site_classes(findings_vec, label_set)
+    sites, volume = requests.sites, requests.volume_voxels
     if drop is not None:
-        sites = sites & ~drop.view(-1, 1)
-    return lambda logits: cat.site_gated_logits(logits, sites, label_set.tumor_id, strength)
+        keep = ~drop.to(sites.device)
+        sites, volume = sites & keep.view(-1, 1, 1), volume * keep
+    midline = label_set.id_of("vertebrae") if "vertebrae" in label_set.names else None
+    if midline is None:  # no spine to tell the sides by
+        sites = sites.any(-1)
+
+    def constrain(logits: torch.Tensor) -> torch.Tensor:
+        logits = cat.site_gated_logits(logits, sites, tid, site_gate, midline_class=midline)
+        return cat.volume_matched_logits(logits, volume, tid, size_guidance, pool=pool)
+
+    return constrain
 
 
 @torch.no_grad()
 def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, int, int], alphas_bar: torch.Tensor,
                       label_set: LabelSet, *, steps: int, guidance: float, generator: torch.Generator,
-                      site_gate: float = 0.0, progress: bool = False) -> torch.Tensor:
+                      site_gate: float = 0.0, size_guidance: float = 0.0, size_guidance_pool: int = 1,
+                      requests: TumorRequests | None = None, progress: bool = False) -> torch.Tensor:
     """Sample label maps ``(B, X, Y, Z)`` long for prepared condition tensors ``cond``.
 
     ``steps`` == T runs the full ancestral sampler; fewer uses the strided sampler. Guidance
-    is classifier-free on the x0 logits with the model's learned null context; ``site_gate``
-    > 0 gates the guided tumour logits by the requested sites (:func:`site_gate_fn`).
+    is classifier-free on the x0 logits with the model's learned null context; then the
+    findings' tumour constraints (:func:`tumor_guidance_fn`) act on the guided logits:
+    ``requests`` (from parsed findings: sides and volume) or, when None, the sites of
+    ``cond["findings_vec"]``.
     """
     b, num_classes = cond["tokens"].shape[0], label_set.num_classes
     context = model.context(cond["tokens"], cond["mask"], cond["findings_vec"])
-    gate = site_gate_fn(cond["findings_vec"], label_set, site_gate)
-    denoise = cat.classifier_free_guidance(model.net, context, model.null_context(1), guidance, gate)
+    if requests is None:
+        requests = TumorRequests.from_vector(cond["findings_vec"], label_set)
+    constrain = tumor_guidance_fn(requests.to(cond["tokens"].device), label_set, site_gate, size_guidance,
+                                  pool=size_guidance_pool)
+    denoise = cat.classifier_free_guidance(model.net, context, model.null_context(1), guidance, constrain)
     shape = (b, *grid)
     timesteps = alphas_bar.shape[0] - 1
     if steps >= timesteps:
@@ -103,7 +166,8 @@ class TCSSTask(StageTask):
         xt = cat.q_sample(x0, t, ab, k)
         drop = sample_drop_mask(b, self.cfg.text.cond_drop_prob, device=ctx.device)
         logits = ctx.modules["model"](cat.one_hot(xt, k), t, cond["tokens"], cond["mask"], cond["findings_vec"], drop)
-        gate = site_gate_fn(cond["findings_vec"], self.label_set, self.cfg.tcss.site_gate, drop)
+        gate = tumor_guidance_fn(TumorRequests.from_vector(cond["findings_vec"], self.label_set), self.label_set,
+                                 self.cfg.tcss.site_gate, drop=drop)
         if gate is not None:
             logits = gate(logits)
         # KL (+ class-weighted auxiliary x0 cross-entropy) is the loss; plain KL/CE are logged
@@ -123,6 +187,7 @@ class TCSSTask(StageTask):
         gen = torch.Generator(device=device).manual_seed(step)
         maps = sample_label_maps(model, cond, self.cfg.data.grid, self.alphas_bar.to(device), self.label_set,
                                  steps=min(25, self.cfg.tcss.timesteps), guidance=self.cfg.tcss.guidance, generator=gen,
-                                 site_gate=self.cfg.tcss.site_gate)
+                                 site_gate=self.cfg.tcss.site_gate, size_guidance=self.cfg.tcss.size_guidance,
+                                 size_guidance_pool=self.cfg.tcss.size_guidance_pool)
         for i, lab in enumerate(maps.cpu().numpy().astype("uint8")):
             save_case_preview(out_dir / f"step{step:07d}_prompt{i}.png", lab, None, self.label_set, title=f"step {step}: {SAMPLE_PROMPTS[i]}")
