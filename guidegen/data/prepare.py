@@ -45,6 +45,7 @@ from guidegen.data.dicom import looks_like_dicom_folder, read_dicom_series
 from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check_case_id
 from guidegen.data.totalseg import BODY_CLASS_NAMES, known_class_names, totalseg_classes
 from guidegen.errors import GuideGenError
+from guidegen.evaluation.metrics import sphere_diameter_mm
 from guidegen.io import is_nifti, load_nifti, spacing_from_affine, strip_nifti_suffix
 from guidegen.labels import LabelSet, load_label_set
 
@@ -502,7 +503,7 @@ def findings_from_masks(labels: np.ndarray, affine: np.ndarray, label_set: Label
         if site_id in paired:
             centroid = np.argwhere(comp).mean(axis=0) + [s.start for s in grown]
             side = "right" if float(affine[0, :3] @ centroid + affine[0, 3]) > midline else "left"
-        diameter = (6.0 * comp.sum() * voxel_mm3 / math.pi) ** (1 / 3)
+        diameter = sphere_diameter_mm(comp.sum() * voxel_mm3)
         tumors.append({"site": label_set.name_of(site_id) if site_id else None, "side": side, "size_mm": round(float(diameter), 1)})
     findings["tumors"] = sorted(tumors, key=lambda t: -t["size_mm"])
     return findings

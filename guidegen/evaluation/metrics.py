@@ -120,7 +120,17 @@ class TumorComponent:
     @property
     def diameter_mm(self) -> float:
         """Equivalent-sphere diameter: the diameter of a sphere with the same volume."""
-        return float((6.0 * self.volume_ml * 1000.0 / np.pi) ** (1.0 / 3.0))
+        return sphere_diameter_mm(self.volume_ml * 1000.0)
+
+
+def sphere_diameter_mm(volume_mm3: float) -> float:
+    """Equivalent-sphere diameter (mm) of a volume in mm³ (how report sizes and lesions compare)."""
+    return float((6.0 * volume_mm3 / np.pi) ** (1.0 / 3.0))
+
+
+def sphere_volume_mm3(diameter_mm: float) -> float:
+    """Volume (mm³) of a sphere of ``diameter_mm``: the inverse of :func:`sphere_diameter_mm`."""
+    return float(np.pi / 6.0 * diameter_mm ** 3)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,6 +11,7 @@ from torch import nn
 
 from guidegen.config import GuideGenConfig
 from guidegen.diffusion import categorical as cat
+from guidegen.evaluation.metrics import sphere_volume_mm3
 from guidegen.labels import LabelSet
 from guidegen.models.conditioned import ConditionedDenoiser
 from guidegen.models.tcss_unet import TCSSUNet
@@ -85,7 +85,7 @@ class TumorRequests:
                     sites[b, label_set.id_of(t.site), sides] = True
             sizes = [t.size_mm for t in f.tumors]
             if sizes and all(d is not None for d in sizes):
-                volume[b] = sum(math.pi / 6 * d ** 3 for d in sizes) / voxel_mm3
+                volume[b] = sum(sphere_volume_mm3(d) for d in sizes) / voxel_mm3
         return cls(sites, volume)
 
     def to(self, device) -> "TumorRequests":
