@@ -14,7 +14,7 @@
    and as medians (the issue's wording; bimodal bone classes make them unstable) - and the time ratio; and, as the instrument's own ceiling, the
    segmenter's Dice on held-out real cases.
 
-    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G]
+    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T]
                                   [--labels-from tcss|real] [--raw-labels] [--seg-steps N] [--seg-channels C,..] [--work DIR]
 """
 
@@ -24,6 +24,7 @@ import argparse
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,12 @@ def main() -> None:
     ap.add_argument("--seg-channels", default="8,16,32,64", help="segmenter UNet channels per level")
     ap.add_argument("--tcss-steps", type=int, default=None, help="label-map sampler steps (default: the checkpoint's)")
     ap.add_argument("--tcss-guidance", type=float, default=None, help="label-map guidance (default: the checkpoint's)")
+    ap.add_argument("--tcss-temperature", type=float, default=None, help="label-map sampling temperature (default: the checkpoint's)")
     ap.add_argument("--labels-from", choices=("tcss", "real"), default="tcss",
                     help="label maps sampled by TCSS from the prompts, or held-out real phantom cases with their reports")
     ap.add_argument("--raw-labels", action="store_true", help="skip generate's cleanup (isolated voxels, stray lesions) of sampled label maps")
+    ap.add_argument("--maps", default=None, help="raw label maps (.npz, keys seed0..seedN-1) to use instead of sampling "
+                                                  "(the cache this script writes under WORK/labelmaps, or a sampler experiment's)")
     ap.add_argument("--work", default="runs/bench_generate")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -82,11 +86,25 @@ def main() -> None:
         write_phantom_dataset(held_dir, n=args.n, grid=grid, seed=600000, previews=False)
     held = load_eval_set(held_dir, grid)
 
-    def organ_dice(ct: np.ndarray, lab: np.ndarray) -> float:
-        """Mean Dice over the organ groups present in ``lab`` of the segmenter on ``ct`` (HU)."""
+    def organ_dice_per_class(ct: np.ndarray, lab: np.ndarray) -> np.ndarray:
+        """(C,) Dice of the segmenter on ``ct`` (HU) against ``lab``; NaN for non-organ classes and organs absent from ``lab``."""
         pred = segment(seg, ct_to_unit(ct.astype(np.float32)[None]))[0]
         d = dice_per_class(pred, lab, ls.num_classes)
-        return float(np.nanmean(d[[j for j in ls.organ_ids if (lab == j).any()]]))
+        present = [j for j in ls.organ_ids if (lab == j).any()]
+        out = np.full(ls.num_classes, np.nan)
+        out[present] = d[present]
+        return out
+
+    def per_organ_line(rows: list[np.ndarray]) -> str:
+        """'organ mean-Dice, ...' over cases (rows of :func:`organ_dice_per_class`), lowest first."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # classes no case has: NaN, dropped below
+            by_organ = np.nanmean(np.stack(rows), axis=0)
+        return ", ".join(f"{ls.names[j]} {by_organ[j]:.2f}" for j in sorted(ls.organ_ids, key=lambda j: by_organ[j]) if np.isfinite(by_organ[j]))
+
+    def organ_dice(ct: np.ndarray, lab: np.ndarray) -> float:
+        """Mean Dice over the organ groups present in ``lab`` of the segmenter on ``ct`` (HU)."""
+        return float(np.nanmean(organ_dice_per_class(ct, lab)))
 
     if args.labels_from == "real":
         cases = [(text, Findings.from_dict(f) if f is not None else prompt_findings(text), lab)
@@ -94,20 +112,37 @@ def main() -> None:
     else:
         cases = []
         tcss_guidance = pipe.labels.cfg.tcss.guidance if args.tcss_guidance is None else args.tcss_guidance
+        tcss_steps = args.tcss_steps or pipe.labels.cfg.tcss.sample_steps
+        if args.tcss_temperature is not None:
+            pipe.labels.temperature = args.tcss_temperature
+        # The sampled (raw) maps are cached per sampler setting, so cleanup or CT-stage changes can
+        # be measured again without the label-map sampling, which is most of this benchmark's time.
+        tag = (f"tcss{total_train_steps(pipe.labels.meta)}_steps{tcss_steps}_g{tcss_guidance}"
+               f"_gate{pipe.labels.site_gate}_vol{pipe.labels.size_guidance}_pool{pipe.labels.cfg.tcss.size_guidance_pool}"
+               f"{'' if pipe.labels.temperature == 1.0 else f'_temp{pipe.labels.temperature}'}")
+        cache = Path(args.maps) if args.maps else work / "labelmaps" / f"{tag}.npz"
+        cached = dict(np.load(cache)) if cache.is_file() else {}
         for i, (text, _) in enumerate(make_prompts(args.n)):
             f = prompt_findings(text)
-            lab = pipe.labels([text], [f], seed=i, steps=args.tcss_steps or pipe.labels.cfg.tcss.sample_steps,
-                              guidance=tcss_guidance)[0]
+            if f"seed{i}" not in cached:
+                cached[f"seed{i}"] = pipe.labels([text], [f], seed=i, steps=tcss_steps, guidance=tcss_guidance)[0]
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(".tmp.npz")
+                np.savez_compressed(tmp, **cached)
+                tmp.replace(cache)
+            lab = cached[f"seed{i}"]
             cases.append((text, f, lab if args.raw_labels else clean_label_map(lab, pipe.labels.affine(), ls, f.to_dict()["tumors"])[0]))
 
     samplers = {"ddim": pipe.ct.cfg.ldm.sample_steps} | ({"ddpm": pipe.ct.cfg.ldm.timesteps} if args.ddpm else {})
-    results = {name: {"dice": [], "seconds": [], "hu_in_range": {}, "hu_misses": {}} for name in samplers}
+    results = {name: {"dice": [], "seconds": [], "hu_in_range": {}, "hu_misses": {}, "per_class": []} for name in samplers}
     for i, (text, f, lab) in enumerate(cases):
         for name, steps in samplers.items():
             t0 = time.perf_counter()
             ct, _ = pipe.ct(lab, text, f, seed=i, steps=steps)
             results[name]["seconds"].append(time.perf_counter() - t0)
-            results[name]["dice"].append(organ_dice(ct, lab))
+            per_class = organ_dice_per_class(ct, lab)
+            results[name]["per_class"].append(per_class)
+            results[name]["dice"].append(float(np.nanmean(per_class)))
             for st in stats:
                 levels, ref = hu_levels(ct.astype(np.float32), lab, ls, st), refs[st]
                 inside = {n: bool(ref[n][0] <= levels[n] <= ref[n][1])
@@ -121,11 +156,12 @@ def main() -> None:
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
           f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.n} label maps from {args.labels_from}"
           f"{' (raw)' if args.raw_labels else ' (with the label-map cleanup)' if args.labels_from == 'tcss' else ''}"
-          f"{f', TCSS guidance {tcss_guidance}' if args.labels_from == 'tcss' else ''}; "
+          f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}' if args.labels_from == 'tcss' else ''}; "
           f"segmenter: UNet {seg_cfg.channels}, {args.seg_steps} steps on {args.n_real} real phantom cases")
     for name, r in results.items():
         print(f"{name:>5} ({samplers[name]} steps): {np.mean(r['seconds']):6.1f} s/CT | alignment mean organ Dice "
               f"{np.mean(r['dice']):.3f} (target >= 0.80)")
+        print("      per organ (lowest first): " + per_organ_line(r["per_class"]))
         for st in stats:
             misses = sorted(r["hu_misses"].get(st, {}).items(), key=lambda kv: -kv[1])
             print(f"      organ HU {st} within the real range: {np.nanmean(r['hu_in_range'][st]):.0%}; outside (organ: samples): "
@@ -133,9 +169,10 @@ def main() -> None:
     if "ddpm" in results:
         print(f"DDIM speed-up over DDPM: x{np.mean(results['ddpm']['seconds']) / np.mean(results['ddim']['seconds']):.1f}")
     train_dice = [organ_dice(ct, lab) for ct, lab in zip(real.ct[:4], real.labels[:4])]
-    held_dice = [organ_dice(ct, lab) for ct, lab in zip(held.ct, held.labels)]
-    print(f"instrument ceiling: the segmenter on {len(held)} held-out real cases: mean organ Dice {np.mean(held_dice):.3f} "
-          f"(on 4 of its own training cases {np.mean(train_dice):.3f})")
+    held_rows = [organ_dice_per_class(ct, lab) for ct, lab in zip(held.ct, held.labels)]
+    print(f"instrument ceiling: the segmenter on {len(held)} held-out real cases: mean organ Dice "
+          f"{np.mean([np.nanmean(r) for r in held_rows]):.3f} (on 4 of its own training cases {np.mean(train_dice):.3f})")
+    print("      per organ (lowest first): " + per_organ_line(held_rows))
 
 
 if __name__ == "__main__":

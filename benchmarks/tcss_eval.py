@@ -11,14 +11,15 @@ clinical styles that the phantom's report templates do not use):
 - speckle: the share of labelled voxels unlike all 6 neighbours (next to the same figure for
   real phantom cases, where thin ribs give some).
 Each rate is given for the model's raw output and after the cleanup that ``guidegen generate``
-applies by default (guidegen.postprocess: isolated voxels, then the tumour regions that match no
-requested tumour). The cleanup selects by the requested site, so after it the two placement
+applies by default (guidegen.postprocess: the tumour regions that match no requested tumour,
+detached parts of organs with a fixed number of parts, then isolated voxels). The cleanup selects by the requested site, so after it the two placement
 rows agree by construction: the site-blind row of the raw output is the model's own placement.
 
-    python benchmarks/tcss_eval.py [--checkpoint ROOT] [--n 50] [--steps 50] [--guidance 2.0]
+    python benchmarks/tcss_eval.py [--checkpoint ROOT] [--n 50] [--steps 50] [--guidance 2.0] [--temperature T]
                                    [--no-injection]  # ablation: no parsed knowledge (see below)
                                    [--shard I/N --json F]  # prompts i with i % N == I, rows to F
     python benchmarks/tcss_eval.py --merge F1 F2 ...  # the summary of sharded runs
+    add --maps DIR to keep the raw maps: a second run with the same settings only re-scores them
 
 Knowledge-injection ablation (``--no-injection``): the parsed findings reach the model twice,
 as the findings vector (memory tokens of the injection module) and as the canonical findings
@@ -37,6 +38,7 @@ import dataclasses
 import json
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,14 +82,18 @@ def main() -> None:
     ap.add_argument("--no-injection", action="store_true", help="knowledge-injection ablation: raw report only, findings vector zeroed")
     ap.add_argument("--site-gate", type=float, default=None, help="tumour-site gate strength (default: the checkpoint's tcss.site_gate)")
     ap.add_argument("--size-guidance", type=float, default=None, help="tumour volume matching strength (default: the checkpoint's tcss.size_guidance)")
+    ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's tcss.temperature)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
     ap.add_argument("--shard", default="0/1", help="I/N: evaluate only the prompts i with i %% N == I")
     ap.add_argument("--merge", nargs="+", default=None, help="print the summary of these --json files")
+    ap.add_argument("--maps", default=None, help="cache the raw sampled maps here (one folder per sampler setting), "
+                                                  "so a cleanup change is re-scored without sampling again")
     args = ap.parse_args()
     if args.merge:
         runs = [json.load(open(f)) for f in args.merge]
-        summarize(runs[0]["settings"], [r for run in runs for r in run["rows"]], sum(run["seconds"] for run in runs))
+        settings = runs[0]["settings"] | {"reused_maps": sum(run["settings"].get("reused_maps", 0) for run in runs)}
+        summarize(settings, [r for run in runs for r in run["rows"]], sum(run["seconds"] for run in runs))
         return
     shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(args.threads)
@@ -115,13 +121,28 @@ def main() -> None:
         gen.site_gate = args.site_gate
     if args.size_guidance is not None:
         gen.size_guidance = args.size_guidance
-    rows = []
+    if args.temperature is not None:
+        gen.temperature = args.temperature
+    rows, reused = [], 0
+    maps = None
+    if args.maps:
+        maps = Path(args.maps) / (f"tcss{total_train_steps(gen.meta)}_steps{args.steps}_g{guidance}_gate{gen.site_gate}"
+                                  f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
+                                  f"{'_noinject' if args.no_injection else ''}")
+        maps.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for i, (text, want) in enumerate(make_prompts(args.n)):
         if i % shards != shard:
             continue
         f = prompt_findings(text)
-        lab = gen([text], [f], seed=i, steps=args.steps, guidance=guidance)[0]
+        cached = maps / f"{i}.npy" if maps else None
+        if cached is not None and cached.is_file():
+            lab, reused = np.load(cached), reused + 1
+        else:
+            lab = gen([text], [f], seed=i, steps=args.steps, guidance=guidance)[0]
+            if cached is not None:
+                np.save(cached.with_suffix(".tmp.npy"), lab)
+                cached.with_suffix(".tmp.npy").replace(cached)
 
         def score(labels: np.ndarray) -> dict:
             st = case_stats(labels, gen.affine(), ls)
@@ -141,7 +162,8 @@ def main() -> None:
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
                 "steps": args.steps, "guidance": guidance, "injection": not args.no_injection, "site_gate": gen.site_gate,
                 "size_guidance": gen.size_guidance, "size_guidance_pool": gen.cfg.tcss.size_guidance_pool,
-                "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
+                "temperature": gen.temperature,
+                "reused_maps": reused, "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
     summarize(settings, rows, secs)
     if args.json:
         with open(args.json, "w") as fh:
@@ -160,7 +182,8 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
     print(f"checkpoint: {settings['checkpoint']}, prompts {len(rows)} of {settings['prompts']}, "
           f"sampler steps {settings['steps']}, guidance {settings['guidance']}, "
           f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}, "
-          f"size guidance {settings.get('size_guidance', 0.0)} (pool {settings.get('size_guidance_pool', 1)})")
+          f"size guidance {settings.get('size_guidance', 0.0)} (pool {settings.get('size_guidance_pool', 1)}), "
+          f"temperature {settings.get('temperature', 1.0)}")
     print(f"{'':<40}" + "".join(f"{name:>10}" for name, _ in cols))
     print(f"{'prompt parsed to the requested site':<40}{np.mean([r['parsed_ok'] for r in rows]):>10.1%}")
     if all("largest_placed" in r for _, rs in cols for r in rs):
@@ -173,7 +196,8 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
     if "isolated" in rows[0]:
         line("speckle (voxels unlike all 6 neighbours)", lambda rs: f"{np.mean([r['isolated'] for r in rs]):.2%}",
              f"real phantom cases: {settings['isolated_real']:.2%}")
-    print(f"time: {secs:.0f} s of compute ({secs / len(rows):.1f} s/sample)")
+    reused = f"; {settings['reused_maps']} maps read from --maps, not sampled" if settings.get("reused_maps") else ""
+    print(f"time: {secs:.0f} s of compute ({secs / len(rows):.1f} s/sample{reused})")
 
 
 if __name__ == "__main__":

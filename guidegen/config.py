@@ -106,6 +106,11 @@ class TCSSConfig(_Strict):
     patch_size: int = Field(1, ge=1)
     sample_steps: int = Field(50, ge=1)
     guidance: float = Field(1.5, ge=0)
+    # sampling only: the predicted x_0 distribution is sharpened to p^(1/temperature) before
+    # the findings' constraints and each step's posterior; < 1 trades diversity for organ
+    # shapes closer to the data (an under-trained denoiser's diffuse x_0 beliefs otherwise
+    # leave ragged, intermixed organ borders); 1 = the model's own distribution
+    temperature: float = Field(1.0, gt=0)
     train: TrainConfig = TrainConfig()
 
     @field_validator("size_guidance_pool")

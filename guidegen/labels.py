@@ -29,6 +29,9 @@ class LabelClass:
     totalseg_v2: tuple[str, ...] = ()
     totalseg_v1: tuple[str, ...] = ()
     role: str | None = None  # "tumor", "body" or None for an ordinary class
+    # Separate structures this class has in every body (1 for the liver, 2 for the kidneys); None
+    # where the number is not fixed (bowel loops, ribs, vertebrae). Post-processing keeps that many.
+    parts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,12 @@ def _parse_label_set(raw: object, origin: str) -> LabelSet:
                 totalseg_v2=tuple(entry.get("totalseg_v2", ()) or ()),
                 totalseg_v1=tuple(entry.get("totalseg_v1", ()) or ()),
                 role=entry.get("role"),
+                parts=None if entry.get("parts") is None else int(entry["parts"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise GuideGenError(f"{origin}: class entry {i} is malformed ({exc})") from None
+        if cls.parts is not None and cls.parts < 1:
+            raise GuideGenError(f"{origin}: class {cls.name!r} has parts {cls.parts}; it must be a positive count (or left out)")
         if cls.id != i:
             raise GuideGenError(f"{origin}: class ids must be 0..K-1 in order; entry {i} has id {cls.id}")
         classes.append(cls)

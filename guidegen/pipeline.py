@@ -105,9 +105,11 @@ class LabelMapGenerator:
         self.alphas_bar = cosine_schedule(self.cfg.tcss.timesteps).to(device)
         self.grid = tuple(self.meta.get("grid", self.cfg.data.grid))
         self.spacing = tuple(self.meta.get("spacing_mm", (1.0, 1.0, 1.0)))
-        # strengths of the findings' tumour constraints (site gate, volume matching); may be overridden
+        # strengths of the findings' tumour constraints (site gate, volume matching) and the
+        # sampling temperature; may be overridden
         self.site_gate = self.cfg.tcss.site_gate
         self.size_guidance = self.cfg.tcss.size_guidance
+        self.temperature = self.cfg.tcss.temperature
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], findings: list[Findings], seed: int, steps: int, guidance: float, progress: bool = False) -> np.ndarray:
@@ -120,7 +122,7 @@ class LabelMapGenerator:
         maps = sample_label_maps(self.model, cond, self.grid, self.alphas_bar, self.label_set, steps=steps,
                                  guidance=guidance, generator=gen, site_gate=self.site_gate,
                                  size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
-                                 requests=requests, progress=progress)
+                                 requests=requests, temperature=self.temperature, progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:
@@ -269,8 +271,8 @@ class GuideGenPipeline:
         self.ct = ct
         self.checkpoint_root = checkpoint_root
         self.label_set = labels.label_set
-        # sampled label maps get the isolated-voxel and stray-lesion cleanup (guidegen.postprocess);
-        # False keeps the raw output
+        # sampled label maps get the stray-lesion, organ-part and isolated-voxel cleanup
+        # (guidegen.postprocess); False keeps the raw output
         self.clean_labels = clean_labels
 
     @classmethod
@@ -306,7 +308,7 @@ class GuideGenPipeline:
         guidance = tcfg.guidance if guidance is None else guidance
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        cleaned = {"isolated_voxels": None, "stray_tumor_voxels": None}  # voxels changed (None: not applied)
+        cleaned = {"isolated_voxels": None, "stray_tumor_voxels": None, "organ_part_voxels": None}  # voxels changed (None: not applied)
         if labels is None:
             label_map = self.labels([prompt], [findings], seed, steps, guidance, progress)[0]
             affine = self.labels.affine()
@@ -319,7 +321,9 @@ class GuideGenPipeline:
                     "tcss_site_gate": self.labels.site_gate if labels is None else None,
                     "tcss_size_guidance": self.labels.size_guidance if labels is None else None,
                     "tcss_size_guidance_pool": self.labels.cfg.tcss.size_guidance_pool if labels is None else None,
-                    "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"]}
+                    "tcss_temperature": self.labels.temperature if labels is None else None,
+                    "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"],
+                    "organ_part_voxels": cleaned["organ_part_voxels"]}
         ct = None
         if self.ct is not None:
             t1 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Label-map post-processing after stage 1: isolated-voxel cleanup and stray-lesion removal.
+"""Label-map post-processing after stage 1: stray-lesion removal, detached organ parts, isolated voxels.
 
 A categorical diffusion sampler can leave single voxels whose label differs from all six face
 neighbours ("speckle"): noise voxels of the last steps that the network did not veto. No
@@ -99,21 +99,77 @@ def region_shells(labels: np.ndarray, regions: np.ndarray):
         yield k, box, mask, lab[box][shell]
 
 
-def drop_tumor_regions(labels: np.ndarray, tumor_id: int, keep: set[int]) -> tuple[np.ndarray, int]:
-    """Relabel every tumour region (:func:`tumor_regions`) whose id is not in ``keep``.
+def relabel_regions(labels: np.ndarray, regions: np.ndarray, keep: set[int], exclude: tuple[int, ...] = ()) -> tuple[np.ndarray, int]:
+    """Give every region of ``regions`` (ids 1..n, 0 = none) whose id is not in ``keep`` the most
+    frequent label of its shell (:func:`region_shells`), leaving out the labels in ``exclude``.
 
-    A removed region takes the most frequent label in its shell (:func:`region_shells`; the shell
-    holds no tumour, which would belong to the region); ties go to the smaller label id, and a
-    region with no shell (the whole volume) becomes background. Returns ``(cleaned copy, voxels changed)``.
+    Ties go to the smaller label id; a region with no usable shell label becomes background.
+    Returns ``(cleaned copy, voxels changed)``.
     """
     lab = np.asarray(labels)
     out = lab.copy()
     changed = 0
-    for k, box, mask, shell_labels in region_shells(lab, tumor_regions(lab, tumor_id)[0]):
+    for k, box, mask, shell_labels in region_shells(lab, regions):
         if k in keep:
             continue
-        out[box][mask] = np.bincount(shell_labels.astype(np.int64)).argmax() if shell_labels.size else 0
+        usable = shell_labels[~np.isin(shell_labels, exclude)].astype(np.int64)
+        out[box][mask] = np.bincount(usable).argmax() if usable.size else 0
         changed += int(mask.sum())
+    return out, changed
+
+
+def drop_tumor_regions(labels: np.ndarray, tumor_id: int, keep: set[int]) -> tuple[np.ndarray, int]:
+    """Relabel every tumour region (:func:`tumor_regions`) whose id is not in ``keep`` by the
+    majority of its shell (:func:`relabel_regions`; the shell holds no tumour, which would belong
+    to the region). Returns ``(cleaned copy, voxels changed)``.
+    """
+    lab = np.asarray(labels)
+    return relabel_regions(lab, tumor_regions(lab, tumor_id)[0], keep)
+
+
+def organ_parts(labels: np.ndarray, class_id: int, tumor_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The separate parts of one organ class: ``(part ids (X, Y, Z) int, 0 outside the class; voxel
+    count per part (n,), part k at index k - 1)``.
+
+    Parts are 26-connected with tumour voxels counted as bridges: a lesion that cuts a kidney in
+    two leaves one kidney, not two.
+    """
+    lab = np.asarray(labels)
+    organ = lab == class_id
+    joined = organ | (lab == tumor_id) if tumor_id is not None else organ
+    comps, n = ndimage.label(joined, structure=_STRUCT26)
+    comps[~organ] = 0
+    sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
+    present = np.flatnonzero(sizes) + 1  # tumour-only components hold no organ voxel
+    parts = np.zeros_like(comps)
+    parts[organ] = np.searchsorted(present, comps[organ]) + 1
+    return parts, sizes[present - 1]
+
+
+def keep_organ_parts(labels: np.ndarray, label_set) -> tuple[np.ndarray, int]:
+    """Keep, for every class with a fixed number of parts (``LabelClass.parts``: 1 liver, 2 kidneys),
+    its that-many largest parts (:func:`organ_parts`); every smaller part takes the majority label
+    of its shell other than the class itself and the tumour (so a removed fragment never grows a
+    lesion). Returns ``(cleaned copy, voxels changed)``.
+
+    *Why*: a sampled map can hold a detached piece of an organ - a bladder-labelled rim around a
+    large pelvic lesion, a splinter of liver in the chest - that no body has. It moves the
+    organ's centroid (the anatomical-order checks read centroids), and the CT stage paints it as
+    organ tissue where a segmentation model trained on real anatomy sees none. nnU-Net's
+    post-processing keeps the largest component per class for the same reason.
+    """
+    out = np.asarray(labels).copy()
+    changed = 0
+    exclude_tumor = () if label_set.tumor_id is None else (label_set.tumor_id,)
+    for cls in label_set.classes:
+        if cls.parts is None:
+            continue
+        parts, sizes = organ_parts(out, cls.id, label_set.tumor_id)
+        if len(sizes) <= cls.parts:
+            continue
+        keep = {int(k) + 1 for k in np.argsort(-sizes, kind="stable")[:cls.parts]}
+        out, n = relabel_regions(out, parts, keep, exclude=(cls.id, *exclude_tumor))
+        changed += n
     return out, changed
 
 
@@ -133,16 +189,19 @@ def keep_requested_lesions(labels: np.ndarray, affine: np.ndarray, label_set, re
 
 
 def clean_label_map(labels: np.ndarray, affine: np.ndarray, label_set, requested: list[dict]) -> tuple[np.ndarray, dict[str, int]]:
-    """The default post-process of a sampled map: unrequested tumour regions, then isolated voxels.
+    """The default post-process of a sampled map: unrequested tumour regions, detached organ
+    parts (:func:`keep_organ_parts`), then isolated voxels.
 
     The lesions are matched on the model's own map: relabelling isolated organ voxels first can
     move a lesion's organ share across the "touches the organ" threshold and so drop the requested
     lesion for a small fragment (seen on 2 of 20 tcss_eval samples: a 44 mm pancreatic lesion
     replaced by a 14 mm one). Stray single tumour voxels are tumour regions, so the first pass
-    removes them either way.
+    removes them either way. Organ parts come after the lesions, so only the kept lesions bridge
+    an organ's pieces, and before the isolated voxels, so a one-voxel splinter is relabelled once.
     ``requested``: the prompt's tumours as dicts (``Findings.to_dict()["tumors"]``).
-    Returns ``(cleaned (X, Y, Z), {"isolated_voxels": n, "stray_tumor_voxels": m})``.
+    Returns ``(cleaned (X, Y, Z), {"isolated_voxels": n, "stray_tumor_voxels": m, "organ_part_voxels": p})``.
     """
     out, stray = keep_requested_lesions(labels, affine, label_set, requested)
+    out, parts = keep_organ_parts(out, label_set)
     out, isolated = relabel_isolated_voxels(out)
-    return out, {"isolated_voxels": isolated, "stray_tumor_voxels": stray}
+    return out, {"isolated_voxels": isolated, "stray_tumor_voxels": stray, "organ_part_voxels": parts}

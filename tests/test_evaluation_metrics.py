@@ -199,7 +199,7 @@ def test_unrequested_tumour_regions_are_relabelled_by_their_shell():
     assert (keep_requested_lesions(vol, affine, LS, [{"site": "spleen", "side": None, "size_mm": 20.0}])[0] == tum).sum() == 0
     # the default post-process: unrequested regions first (both fragments), then isolated voxels
     cleaned, counts = clean_label_map(vol, affine, LS, [{"site": "liver", "side": None, "size_mm": 30.0}])
-    assert counts == {"isolated_voxels": 0, "stray_tumor_voxels": 5} and (cleaned == tum).sum() == 27
+    assert counts == {"isolated_voxels": 0, "stray_tumor_voxels": 5, "organ_part_voxels": 0} and (cleaned == tum).sum() == 27
 
 
 def test_cleanup_matches_lesions_before_removing_isolated_voxels():
@@ -216,4 +216,59 @@ def test_cleanup_matches_lesions_before_removing_isolated_voxels():
     cleaned, counts = clean_label_map(vol, np.diag([7.0, 7.0, 7.0, 1.0]), LS, [{"site": "liver", "side": None, "size_mm": 25.0}])
     # the model's lesion is the one kept; cleaning the isolated voxels first would have dropped it for the fragment
     assert (cleaned[6:9, 6:9, 6:9] == tum).all() and (cleaned == tum).sum() == 27
-    assert counts == {"isolated_voxels": 10, "stray_tumor_voxels": 4}
+    # the 10 liver voxels, bridged by the lesion into one part detached from the liver, go as a
+    # second liver part (the liver has one) - to the body, never to the tumour - not as isolated voxels
+    assert counts == {"isolated_voxels": 0, "stray_tumor_voxels": 4, "organ_part_voxels": 10}
+    assert (cleaned[5, 5:10:2, 5:10:2] == body).all() and cleaned[9, 7, 7] == body
+
+
+def test_organ_parts_count_tumour_as_a_bridge():
+    from guidegen.postprocess import organ_parts
+
+    kidney, body, tum = LS.id_of("kidney"), LS.id_of("body"), LS.tumor_id
+    vol = np.full((12, 12, 12), body, np.uint8)
+    vol[1:4, 1:4, 1:4] = kidney  # 27 voxels
+    vol[1:4, 1:4, 5:7] = kidney  # 18 voxels, joined to the first only through the lesion at z = 4
+    vol[2, 2, 4] = tum
+    vol[8:10, 8:10, 8:10] = kidney  # 8 voxels, detached
+    parts, sizes = organ_parts(vol, kidney, tum)
+    assert sorted(sizes.tolist()) == [8, 45] and parts.max() == 2
+    assert (parts > 0).sum() == (vol == kidney).sum() and (parts[vol != kidney] == 0).all()
+    assert parts[1, 1, 1] == parts[3, 3, 6] != parts[8, 8, 8]
+    # without the tumour as a bridge the lesion cuts the kidney in two
+    assert sorted(organ_parts(vol, kidney, None)[1].tolist()) == [8, 18, 27]
+
+
+def test_keep_organ_parts_relabels_detached_pieces_by_their_shell():
+    from guidegen.postprocess import keep_organ_parts
+
+    liver, kidney, lung, bladder, body = (LS.id_of(n) for n in ("liver", "kidney", "lung", "urinary_bladder", "body"))
+    tum = LS.tumor_id
+    vol = np.full((20, 20, 20), body, np.uint8)
+    vol[2:10, 2:10, 2:10] = liver  # the liver: 512 voxels
+    vol[15:17, 15:17, 15:17] = liver  # a detached 8-voxel splinter in the body envelope
+    vol[2:5, 13:16, 2:5] = kidney  # two kidneys: both kept (parts 2)
+    vol[6:9, 13:16, 2:5] = kidney
+    vol[12:19, 2:9, 12:19] = lung  # a bladder-labelled rim around a lesion, inside the lung:
+    vol[14:17, 4:7, 14:17] = bladder
+    vol[15, 5, 15] = tum
+    vol[2:6, 15:19, 15:19] = bladder  # and the bladder itself (64 voxels)
+    out, changed = keep_organ_parts(vol, LS)
+    assert changed == 8 + 26
+    assert (out[15:17, 15:17, 15:17] == body).all()  # the splinter takes its shell: body
+    assert (out[14:17, 4:7, 14:17][vol[14:17, 4:7, 14:17] == bladder] == lung).all()  # the rim: lung, not tumour
+    assert out[15, 5, 15] == tum and (out == kidney).sum() == 54 and (out == bladder).sum() == 64
+    moved = (vol == bladder) & (np.indices(vol.shape)[1] < 10) | (vol == liver) & (np.indices(vol.shape)[0] >= 15)
+    assert np.array_equal(out[~moved], vol[~moved])  # nothing else changed
+    # a map that already has its parts is returned unchanged
+    same, n = keep_organ_parts(out, LS)
+    assert n == 0 and np.array_equal(same, out)
+
+
+def test_keep_organ_parts_leaves_real_phantom_maps_almost_untouched():
+    from guidegen.postprocess import keep_organ_parts
+
+    for seed in range(3):
+        lab = render_phantom(seed, (48, 48, 64)).labels
+        out, changed = keep_organ_parts(lab, LS)
+        assert changed <= 0.0005 * lab.size and (out != lab).sum() == changed

@@ -35,6 +35,18 @@ def test_user_label_set_file_with_bad_ids(tmp_path):
         load_label_set(str(p))
 
 
+def test_parts_are_anatomy_counts_and_validated(label_set, tmp_path):
+    parts = {n: label_set.classes[label_set.id_of(n)].parts for n in ("liver", "kidney", "lung", "adrenal_gland", "rib", "colon", "tumor")}
+    assert parts == {"liver": 1, "kidney": 2, "lung": 2, "adrenal_gland": 2, "rib": None, "colon": None, "tumor": None}
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\nclasses:\n  - {id: 0, name: background}\n  - {id: 1, name: liver, parts: 0}\n")
+    with pytest.raises(GuideGenError, match=r"mine\.yaml: class 'liver' has parts 0"):
+        load_label_set(str(p))
+    p.write_text("name: mine\nclasses:\n  - {id: 0, name: background}\n  - {id: 1, name: liver, parts: one}\n")
+    with pytest.raises(GuideGenError, match=r"mine\.yaml: class entry 1 is malformed"):
+        load_label_set(str(p))
+
+
 def test_demo_preset_loads_and_defaults_fill_in():
     cfg = load_config("demo")
     assert isinstance(cfg, GuideGenConfig)

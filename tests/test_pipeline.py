@@ -43,6 +43,7 @@ def test_generate_writes_a_paired_sample(ckpt_root, tmp_path, label_set):
     assert meta["seed"] == 3 and {"labels_s", "ct_s", "total_s"} <= set(meta["timings"])
     assert meta["settings"]["tcss_site_gate"] == 1.0  # the tiny config's gate strength, recorded
     assert meta["settings"]["tcss_size_guidance"] == 1.0 and meta["settings"]["tcss_size_guidance_pool"] == 3
+    assert meta["settings"]["tcss_temperature"] == 0.5
     assert set(meta["models"]) == {"tcss", "autoencoder", "ldm"}
     assert "passed" in meta["qc"] and meta["qc"]["hu"]["statistic"] == "trimmed_mean_10" and "air" in meta["qc"]["hu"]["levels"]
     reference = json.loads((ckpt_root / "ldm" / "meta.json").read_text())["hu_reference"]  # QC compares against it
@@ -73,12 +74,14 @@ def test_sampled_maps_get_the_cleanup_unless_raw(ckpt_root):
     clean_pipe = GuideGenPipeline.from_pretrained(ckpt_root, labels_only=True)
     raw, clean = raw_pipe(PROMPT, seed=5), clean_pipe(PROMPT, seed=5)
     assert raw.settings["label_cleanup_voxels"] is None and raw.settings["stray_tumor_voxels"] is None
+    assert raw.settings["organ_part_voxels"] is None
     # same seed: same sampled map before cleanup; the prompt asks for one tumour
     expected, changed = clean_label_map(raw.labels, raw.affine, clean_pipe.label_set, raw.findings.to_dict()["tumors"])
     assert len(raw.findings.tumors) == 1
     np.testing.assert_array_equal(clean.labels, expected)
     assert clean.settings["label_cleanup_voxels"] == changed["isolated_voxels"] > 0  # a 2-step model leaves plenty of speckle
     assert clean.settings["stray_tumor_voxels"] == changed["stray_tumor_voxels"]
+    assert clean.settings["organ_part_voxels"] == changed["organ_part_voxels"]
     assert isolated_voxels(clean.labels).sum() < isolated_voxels(raw.labels).sum()
     assert isolated_fraction(clean.labels) < isolated_fraction(raw.labels)
 

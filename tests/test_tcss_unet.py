@@ -233,3 +233,51 @@ def test_tumor_requests_from_findings(label_set):
     expected = out.softmax(1)[:, label_set.tumor_id].flatten(1).sum(1)
     torch.testing.assert_close(expected[0], req.volume_voxels[0], rtol=1e-3, atol=1e-2)
     assert torch.equal(out[1], logits[1])
+
+
+class _FixedLogitsModel:
+    """Stands in for a ConditionedDenoiser: the x_0 logits are a fixed field times ``scale``."""
+
+    def __init__(self, logits: torch.Tensor, scale: float = 1.0):
+        self.logits, self.scale = logits, scale
+
+    def context(self, tokens, mask, findings_vec):
+        return torch.zeros(tokens.shape[0], 1, 4)
+
+    def null_context(self, batch: int):
+        return torch.zeros(batch, 1, 4)
+
+    def net(self, x, t, context):
+        return (self.logits * self.scale).expand(x.shape[0], *self.logits.shape[1:])
+
+
+def test_sampling_temperature_divides_the_logits_before_the_constraints(label_set):
+    from guidegen.training.tcss import TumorRequests, sample_label_maps
+
+    K, grid = label_set.num_classes, (6, 6, 6)
+    logits = torch.randn(1, K, *grid, generator=torch.Generator().manual_seed(3)) * 3
+    cond = {"tokens": torch.zeros(1, 2, 4), "mask": torch.ones(1, 2, dtype=torch.bool), "findings_vec": torch.zeros(1, 8)}
+    sites = torch.zeros(1, K, 2, dtype=torch.bool)
+    sites[0, label_set.id_of("liver")] = True
+    requests = TumorRequests(sites, torch.tensor([20.0]))
+    alphas_bar = cat.cosine_schedule(50)
+
+    def run(model, temperature):
+        return sample_label_maps(model, cond, grid, alphas_bar, label_set, steps=5, guidance=1.0,
+                                 generator=torch.Generator().manual_seed(0), site_gate=1.0, size_guidance=1.0,
+                                 requests=requests, temperature=temperature)
+
+    # temperature T on logits L is the model L / T at temperature 1, constraints included: the
+    # volume matching sees the sharpened distribution, so the tumour volume asked is the one sampled
+    assert torch.equal(run(_FixedLogitsModel(logits), 0.5), run(_FixedLogitsModel(logits, 2.0), 1.0))
+    assert not torch.equal(run(_FixedLogitsModel(logits), 0.5), run(_FixedLogitsModel(logits), 1.0))
+    with pytest.raises(GuideGenError, match="temperature must be > 0"):
+        run(_FixedLogitsModel(logits), 0.0)
+
+
+def test_temperature_config_must_be_positive():
+    from guidegen.config import config_from_dict
+
+    with pytest.raises(GuideGenError, match=r"x\.yaml: tcss\.temperature"):
+        config_from_dict({"tcss": {"temperature": 0}}, "x.yaml")
+    assert config_from_dict({"tcss": {"temperature": 0.5}}, "x.yaml").tcss.temperature == 0.5

@@ -316,13 +316,14 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
                       midline_class: int | None = None) -> Tensor:
     """Tumour x_0 logits gated by the model's own belief that a voxel lies in a requested site.
 
-    ``logit'_tumour = logit_tumour + strength · (g - max g)``, ``g = log(Σ_{k ∈ S} w_k p_k + p_tumour)``,
-    p = softmax(logits), S = the organ classes the report puts a tumour in, max over the
-    volume of each case. Where the model is surest of a requested organ (or of tumour) nothing
-    changes; elsewhere g ≈ log p_tumour, so a tumour voxel outside every requested organ keeps
-    about p_tumour^strength of its odds relative to the best site voxel: scattered
-    low-confidence tumour is suppressed while a confident lesion survives (a soft constraint,
-    never a mask). Subtracting the maximum matters early in sampling, where the organ
+    ``logit'_tumour = logit_tumour + strength · (g - max g)``, ``g = log Σ_{k ∈ S} w_k p(k | not tumour)``,
+    p(· | not tumour) = softmax of the logits without the tumour channel (the organ the voxel
+    would be if it were not tumour), S = the organ classes the report puts a tumour in, max over
+    the volume of each case. Where the model is surest the voxel belongs to a requested organ
+    nothing changes; elsewhere a tumour voxel keeps about p(site | not tumour)^strength of its
+    odds relative to the best site voxel (a soft constraint, never a mask). The tumour's own
+    probability is left out of g on purpose: with it inside, a lesion that had drifted out of
+    the organ sustained itself (session notes, issue #6). Subtracting the maximum matters early in sampling, where the organ
     probabilities are diffuse (p_site ≈ 0.3 even inside the organ): the plain log-sum then
     lowered the tumour everywhere. This is the findings' *site* injected where the network's
     output lives, next to the text cross-attention (why: README, issue #6 notes).

@@ -11,6 +11,7 @@ from torch import nn
 
 from guidegen.config import GuideGenConfig
 from guidegen.diffusion import categorical as cat
+from guidegen.errors import GuideGenError
 from guidegen.evaluation.metrics import sphere_volume_mm3
 from guidegen.labels import LabelSet
 from guidegen.models.conditioned import ConditionedDenoiser
@@ -119,18 +120,28 @@ def tumor_guidance_fn(requests: TumorRequests, label_set: LabelSet, site_gate: f
     return constrain
 
 
+def _tempered(then, temperature: float):
+    """``logits -> then(logits / temperature)`` (``then`` None: the division alone)."""
+    if temperature <= 0:
+        raise GuideGenError(f"temperature must be > 0, got {temperature}")
+    return (lambda logits: logits / temperature) if then is None else (lambda logits: then(logits / temperature))
+
+
 @torch.no_grad()
 def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, int, int], alphas_bar: torch.Tensor,
                       label_set: LabelSet, *, steps: int, guidance: float, generator: torch.Generator,
                       site_gate: float = 0.0, size_guidance: float = 0.0, size_guidance_pool: int = 1,
-                      requests: TumorRequests | None = None, progress: bool = False) -> torch.Tensor:
+                      requests: TumorRequests | None = None, temperature: float = 1.0,
+                      progress: bool = False) -> torch.Tensor:
     """Sample label maps ``(B, X, Y, Z)`` long for prepared condition tensors ``cond``.
 
     ``steps`` == T runs the full ancestral sampler; fewer uses the strided sampler. Guidance
-    is classifier-free on the x0 logits with the model's learned null context; then the
-    findings' tumour constraints (:func:`tumor_guidance_fn`) act on the guided logits:
-    ``requests`` (from parsed findings: sides and volume) or, when None, the sites of
-    ``cond["findings_vec"]``.
+    is classifier-free on the x0 logits with the model's learned null context; the guided
+    logits are divided by ``temperature`` (config ``tcss.temperature``); then the findings'
+    tumour constraints (:func:`tumor_guidance_fn`) act on them: ``requests`` (from parsed
+    findings: sides and volume) or, when None, the sites of ``cond["findings_vec"]``.
+    The constraints come after the temperature so the matched tumour volume is that of the
+    distribution actually sampled.
     """
     b, num_classes = cond["tokens"].shape[0], label_set.num_classes
     context = model.context(cond["tokens"], cond["mask"], cond["findings_vec"])
@@ -138,6 +149,8 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
         requests = TumorRequests.from_vector(cond["findings_vec"], label_set)
     constrain = tumor_guidance_fn(requests.to(cond["tokens"].device), label_set, site_gate, size_guidance,
                                   pool=size_guidance_pool)
+    if temperature != 1.0:
+        constrain = _tempered(constrain, temperature)
     denoise = cat.classifier_free_guidance(model.net, context, model.null_context(1), guidance, constrain)
     shape = (b, *grid)
     timesteps = alphas_bar.shape[0] - 1
@@ -188,6 +201,6 @@ class TCSSTask(StageTask):
         maps = sample_label_maps(model, cond, self.cfg.data.grid, self.alphas_bar.to(device), self.label_set,
                                  steps=min(25, self.cfg.tcss.timesteps), guidance=self.cfg.tcss.guidance, generator=gen,
                                  site_gate=self.cfg.tcss.site_gate, size_guidance=self.cfg.tcss.size_guidance,
-                                 size_guidance_pool=self.cfg.tcss.size_guidance_pool)
+                                 size_guidance_pool=self.cfg.tcss.size_guidance_pool, temperature=self.cfg.tcss.temperature)
         for i, lab in enumerate(maps.cpu().numpy().astype("uint8")):
             save_case_preview(out_dir / f"step{step:07d}_prompt{i}.png", lab, None, self.label_set, title=f"step {step}: {SAMPLE_PROMPTS[i]}")
