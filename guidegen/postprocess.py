@@ -127,14 +127,12 @@ def drop_tumor_regions(labels: np.ndarray, tumor_id: int, keep: set[int]) -> tup
     return relabel_regions(lab, tumor_regions(lab, tumor_id)[0], keep)
 
 
-def organ_parts(labels: np.ndarray, class_id: int, tumor_id: int | None, count_tumor: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The separate parts of one organ class: ``(part ids (X, Y, Z) int, 0 outside the class; size
-    per part (n,), part k at index k - 1)``.
+def organ_parts(labels: np.ndarray, class_id: int, tumor_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The separate parts of one organ class: ``(part ids (X, Y, Z) int, 0 outside the class; organ
+    voxels per part (n,), part k at index k - 1)``.
 
     Parts are 26-connected with tumour voxels counted as bridges: a lesion that cuts a kidney in
-    two leaves one kidney, not two. A part's size is its organ voxels, plus, with
-    ``count_tumor``, the tumour voxels joined to it (a lesion that replaced most of its organ
-    still leaves the organ's largest part).
+    two leaves one kidney, not two.
     """
     lab = np.asarray(labels)
     organ = lab == class_id
@@ -142,21 +140,16 @@ def organ_parts(labels: np.ndarray, class_id: int, tumor_id: int | None, count_t
     comps, n = ndimage.label(organ | tumor, structure=_STRUCT26)
     organ_voxels = np.bincount(comps[organ], minlength=n + 1)[1:]
     present = np.flatnonzero(organ_voxels) + 1  # tumour-only components hold no organ voxel
-    sizes = organ_voxels + (np.bincount(comps[tumor], minlength=n + 1)[1:] if count_tumor else 0)
     parts = np.zeros_like(comps)
     parts[organ] = np.searchsorted(present, comps[organ]) + 1
-    return parts, sizes[present - 1]
+    return parts, organ_voxels[present - 1]
 
 
-def keep_organ_parts(labels: np.ndarray, label_set, host_classes: frozenset[int] = frozenset()) -> tuple[np.ndarray, int]:
+def keep_organ_parts(labels: np.ndarray, label_set) -> tuple[np.ndarray, int]:
     """Keep, for every class with a fixed number of parts (``LabelClass.parts``: 1 liver, 2 kidneys),
     its that-many largest parts (:func:`organ_parts`); every smaller part takes the majority label
     of its shell other than the class itself and the tumour (so a removed fragment never grows a
-    lesion). For ``host_classes`` (the organs the prompt puts a tumour in) a part's size counts the
-    lesion joined to it: a 5 cm kidney lesion can leave less kidney around it than a stray kidney
-    fragment has (seen on 2 of 50 tcss_eval samples), and the lesion's organ is the one to keep.
-    Other classes do not count it: a bladder-labelled rim around a colon lesion stays a rim.
-    Returns ``(cleaned copy, voxels changed)``.
+    lesion). Returns ``(cleaned copy, voxels changed)``.
 
     *Why*: a sampled map can hold a detached piece of an organ - a bladder-labelled rim around a
     large pelvic lesion, a splinter of liver in the chest - that no body has. It moves the
@@ -170,7 +163,7 @@ def keep_organ_parts(labels: np.ndarray, label_set, host_classes: frozenset[int]
     for cls in label_set.classes:
         if cls.parts is None:
             continue
-        parts, sizes = organ_parts(out, cls.id, label_set.tumor_id, count_tumor=cls.id in host_classes)
+        parts, sizes = organ_parts(out, cls.id, label_set.tumor_id)
         if len(sizes) <= cls.parts:
             continue
         keep = {int(k) + 1 for k in np.argsort(-sizes, kind="stable")[:cls.parts]}
@@ -208,7 +201,6 @@ def clean_label_map(labels: np.ndarray, affine: np.ndarray, label_set, requested
     Returns ``(cleaned (X, Y, Z), {"isolated_voxels": n, "stray_tumor_voxels": m, "organ_part_voxels": p})``.
     """
     out, stray = keep_requested_lesions(labels, affine, label_set, requested)
-    hosts = frozenset(label_set.id_of(t["site"]) for t in requested if t.get("site") in label_set.names)
-    out, parts = keep_organ_parts(out, label_set, hosts)
+    out, parts = keep_organ_parts(out, label_set)
     out, isolated = relabel_isolated_voxels(out)
     return out, {"isolated_voxels": isolated, "stray_tumor_voxels": stray, "organ_part_voxels": parts}
