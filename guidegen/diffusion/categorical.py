@@ -323,9 +323,9 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
     nothing changes; elsewhere a tumour voxel keeps about p(site | not tumour)^strength of its
     odds relative to the best site voxel (a soft constraint, never a mask). The tumour's own
     probability is left out of g on purpose: with it inside, a lesion that had drifted out of
-    the organ sustained itself (session notes, issue #6). Subtracting the maximum matters early in sampling, where the organ
-    probabilities are diffuse (p_site ≈ 0.3 even inside the organ): the plain log-sum then
-    lowered the tumour everywhere. This is the findings' *site* injected where the network's
+    the organ sustained itself (session notes, issue #6). Subtracting the maximum matters early
+    in sampling, where the organ probabilities are diffuse (p_site ≈ 0.3 even inside the organ):
+    the plain log-sum then lowered the tumour everywhere. This is the findings' *site* injected where the network's
     output lives, next to the text cross-attention (why: README, issue #6 notes).
 
     **Sides.** A paired organ merged into one class (kidney, lung) can be asked for on one side:
