@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--tcss-temperature", type=float, default=None, help="label-map sampling temperature (default: the checkpoint's)")
     ap.add_argument("--labels-from", choices=("tcss", "real"), default="tcss",
                     help="label maps sampled by TCSS from the prompts, or held-out real phantom cases with their reports")
-    ap.add_argument("--raw-labels", action="store_true", help="skip generate's cleanup (isolated voxels, stray lesions) of sampled label maps")
+    ap.add_argument("--raw-labels", action="store_true", help="skip generate's cleanup (stray lesions, detached organ parts, isolated voxels) of sampled label maps")
     ap.add_argument("--maps", default=None, help="raw label maps (.npz, keys seed0..seedN-1) to use instead of sampling "
                                                   "(the cache this script writes under WORK/labelmaps, or a sampler experiment's)")
     ap.add_argument("--work", default="runs/bench_generate")
@@ -134,7 +134,8 @@ def main() -> None:
             cases.append((text, f, lab if args.raw_labels else clean_label_map(lab, pipe.labels.affine(), ls, f.to_dict()["tumors"])[0]))
 
     samplers = {"ddim": pipe.ct.cfg.ldm.sample_steps} | ({"ddpm": pipe.ct.cfg.ldm.timesteps} if args.ddpm else {})
-    results = {name: {"dice": [], "seconds": [], "hu_in_range": {}, "hu_misses": {}, "per_class": []} for name in samplers}
+    results = {name: {"dice": [], "seconds": [], "hu_in_range": {}, "hu_in_margin": {}, "hu_misses": {}, "hu_worst": {}, "per_class": []}
+               for name in samplers}
     for i, (text, f, lab) in enumerate(cases):
         for name, steps in samplers.items():
             t0 = time.perf_counter()
@@ -150,10 +151,10 @@ def main() -> None:
                            for n in levels if n in ref and n in ls.names and ls.id_of(n) in ls.organ_ids}
                 inside = {n: d == 0 for n, d in outside.items()}
                 results[name]["hu_in_range"].setdefault(st, []).append(np.mean(list(inside.values())) if inside else np.nan)
-                results[name].setdefault("hu_in_margin", {}).setdefault(st, []).append(
+                results[name]["hu_in_margin"].setdefault(st, []).append(
                     np.mean([abs(d) <= HU_MARGIN for d in outside.values()]) if outside else np.nan)
                 for n, d in outside.items():
-                    worst = results[name].setdefault("hu_worst", {}).setdefault(st, {})
+                    worst = results[name]["hu_worst"].setdefault(st, {})
                     worst[n] = d if abs(d) > abs(worst.get(n, 0.0)) else worst.get(n, 0.0)
                 for n in (n for n, ok in inside.items() if not ok):
                     misses = results[name]["hu_misses"].setdefault(st, {})
