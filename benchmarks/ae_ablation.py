@@ -12,6 +12,7 @@ tumour mean-HU error and soft-tissue MAE inside the organs (the full model shoul
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def main() -> None:
     ap.add_argument("--work", default="runs/ae_ablation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--seed", type=int, default=None, help="autoencoder.train.seed for every variant")
+    ap.add_argument("--batch-size", type=int, default=None, help="autoencoder.train.batch_size for every variant")
+    ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -71,12 +75,16 @@ def main() -> None:
         raw = yaml.safe_load(yaml.safe_dump(base))
         raw["autoencoder"].update(override)
         raw["autoencoder"]["train"]["max_steps"] = args.steps
+        for key, value in (("seed", args.seed), ("batch_size", args.batch_size)):
+            if value is not None:
+                raw["autoencoder"]["train"][key] = value
         cfg_path = work / f"{name.replace(' ', '_')}.yaml"
         cfg_path.write_text(yaml.safe_dump(raw))
         export = run_training("autoencoder", cfg_path, args.data, work / name.replace(" ", "_"), max_steps=args.steps)
         rows[name] = evaluate_ae(export, args.n)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
-          f"{args.steps} steps each, config {args.config}, {args.n} unseen phantom cases")
+          f"{args.steps} steps each, config {args.config}, seed {args.seed}, batch size {args.batch_size}, "
+          f"{args.n} unseen phantom cases")
     print(f"{'variant':<24}{'soft-tissue MAE in organs':>28}{'tumour mean-HU error':>24}")
     for name, (mae, tum) in rows.items():
         print(f"{name:<24}{mae:>25.1f} HU{tum:>21.1f} HU")
@@ -84,6 +92,10 @@ def main() -> None:
         full = rows["full"]
         wins = all(full[0] < r[0] and full[1] < r[1] for n, r in rows.items() if n != "full")
         print(f"full model better on both metrics than each ablation run here: {wins}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size, "n": args.n,
+                       "rows": {k: {"soft_tissue_mae": v[0], "tumour_error": v[1]} for k, v in rows.items()}}, fh, indent=1)
 
 
 if __name__ == "__main__":

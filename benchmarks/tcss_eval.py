@@ -28,7 +28,7 @@ redundant, and zeroing only the vector changed nothing (session notes). The abla
 both: the encoder reads the raw report alone and the vector is zero. It is done at sampling
 time on the same checkpoint, so it also measures how much the model leans on that knowledge.
 
-Run on CPU; prints the machine, settings and the four rates.
+Runs on the CPU unless ``--device`` says otherwise; prints the machine, settings and the four rates.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--size-guidance", type=float, default=None, help="tumour volume matching strength (default: the checkpoint's tcss.size_guidance)")
     ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's tcss.temperature)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the maps are scored on the CPU)")
     ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
     ap.add_argument("--shard", default="0/1", help="I/N: evaluate only the prompts i with i %% N == I")
     ap.add_argument("--merge", nargs="+", default=None, help="print the summary of these --json files")
@@ -103,7 +104,7 @@ def main() -> None:
     from guidegen.pipeline import GuideGenPipeline, prompt_findings
     from guidegen.postprocess import clean_label_map
 
-    pipe = GuideGenPipeline.from_pretrained(args.checkpoint, labels_only=True)
+    pipe = GuideGenPipeline.from_pretrained(args.checkpoint, labels_only=True, device=args.device)
     gen, ls = pipe.labels, pipe.label_set
     if args.no_injection:
         gen.conditioner.mode = "raw"  # no canonical findings sentence before the report
@@ -158,7 +159,7 @@ def main() -> None:
         rows.append({"prompt": text, "parsed_ok": bool(f.tumors and f.tumors[0].site == want["site"]),
                      "requested_mm": want["size_mm"], **score(lab), "cleaned": score(clean_label_map(lab, gen.affine(), ls, f.to_dict()["tumors"])[0])})
     secs = time.perf_counter() - t0
-    settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
+    settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, device {gen.device}",
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
                 "steps": args.steps, "guidance": guidance, "injection": not args.no_injection, "site_gate": gen.site_gate,
                 "size_guidance": gen.size_guidance, "size_guidance_pool": gen.cfg.tcss.size_guidance_pool,

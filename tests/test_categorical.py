@@ -321,6 +321,21 @@ def test_site_gated_logits_hand_computed():
     torch.testing.assert_close(gated[0, 3, 1] - lesion[0, 3, 1], torch.log(torch.tensor(0.05 / (0.6 / 0.7))))
 
 
+def test_site_gated_logits_gradient_finite_with_inactive_rows():
+    # Training gates the non-dropped rows only; a dropped (or site-less) row in the batch must
+    # not put NaN into the gradient (it did: -inf - (-inf) behind a torch.where).
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 4, 4, requires_grad=True)
+    sites = torch.zeros(3, 5, 2, dtype=torch.bool)
+    sites[0, 1] = True           # case 0: class 1, either side
+    sites[1, 2, 1] = True        # case 1: class 2, right side only (needs the midline)
+    out = cat.site_gated_logits(logits, sites, tumor_id=4, strength=1.0, midline_class=3)  # case 2: inactive
+    out.logsumexp(1).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(out[2], logits[2].detach())  # the inactive row is unchanged
+    assert not torch.equal(out[0, 4], logits[0, 4].detach())
+
+
 def test_right_side_logit_hand_computed():
     # midline probability on axis 0 (X = 5): mass 1 at i = 1 and 3 at i = 3 -> centre 2.5
     prob = torch.zeros(1, 5, 2)

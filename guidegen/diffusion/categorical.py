@@ -366,6 +366,10 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
         right_only = (sides[..., 1] & ~sides[..., 0]).view(*sides.shape[:2], *ones)
         log_w = torch.where(left_only, F.logsigmoid(-z).unsqueeze(1), log_w)
         log_w = torch.where(right_only, F.logsigmoid(z).unsqueeze(1), log_w)
+    # An inactive row's weights are all -inf: its gate would be -inf - (-inf) = NaN, which the
+    # torch.where below hides in the forward pass but not in the backward one (training with
+    # condition dropout got NaN gradients). Weight 1 everywhere keeps it finite; it is zeroed below.
+    log_w = torch.where(active.view(-1, 1, *ones), log_w, 0.0)
     gate = torch.logsumexp(log_p + log_w, dim=1)  # (B, *spatial)
     gate = gate - gate.flatten(1).amax(dim=1).view(-1, *ones)
     gate = torch.where(active.view(-1, *ones), gate, torch.zeros_like(gate))
