@@ -1,7 +1,7 @@
 """Tests of the shared training engine (guidegen.training.trainer).
 
 The file doubles as the worker script for the subprocess tests:
-``python tests/test_trainer.py train RUN MAX_STEPS SLEEP`` (kill -9 test) and
+``python tests/test_trainer.py train RUN MAX_STEPS SLEEP [WORKERS]`` (kill -9 and SIGTERM tests) and
 ``python -m torch.distributed.run --nproc_per_node=2 tests/test_trainer.py ddp OUT`` (DDP test).
 """
 
@@ -335,24 +335,46 @@ def test_export_and_load_roundtrip(tmp_path):
 # ------------------------------------------------------------------------------ processes
 
 
-def _launch_train(run: Path, max_steps: int, sleep: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "train", str(run), str(max_steps), str(sleep)],
-                            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _launch_train(run: Path, max_steps: int, sleep: float, workers: int = 0, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "train", str(run), str(max_steps), str(sleep), str(workers)],
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        meta = run / "checkpoint" / "meta.json"
+        if meta.is_file() and json.loads(meta.read_text())["step"] >= step:
+            return
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    pytest.fail(f"worker never reached step {step}")
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_sigterm_to_process_group_with_loader_workers_stops_cleanly(tmp_path):
+    # `timeout`, SLURM preemption and Ctrl-C signal the whole process group, DataLoader workers
+    # included; the run must still end with its checkpoint, not "DataLoader worker killed".
+    run = tmp_path / "run"
+    proc = _launch_train(run, 200, 0.1, workers=2, start_new_session=True)
+    try:
+        _wait_for_step(proc, run, 2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out.decode()[-2000:]
+    stopped_at = final_state(run)["step"]
+    assert 2 <= stopped_at < 200
+    assert f"interrupted: stopped after step {stopped_at}" in (run / "train.log").read_text()
 
 
 def test_kill9_then_resume_matches_uninterrupted(tmp_path):
     run = tmp_path / "run"
     proc = _launch_train(run, 8, 0.3)
-    deadline = time.time() + 60
     try:
-        while time.time() < deadline:
-            meta = run / "checkpoint" / "meta.json"
-            if meta.is_file() and json.loads(meta.read_text())["step"] >= 3:
-                break
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.05)
-        else:
-            pytest.fail("worker never reached step 3")
+        _wait_for_step(proc, run, 3)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
@@ -402,8 +424,9 @@ def _state_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _worker_train(run: str, max_steps: int, sleep: float) -> None:
-    Trainer(run, cfg(max_steps=max_steps, checkpoint_every=1), Regression(sleep=sleep), ToyData(), progress=False).fit()
+def _worker_train(run: str, max_steps: int, sleep: float, workers: int = 0) -> None:
+    Trainer(run, cfg(max_steps=max_steps, checkpoint_every=1, num_workers=workers), Regression(sleep=sleep), ToyData(),
+            progress=False).fit()
 
 
 def _worker_ddp(out: str) -> None:
@@ -434,6 +457,6 @@ def _worker_ddp(out: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[1] == "train":
-        _worker_train(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+        _worker_train(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 0)
     elif sys.argv[1] == "ddp":
         _worker_ddp(sys.argv[2])

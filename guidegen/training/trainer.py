@@ -369,6 +369,18 @@ class FitResult:
     last_log: dict = field(default_factory=dict)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: leave SIGINT / SIGTERM to the main process.
+
+    Ctrl-C, ``timeout`` and a cluster's preemption (SLURM signals every process of the job step)
+    reach the workers too; a worker that died of the signal made the main process fail with
+    "DataLoader worker killed" before it could write its checkpoint. The main process turns
+    the signal into a clean stop and shuts its workers down afterwards.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _make_accelerator(mixed_precision: str, cpu: bool, find_unused_parameters: bool):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -617,7 +629,9 @@ class Trainer:
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                             pin_memory=self.accelerator.device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed + self.rank),
-                            persistent_workers=cfg.num_workers > 0)
+                            worker_init_fn=_ignore_stop_signals if cfg.num_workers > 0 else None)
+        # One iterator over an endless sampler serves the whole run; not persistent, so that
+        # `del loader_iter` below shuts the workers down (they ignore SIGTERM, see above).
         loader_iter = iter(loader)
         ctx = StepContext(self)
         for m in self.prepared.values():
