@@ -268,6 +268,37 @@ def test_sigint_stops_cleanly_with_checkpoint(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
+class NanLossAt(Regression):
+    """Regression whose loss is NaN at the given steps (``None``: always)."""
+
+    def __init__(self, steps: set[int] | None):
+        super().__init__()
+        self.nan_steps = steps
+
+    def training_step(self, batch, step, ctx):
+        out = super().training_step(batch, step, ctx)
+        if self.nan_steps is None or step in self.nan_steps:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_nonfinite_gradient_skips_the_update(tmp_path):
+    trainer = Trainer(tmp_path / "run", cfg(max_steps=1), NanLossAt({0}), ToyData(), progress=False)
+    before = {k: v.clone() for k, v in trainer.modules["model"].state_dict().items()}
+    trainer.fit()
+    after = trainer.modules["model"].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the NaN step changed nothing
+    assert "step 1: non-finite gradient norm of 'model', update skipped" in (tmp_path / "run" / "train.log").read_text()
+    trainer.fit(max_steps=3)  # later finite steps train again
+    assert all(torch.isfinite(v).all() for v in trainer.modules["model"].state_dict().values())
+    assert not all(torch.equal(before[k], v) for k, v in trainer.modules["model"].state_dict().items())
+
+
+def test_a_stream_of_nonfinite_gradients_stops_the_run(tmp_path):
+    with pytest.raises(GuideGenError, match="10 optimizer steps in a row had non-finite gradients"):
+        Trainer(tmp_path / "run", cfg(max_steps=20), NanLossAt(None), ToyData(), progress=False).fit()
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(GuideGenError, match="has 3 item.*needs at least 4"):
         Trainer(tmp_path / "r", cfg(), Regression(), ToyData(3), progress=False)

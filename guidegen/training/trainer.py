@@ -92,6 +92,9 @@ _PREV_SUFFIX = ".prev"
 _TMP_PREFIX = ".checkpoint.tmp-"
 _STATE_FILE = "state.pt"
 _FORMAT = 1
+# Optimizer steps in a row with a non-finite gradient norm before the run stops with an error
+# (each such step is skipped; a few are survivable, a stream of them means diverged weights).
+NONFINITE_STEP_LIMIT = 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,6 +483,7 @@ class Trainer:
 
         self._history: list[dict] = self._read_history() if self.is_main else []
         self._stop_requested = False
+        self._nonfinite_in_a_row = 0
 
     # ---------------------------------------------------------------- checkpoint in / out
 
@@ -565,6 +569,19 @@ class Trainer:
             params = [p for g in self.optimizers[name].param_groups for p in g["params"]]
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
             ctx.grad_norms[name] = norm
+            # fp16 has its grad scaler for overflows; otherwise a NaN/inf gradient would turn
+            # every weight into NaN: skip the update (all ranks see the same reduced norm).
+            if not math.isfinite(norm) and self.cfg.mixed_precision != "fp16":
+                opt.zero_grad(set_to_none=True)
+                ctx.stepped.add(name)
+                self._nonfinite_in_a_row += 1
+                self._note(f"step {self.step + 1}: non-finite gradient norm of {name!r}, update skipped "
+                           f"({self._nonfinite_in_a_row} in a row)")
+                if self._nonfinite_in_a_row >= NONFINITE_STEP_LIMIT:
+                    raise GuideGenError(f"{self.run_dir}: {NONFINITE_STEP_LIMIT} optimizer steps in a row had non-finite "
+                                        f"gradients ({name!r}); training stopped, the last checkpoint is kept")
+                return norm
+            self._nonfinite_in_a_row = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
         ctx.stepped.add(name)
