@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from guidegen.data.layout import CaseRecord, DatasetWriter
+from guidegen.data.layout import CaseRecord, DatasetWriter, write_case_preview
+from guidegen.labels import load_label_set
 
 
 def phantom_case_id(seed: int) -> str:
@@ -33,6 +34,14 @@ def render_record(seed: int, grid: tuple[int, int, int]) -> CaseRecord:
     )
 
 
+def _render_with_preview(seed: int, grid: tuple[int, int, int], preview_root: str | None, label_set: str) -> CaseRecord:
+    """Worker: render one case and, when ``preview_root`` is given, write its preview PNG there."""
+    record = render_record(seed, grid)
+    if preview_root is not None:
+        write_case_preview(preview_root, record, load_label_set(label_set))
+    return record
+
+
 def write_phantom_dataset(
     out: str | Path,
     *,
@@ -46,8 +55,9 @@ def write_phantom_dataset(
 ) -> Path:
     """Render ``n`` cases with seeds ``seed..seed+n-1`` into ``out``; returns ``out``.
 
-    Rendering runs in ``workers`` processes; writing happens in this process, one complete case
-    at a time, so an interrupted run leaves only complete cases behind.
+    Rendering (and the preview PNG) runs in ``workers`` processes; the volumes, meta and report
+    are written in this process, one complete case at a time, so an interrupted run leaves only
+    complete cases behind (a preview without its meta belongs to no case and is rewritten).
     """
     writer = DatasetWriter(out, name="phantom", mode="overwrite" if overwrite else "new", info={"source": "guidegen procedural phantom", "grid": list(grid), "seeds": [seed, seed + n - 1]})
     seeds = list(range(seed, seed + n))
@@ -57,9 +67,10 @@ def write_phantom_dataset(
             writer.write_case(render_record(s, grid), preview=previews)
             bar.update()
     else:
+        preview_root = str(writer.root) if previews else None
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for record in pool.map(render_record, seeds, [grid] * n):
-                writer.write_case(record, preview=previews)
+            for record in pool.map(_render_with_preview, seeds, [grid] * n, [preview_root] * n, [writer.label_set.name] * n):
+                writer.write_case(record, preview=False)
                 bar.update()
     bar.close()
     writer.finalize()
