@@ -99,3 +99,24 @@ def test_autoencoder_trains_on_crops_and_samples_whole_volumes(setup):
     export = run_training("autoencoder", cfg, data, root / "ae", progress=False)
     assert (export / "model.safetensors").is_file()
     assert sorted(p.name for p in (root / "ae" / "samples").glob("*.png"))
+
+
+def test_tcss_trains_with_the_site_gate_and_condition_dropout(setup):
+    # The site gate in training leaves dropped rows alone; with dropped and kept rows in one
+    # batch its backward pass was NaN (the trainer now skips such steps and notes them).
+    import math
+
+    from guidegen.training.run import run_training
+
+    root, data, _ = setup
+    raw = json.loads(json.dumps(TINY))
+    raw["text"]["cond_drop_prob"] = 0.5
+    raw["tcss"]["site_gate"] = 1.0
+    raw["tcss"]["train"].update(batch_size=2, max_steps=4, seed=3)
+    cfg = root / "gated.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    run_training("tcss", cfg, data, root / "gated", progress=False)
+    log = (root / "gated" / "train.log").read_text()
+    assert "non-finite" not in log
+    rows = [json.loads(line) for line in (root / "gated" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
