@@ -10,7 +10,7 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
 - seconds per sample of each arm and the speed-ups.
 
     python benchmarks/tcss_sampling.py [--checkpoint ROOT] [--n 8] [--steps 25 50] [--guidance G]
-                                       [--device cuda] [--batch 16] [--floor] [--json F]
+                                       [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T]
                                        [--reference-steps N]  # compare against N strided steps instead
 
 ``--reference-steps 25 --steps 50 --floor`` gives, on a CPU, the noise floor of the strided
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--steps", type=int, nargs="+", default=[50])
     ap.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's tcss.guidance")
+    ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1, help="prompts per sampler call")
@@ -81,6 +82,8 @@ def main() -> None:
     gen, ls = pipe.labels, pipe.label_set
     T = gen.cfg.tcss.timesteps
     guidance = gen.cfg.tcss.guidance if args.guidance is None else args.guidance
+    if args.temperature is not None:
+        gen.temperature = args.temperature
     prompts = prompts_for(args.n)
     volumes, seconds = {}, {}
     ref_steps = T if args.reference_steps is None else args.reference_steps

@@ -299,6 +299,26 @@ def test_a_stream_of_nonfinite_gradients_stops_the_run(tmp_path):
         Trainer(tmp_path / "run", cfg(max_steps=20), NanLossAt(None), ToyData(), progress=False).fit()
 
 
+class GanDivergedGenerator(GanLike):
+    """GanLike whose generator loss is always NaN while the critic's stays finite."""
+
+    def training_step(self, batch, step, ctx):
+        gen, disc = ctx.modules["model"], ctx.modules["disc"]
+        fake = gen(torch.randn_like(batch["x"]))
+        ctx.backward(fake.mean() * float("nan"))
+        ctx.step_optimizer("model")
+        d_loss = F.softplus(-disc(batch["x"])).mean() + F.softplus(disc(fake.detach())).mean()
+        ctx.backward(d_loss)
+        ctx.step_optimizer("disc")
+        return {"d_loss": d_loss.detach()}
+
+
+def test_nonfinite_streak_is_counted_per_optimizer(tmp_path):
+    # the critic's finite steps must not reset the generator's streak
+    with pytest.raises(GuideGenError, match=r"non-finite gradients \('model'\)"):
+        Trainer(tmp_path / "run", cfg(max_steps=20), GanDivergedGenerator(), ToyData(), progress=False).fit()
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(GuideGenError, match="has 3 item.*needs at least 4"):
         Trainer(tmp_path / "r", cfg(), Regression(), ToyData(3), progress=False)

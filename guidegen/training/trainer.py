@@ -483,7 +483,7 @@ class Trainer:
 
         self._history: list[dict] = self._read_history() if self.is_main else []
         self._stop_requested = False
-        self._nonfinite_in_a_row = 0
+        self._nonfinite_in_a_row: dict[str, int] = {}  # per optimizer: a healthy critic must not hide a diverged model
 
     # ---------------------------------------------------------------- checkpoint in / out
 
@@ -574,14 +574,14 @@ class Trainer:
             if not math.isfinite(norm) and self.cfg.mixed_precision != "fp16":
                 opt.zero_grad(set_to_none=True)
                 ctx.stepped.add(name)
-                self._nonfinite_in_a_row += 1
+                in_a_row = self._nonfinite_in_a_row[name] = self._nonfinite_in_a_row.get(name, 0) + 1
                 self._note(f"step {self.step + 1}: non-finite gradient norm of {name!r}, update skipped "
-                           f"({self._nonfinite_in_a_row} in a row)")
-                if self._nonfinite_in_a_row >= NONFINITE_STEP_LIMIT:
+                           f"({in_a_row} in a row)")
+                if in_a_row >= NONFINITE_STEP_LIMIT:
                     raise GuideGenError(f"{self.run_dir}: {NONFINITE_STEP_LIMIT} optimizer steps in a row had non-finite "
                                         f"gradients ({name!r}); training stopped, the last checkpoint is kept")
                 return norm
-            self._nonfinite_in_a_row = 0
+            self._nonfinite_in_a_row[name] = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
         ctx.stepped.add(name)
