@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from guidegen.errors import GuideGenError
 
@@ -131,6 +131,10 @@ class AutoencoderConfig(_Strict):
     label_embed_dim: int = Field(8, ge=1)
     inject_labels: bool = True  # label pyramid at every level; False = "w/o anatomy" ablation
     norm: Literal["channel", "group"] = "channel"  # per-voxel norm keeps tiled decoding exact
+    # per-class 1×1 readout at the decoder's output (models.autoencoder.LabelReadout): borders as
+    # sharp as the label map. Zero-initialised, so it can be added to a trained AE by --init-from
+    # (with freeze_encoder the latent space, and so the LDM, stays valid).
+    label_readout: bool = False
     p_random_window: float = Field(0.25, ge=0, le=1)  # share of fully random HU windows in the loss
     kl_weight: float = Field(1e-6, ge=0)
     window_weight: float = Field(1.0, ge=0)
@@ -160,6 +164,12 @@ class AutoencoderConfig(_Strict):
     # trained on it - stays valid (checked by the latent-space digest, guidegen.data.latents).
     freeze_encoder: bool = False
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _readout_reads_labels(self) -> AutoencoderConfig:
+        if self.label_readout and not self.inject_labels:
+            raise ValueError("label_readout needs inject_labels: true (the readout reads the label map)")
+        return self
 
 
 class LDMConfig(_Strict):

@@ -127,6 +127,57 @@ def test_freeze_encoder_stops_gradients_to_the_latent_space_only():
     assert model.decoder.conv_out.weight.grad is not None
 
 
+def test_label_readout_starts_neutral_and_reads_each_class_with_its_own_weights():
+    ct, labels = rand_case()
+    plain, readout = tiny_model(seed=3), tiny_model(seed=3, label_readout=True)
+    assert set(readout.state_dict()) - set(plain.state_dict()) == {"decoder.readout.proj.weight", "decoder.readout.proj.bias"}
+    readout.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        z = plain.encode(ct, labels).mode()
+        base = plain.decode(z, labels)
+        assert torch.equal(readout.decode(z, labels), base)  # zero-initialised: output unchanged
+        # class 5 gets bias 0.5 and weight w on the features, every other class stays as it was
+        w = torch.arange(1.0, 5.0)
+        readout.decoder.readout.proj.bias[5] = 0.5
+        readout.decoder.readout.proj.weight[5, :, 0, 0, 0] = w
+        out = readout.decode(z, labels)
+    feats = {}
+    readout.decoder.norm_out.register_forward_hook(lambda mod, inp, o: feats.setdefault("h", torch.nn.functional.silu(o)))
+    with torch.no_grad():
+        readout.decode(z, labels)
+    mask = (labels == 5).unsqueeze(1)
+    expected = base + mask * (0.5 + (feats["h"] * w.view(1, 4, 1, 1, 1)).sum(1, keepdim=True))
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="inject_labels"):
+        tiny_model(label_readout=True, inject_labels=False)
+
+
+def test_label_readout_config_needs_label_injection():
+    with pytest.raises(Exception, match="label_readout needs inject_labels"):
+        AutoencoderConfig(label_readout=True, inject_labels=False)
+    assert AutoencoderConfig(label_readout=True).label_readout
+
+
+def test_loading_an_earlier_checkpoint_may_lack_only_the_declared_new_modules(tmp_path):
+    from safetensors.torch import save_file
+
+    from guidegen.training.trainer import load_model_weights
+
+    plain = tiny_model(seed=1)
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    readout = tiny_model(seed=2, label_readout=True)
+    with pytest.raises(GuideGenError, match="missing.*decoder.readout"):
+        load_model_weights(readout, tmp_path)  # strict by default
+    load_model_weights(readout, tmp_path, may_lack=readout.INIT_MAY_LACK)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(readout.state_dict()[k], v)
+    assert not readout.decoder.readout.proj.weight.any()
+    partial = {k: v.contiguous() for k, v in plain.state_dict().items() if k != "decoder.conv_out.bias"}
+    save_file(partial, str(tmp_path / "model.safetensors"))
+    with pytest.raises(GuideGenError, match="missing.*decoder.conv_out.bias"):  # other gaps still fail
+        load_model_weights(readout, tmp_path, may_lack=readout.INIT_MAY_LACK)
+
+
 def test_bad_grid_and_label_shape_raise():
     m = tiny_model()
     with pytest.raises(GuideGenError, match="divisible by 4"):
@@ -345,8 +396,11 @@ def test_tile_starts_and_ramp():
     assert torch.equal(ramp_weight(8, 8, False, False), torch.ones(8))
 
 
-def test_tiled_decode_is_exact_when_margin_covers_receptive_field():
-    m = tiny_model().eval()
+@pytest.mark.parametrize("label_readout", [False, True])
+def test_tiled_decode_is_exact_when_margin_covers_receptive_field(label_readout):
+    m = tiny_model(label_readout=label_readout).eval()
+    if label_readout:  # a trained (non-zero) per-class readout is exactly local too
+        torch.nn.init.normal_(m.decoder.readout.proj.weight, std=0.5)
     radius = receptive_radius(m)
     assert 12 <= radius <= 24
     overlap = 4 * -(-int(np.ceil(radius * 8 / 3)) // 4)  # 3/8 of the overlap ≥ radius

@@ -53,13 +53,15 @@ def init_from_checkpoint(trainer, ckpt_dir: str | Path) -> None:
 
     Only the weights (and the EMA copy) are taken; optimizer state and step start fresh. A run
     that already has its own training checkpoint resumes from that instead (exact resume wins).
+    Modules the model lists in ``INIT_MAY_LACK`` (output-neutral additions, e.g. the AE's
+    per-class readout) may be absent from the checkpoint; they start from their initialisation.
     """
     from guidegen.training.trainer import load_model_weights
 
     if trainer.step > 0:
         return
     model = trainer.modules["model"]
-    load_model_weights(model, ckpt_dir)
+    load_model_weights(model, ckpt_dir, may_lack=getattr(model, "INIT_MAY_LACK", ()))
     if "model" in trainer.ema:
         trainer.ema["model"].module.load_state_dict(model.state_dict())
 

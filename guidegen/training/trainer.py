@@ -904,11 +904,14 @@ def export_checkpoint(source: "Trainer | str | os.PathLike", out_dir: str | os.P
     return out
 
 
-def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict: bool = True) -> dict:
+def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict: bool = True,
+                       may_lack: tuple[str, ...] = ()) -> dict:
     """Load ``ckpt_dir/model.safetensors`` into ``module`` (fp16 → the module's dtypes).
 
-    Returns the checkpoint's ``meta.json`` as a dict (``{}`` if absent). Raises
-    :class:`GuideGenError` naming the file when it is missing, unreadable or does not match.
+    ``may_lack``: key prefixes of the module the file may lack even when ``strict`` (modules
+    added to a trained network whose initialisation leaves its output unchanged); they keep
+    their initial values. Returns the checkpoint's ``meta.json`` as a dict (``{}`` if absent).
+    Raises :class:`GuideGenError` naming the file when it is missing, unreadable or does not match.
     """
     from safetensors.torch import load_file
 
@@ -920,7 +923,7 @@ def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict
     except Exception as exc:
         raise GuideGenError(f"{path}: cannot read safetensors ({type(exc).__name__})") from None
     own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
+    missing = sorted(k for k in set(own) - set(tensors) if not k.startswith(may_lack))
     unexpected = sorted(set(tensors) - set(own))
     if strict and (missing or unexpected):
         raise GuideGenError(f"{path}: weights do not match the model (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
@@ -930,7 +933,7 @@ def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict
         raise GuideGenError(f"{path}: shape mismatch for {bad[0]} ({tuple(tensors[bad[0]].shape)} in file, "
                             f"{tuple(own[bad[0]].shape)} in the model)")
     cast = {k: v.to(own[k].dtype) for k, v in tensors.items() if k in own}
-    module.load_state_dict(cast, strict=strict)
+    module.load_state_dict(cast, strict=strict and not may_lack)
     return read_checkpoint_meta(ckpt_dir)
 
 
