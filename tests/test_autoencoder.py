@@ -362,6 +362,22 @@ def test_class_window_centres_on_a_present_class():
     assert terms["l1_window"] > 0.01 * 3072 / 2 / 500  # a ≤ 500 HU window: steeper than the full range
 
 
+def test_class_window_batch_equals_per_sample_brute_force():
+    from guidegen.training.ae_losses import class_window
+
+    g = torch.Generator().manual_seed(5)
+    ct = torch.randn(3, 1, 6, 6, 6, generator=g) * 100
+    labels = torch.randint(0, 5, (3, 6, 6, 6), generator=g)
+    labels[1] = torch.where(labels[1] == 3, 4, labels[1])  # sample 1 lacks class 3
+    for seed in range(6):
+        center, width = class_window(ct, labels, torch.Generator().manual_seed(seed))
+        u = torch.rand(3, 2, generator=torch.Generator().manual_seed(seed))  # the same draws
+        for i in range(3):
+            ids = labels[i].unique()
+            cls = ids[min(int(u[i, 0] * len(ids)), len(ids) - 1)]
+            assert float(center[i]) == pytest.approx(float(ct[i, 0][labels[i] == cls].double().mean()), abs=1e-3)
+
+
 def test_random_crop_focus_centres_on_small_classes():
     from guidegen.training.autoencoder import random_crop
 

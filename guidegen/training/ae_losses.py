@@ -90,12 +90,20 @@ def class_window(target_hu: torch.Tensor, labels: torch.Tensor, generator: torch
     (center_hu (B,), width_hu (B,)) float32 on the CPU.
     """
     batch = labels.shape[0]
-    center = torch.empty(batch)
     u = torch.rand(batch, 2, generator=generator)
+    # per (sample, class) voxel counts and HU sums in one pass, moved to the CPU once (a loop of
+    # unique() and masked means cost two device syncs per sample)
+    flat = labels.reshape(batch, -1).long()
+    num = int(flat.max()) + 1
+    keys = (flat + num * torch.arange(batch, device=flat.device)[:, None]).flatten()
+    counts = torch.bincount(keys, minlength=batch * num).view(batch, num).cpu()
+    sums = torch.zeros(batch * num, dtype=torch.float64, device=flat.device)
+    sums = sums.index_add_(0, keys, target_hu.reshape(-1).double()).view(batch, num).cpu()
+    center = torch.empty(batch)
     for i in range(batch):
-        ids = labels[i].unique()
+        ids = counts[i].nonzero().flatten()  # present classes, ascending
         cls = ids[min(int(u[i, 0] * len(ids)), len(ids) - 1)]
-        center[i] = target_hu[i, 0][labels[i] == cls].float().mean().cpu()
+        center[i] = float(sums[i, cls] / counts[i, cls])
     width = width_hu[0] + (width_hu[1] - width_hu[0]) * u[:, 1]
     return center, width
 
