@@ -148,7 +148,10 @@ class AutoencoderConfig(_Strict):
     full_range_weight: float = Field(1.0, ge=0)
     # full-range L1 averaged per label class, so small structures (tumour, ribs) weigh like organs
     class_l1_weight: float = Field(0.0, ge=0)
-    # per-class weights inside that term (class name → weight, others 1), e.g. {"tumor": 4.0}
+    # |mean recon - mean target| per label class (training.ae_losses.class_mean_l1): the voxel-wise
+    # L1 terms pull a skewed class (ribs) to its median; this one keeps every structure's mean HU
+    class_mean_weight: float = Field(0.0, ge=0)
+    # per-class weights inside the class-balanced L1 and the class-mean term (class name → weight, others 1), e.g. {"tumor": 4.0}
     class_l1_weights: dict[str, float] = {}
     adv_weight: float = Field(0.05, ge=0)
     disc_start: int = Field(1000, ge=0)

@@ -26,6 +26,7 @@ from guidegen.training.ae_losses import (
     AutoencoderLoss,
     adaptive_weight,
     class_balanced_l1,
+    class_mean_l1,
     disc_layers_for,
     apply_window,
     hinge_d_loss,
@@ -319,6 +320,30 @@ def test_class_balanced_l1_hand_values_and_generator_term():
                                                              generator=torch.Generator().manual_seed(0))
     assert "l1_class" in g and "l1_class" not in base  # weight 0: term not computed
     torch.testing.assert_close(g["loss"].detach(), base["loss"].detach() + 2.0 * g["l1_class"], rtol=1e-5, atol=1e-6)
+
+
+def test_class_mean_l1_hand_values_and_generator_term():
+    target = torch.zeros(1, 1, 2, 2, 1)
+    recon = torch.tensor([1.0, -1.0, 2.0, 4.0]).view(1, 1, 2, 2, 1)
+    labels = torch.tensor([0, 0, 0, 7]).view(1, 2, 2, 1)
+    # class 0: mean error (1 - 1 + 2) / 3 = 2/3 (errors of opposite sign cancel), class 7: 4 → (2/3 + 4) / 2
+    torch.testing.assert_close(class_mean_l1(recon, target, labels), torch.tensor((2 / 3 + 4) / 2))
+    torch.testing.assert_close(class_balanced_l1(recon, target, labels), torch.tensor((4 / 3 + 4) / 2))
+    w = torch.ones(K)
+    w[7] = 3.0  # the class weights of the class-balanced L1 apply too
+    torch.testing.assert_close(class_mean_l1(recon, target, labels, w), torch.tensor((2 / 3 + 3 * 4) / 4))
+    # a reconstruction that is right on average in every class costs nothing, voxel errors or not
+    zero_mean = torch.tensor([1.0, -1.0, 0.0, 0.0]).view(1, 1, 2, 2, 1)
+    assert float(class_mean_l1(zero_mean, target, labels)) == 0.0 < float(class_balanced_l1(zero_mean, target, labels))
+    m = tiny_model()
+    hu, lab = phantom_like()
+    ct = hu_to_norm(hu)
+    rec, post = m(ct, lab)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    g = AutoencoderLoss(class_mean_weight=3.0, disc_start=10**9).generator_loss(rec, ct, post, step=0, labels=lab, generator=gen())
+    base = AutoencoderLoss(disc_start=10**9).generator_loss(rec, ct, post, step=0, labels=lab, generator=gen())
+    assert "l1_class_mean" not in base  # no label term asked: labels not read
+    torch.testing.assert_close(g["loss"].detach(), base["loss"].detach() + 3.0 * g["l1_class_mean"], rtol=1e-5, atol=1e-6)
 
 
 def test_window_l1_class_balanced_averages_each_class_inside_the_window():

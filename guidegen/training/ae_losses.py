@@ -136,6 +136,29 @@ def window_to_norm(center_hu: torch.Tensor | float, width_hu: torch.Tensor | flo
     return (center_hu - lo) * scale - 1.0, width_hu * scale
 
 
+def _class_weighted_mean(per_voxel: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
+                         outer=None) -> torch.Tensor:
+    """Weighted mean over (sample, present class) of ``outer(mean of per_voxel inside the class)``.
+
+    ``per_voxel`` (B, 1, X, Y, Z), ``labels`` (B, X, Y, Z) integer ids, ``class_weights`` (K,)
+    (None: all 1), ``outer`` applied to each class mean (None: identity); returns a scalar.
+    """
+    batch = labels.shape[0]
+    ids = labels.reshape(batch, -1).long()
+    v = per_voxel.reshape(batch, -1)
+    k = int(ids.max()) + 1
+    sums = v.new_zeros(batch, k).scatter_add(1, ids, v)
+    counts = v.new_zeros(batch, k).scatter_add(1, ids, torch.ones_like(v))
+    present = counts > 0
+    means = sums[present] / counts[present]
+    if outer is not None:
+        means = outer(means)
+    if class_weights is None:
+        return means.mean()
+    w = class_weights.to(v.dtype)[:k].expand(batch, k)[present]
+    return (w * means).sum() / w.sum()
+
+
 def class_balanced_l1(recon: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
                       class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean over (sample, present class) of the mean |recon - target| inside that class.
@@ -143,18 +166,19 @@ def class_balanced_l1(recon: torch.Tensor, target: torch.Tensor, labels: torch.T
     ``recon``/``target`` (B, 1, X, Y, Z), ``labels`` (B, X, Y, Z) integer ids, ``class_weights``
     (K,) (None: all 1); returns a scalar. Equals the plain L1 when one class fills the volume.
     """
-    batch = labels.shape[0]
-    ids = labels.reshape(batch, -1).long()
-    err = (recon - target).abs().reshape(batch, -1)
-    k = int(ids.max()) + 1
-    sums = err.new_zeros(batch, k).scatter_add(1, ids, err)
-    counts = err.new_zeros(batch, k).scatter_add(1, ids, torch.ones_like(err))
-    present = counts > 0
-    means = sums[present] / counts[present]
-    if class_weights is None:
-        return means.mean()
-    w = class_weights.to(err.dtype)[:k].expand(batch, k)[present]
-    return (w * means).sum() / w.sum()
+    return _class_weighted_mean((recon - target).abs(), labels, class_weights)
+
+
+def class_mean_l1(recon: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
+                  class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean over (sample, present class) of |mean(recon) - mean(target)| inside that class.
+
+    The per-class *bias*: a voxel-wise L1 is minimised by the class's conditional median, which
+    for a skewed class (thin ribs: bone cortex plus partial-volume voxels far below it) sits
+    far from its mean; this term asks for the right mean HU of every structure, which is what
+    HU calibration and radiomics read. Same shapes as :func:`class_balanced_l1`.
+    """
+    return _class_weighted_mean(recon - target, labels, class_weights, outer=torch.abs)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -208,6 +232,7 @@ class AutoencoderLoss(nn.Module):
 
     def __init__(self, hu_range: tuple[float, float] = DEFAULT_HU_RANGE, window_weight: float = 1.0,
                  ssim_weight: float = 0.2, full_range_weight: float = 1.0, class_l1_weight: float = 0.0,
+                 class_mean_weight: float = 0.0,
                  window_class_balanced: bool = False, class_window_prob: float = 0.0,
                  class_l1_class_weights: torch.Tensor | None = None, kl_weight: float = 1e-6,
                  adv_weight: float = 0.05, disc_start: int = 1000, num_slices: int = 2, p_random_window: float = 0.25,
@@ -217,6 +242,7 @@ class AutoencoderLoss(nn.Module):
         self.window_weight, self.ssim_weight = window_weight, ssim_weight
         self.full_range_weight, self.kl_weight = full_range_weight, kl_weight
         self.class_l1_weight, self.window_class_balanced = class_l1_weight, window_class_balanced
+        self.class_mean_weight = class_mean_weight
         self.class_window_prob = class_window_prob
         # (K,) weights inside the class-balanced L1; not saved with the module (the config has them)
         self.register_buffer("class_l1_class_weights", class_l1_class_weights, persistent=False)
@@ -234,6 +260,7 @@ class AutoencoderLoss(nn.Module):
         return cls(disc_layers=disc_layers_for(grid) if grid else 3, hu_range=tuple(cfg.hu_range),
                    window_weight=cfg.window_weight, ssim_weight=cfg.ssim_weight,
                    full_range_weight=cfg.full_range_weight, class_l1_weight=cfg.class_l1_weight,
+                   class_mean_weight=cfg.class_mean_weight,
                    window_class_balanced=cfg.window_class_balanced, class_window_prob=cfg.class_window_prob,
                    class_l1_class_weights=class_l1_class_weights,
                    kl_weight=cfg.kl_weight, adv_weight=cfg.adv_weight,
@@ -270,6 +297,7 @@ class AutoencoderLoss(nn.Module):
                  "l1_full": (recon - target).abs().mean()}
         if labels is not None:
             terms["l1_class"] = class_balanced_l1(recon, target, labels, self.class_l1_class_weights)
+            terms["l1_class_mean"] = class_mean_l1(recon, target, labels, self.class_l1_class_weights)
         return terms
 
     def generator_loss(self, recon: torch.Tensor, target: torch.Tensor, posterior: DiagonalGaussian, step: int,
@@ -278,12 +306,15 @@ class AutoencoderLoss(nn.Module):
                        labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Autoencoder objective; ``last_layer`` (the decoder's output weight) enables the adaptive
         weight; ``labels`` (B, X, Y, Z) enable the class-balanced L1 (``class_l1_weight``)."""
-        needs_labels = self.class_l1_weight > 0 or self.window_class_balanced or self.class_window_prob > 0
+        needs_labels = (self.class_l1_weight > 0 or self.class_mean_weight > 0 or self.window_class_balanced
+                        or self.class_window_prob > 0)
         terms = self.reconstruction_terms(recon, target, generator, labels if needs_labels else None)
         rec = (self.window_weight * terms["l1_window"] + self.ssim_weight * terms["ssim_window"]
                + self.full_range_weight * terms["l1_full"])
         if "l1_class" in terms and self.class_l1_weight > 0:
             rec = rec + self.class_l1_weight * terms["l1_class"]
+        if "l1_class_mean" in terms and self.class_mean_weight > 0:
+            rec = rec + self.class_mean_weight * terms["l1_class_mean"]
         kl = posterior.kl().mean()
         loss = rec + self.kl_weight * kl
         terms["kl"] = kl
