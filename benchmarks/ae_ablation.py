@@ -22,7 +22,7 @@ import yaml
 
 VARIANTS = {
     "full": {},
-    "no label injection": {"inject_labels": False},
+    "no label injection": {"inject_labels": False, "label_readout": False},  # the readout reads the labels too
     "no random-window loss": {"window_weight": 0.0, "ssim_weight": 0.0},
 }
 
