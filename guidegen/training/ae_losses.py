@@ -25,7 +25,7 @@ Tensors: ``target``/``recon`` (B, 1, X, Y, Z) normalised CT in [-1, 1]; windows 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -137,7 +137,7 @@ def window_to_norm(center_hu: torch.Tensor | float, width_hu: torch.Tensor | flo
 
 
 def _class_weighted_mean(per_voxel: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
-                         outer=None) -> torch.Tensor:
+                         outer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Weighted mean over (sample, present class) of ``outer(mean of per_voxel inside the class)``.
 
     ``per_voxel`` (B, 1, X, Y, Z), ``labels`` (B, X, Y, Z) integer ids, ``class_weights`` (K,)
