@@ -26,6 +26,7 @@ from guidegen.training.ae_losses import (
     AutoencoderLoss,
     adaptive_weight,
     class_balanced_l1,
+    class_distribution_l1,
     class_mean_l1,
     disc_layers_for,
     apply_window,
@@ -294,6 +295,21 @@ def test_generator_loss_terms_adaptive_weight_and_delayed_start():
     torch.testing.assert_close(scale, torch.tensor(0.5), rtol=1e-3, atol=0)
 
 
+def assert_generator_adds_term(term: str, **weight: float) -> None:
+    """``AutoencoderLoss(**weight)`` adds ``weight · terms[term]`` to the generator loss of a tiny
+    model on a phantom-like volume, and without the weight the term is not even computed."""
+    (name, w), = weight.items()
+    m = tiny_model()
+    hu, lab = phantom_like()
+    ct = hu_to_norm(hu)
+    rec, post = m(ct, lab)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    g = AutoencoderLoss(disc_start=10**9, **weight).generator_loss(rec, ct, post, step=0, labels=lab, generator=gen())
+    base = AutoencoderLoss(disc_start=10**9).generator_loss(rec, ct, post, step=0, labels=lab, generator=gen())
+    assert term in g and term not in base, name  # weight 0: labels not read, term not computed
+    torch.testing.assert_close(g["loss"].detach(), base["loss"].detach() + w * g[term], rtol=1e-5, atol=1e-6)
+
+
 def test_class_balanced_l1_hand_values_and_generator_term():
     target = torch.zeros(1, 1, 2, 2, 1)
     recon = torch.tensor([1.0, 1.0, 1.0, 4.0]).view(1, 1, 2, 2, 1)
@@ -310,16 +326,7 @@ def test_class_balanced_l1_hand_values_and_generator_term():
     w[7], w[5] = 3.0, 100.0
     torch.testing.assert_close(class_balanced_l1(recon, target, labels, w), torch.tensor(13 / 4))
     torch.testing.assert_close(class_balanced_l1(recon, target, labels, torch.ones(K)), torch.tensor(2.5))
-    m = tiny_model()
-    hu, lab = phantom_like()
-    ct = hu_to_norm(hu)
-    rec, post = m(ct, lab)
-    loss = AutoencoderLoss(class_l1_weight=2.0, disc_start=10**9)
-    g = loss.generator_loss(rec, ct, post, step=0, labels=lab, generator=torch.Generator().manual_seed(0))
-    base = AutoencoderLoss(disc_start=10**9).generator_loss(rec, ct, post, step=0, labels=lab,
-                                                             generator=torch.Generator().manual_seed(0))
-    assert "l1_class" in g and "l1_class" not in base  # weight 0: term not computed
-    torch.testing.assert_close(g["loss"].detach(), base["loss"].detach() + 2.0 * g["l1_class"], rtol=1e-5, atol=1e-6)
+    assert_generator_adds_term("l1_class", class_l1_weight=2.0)
 
 
 def test_class_mean_l1_hand_values_and_generator_term():
@@ -335,15 +342,35 @@ def test_class_mean_l1_hand_values_and_generator_term():
     # a reconstruction that is right on average in every class costs nothing, voxel errors or not
     zero_mean = torch.tensor([1.0, -1.0, 0.0, 0.0]).view(1, 1, 2, 2, 1)
     assert float(class_mean_l1(zero_mean, target, labels)) == 0.0 < float(class_balanced_l1(zero_mean, target, labels))
-    m = tiny_model()
-    hu, lab = phantom_like()
-    ct = hu_to_norm(hu)
-    rec, post = m(ct, lab)
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    g = AutoencoderLoss(class_mean_weight=3.0, disc_start=10**9).generator_loss(rec, ct, post, step=0, labels=lab, generator=gen())
-    base = AutoencoderLoss(disc_start=10**9).generator_loss(rec, ct, post, step=0, labels=lab, generator=gen())
-    assert "l1_class_mean" not in base  # no label term asked: labels not read
-    torch.testing.assert_close(g["loss"].detach(), base["loss"].detach() + 3.0 * g["l1_class_mean"], rtol=1e-5, atol=1e-6)
+    assert_generator_adds_term("l1_class_mean", class_mean_weight=3.0)
+
+
+def test_class_distribution_l1_hand_values_brute_force_and_generator_term():
+    labels = torch.tensor([0, 0, 0, 7]).view(1, 2, 2, 1)
+    target = torch.tensor([0.0, 1.0, 2.0, 5.0]).view(1, 1, 2, 2, 1)
+    # class 0 holds the right values in the wrong voxels: no cost (the voxel L1 has 4/3); class 7: 4
+    recon = torch.tensor([2.0, 0.0, 1.0, 9.0]).view(1, 1, 2, 2, 1)
+    torch.testing.assert_close(class_distribution_l1(recon, target, labels), torch.tensor((0 + 4) / 2))
+    # sorted class 0: [0, 1, 3] vs [0, 1, 2] → 1/3; class 7 right
+    recon = torch.tensor([3.0, 0.0, 1.0, 5.0]).view(1, 1, 2, 2, 1)
+    torch.testing.assert_close(class_distribution_l1(recon, target, labels), torch.tensor((1 / 3 + 0) / 2))
+    w = torch.ones(K)
+    w[0] = 2.0
+    torch.testing.assert_close(class_distribution_l1(recon, target, labels, w), torch.tensor((2 / 3 + 0) / 3))
+    # brute force on random volumes: per (sample, class) mean |sorted - sorted|, classes interleaved
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (2, 4, 4, 3), generator=g)
+    recon, target = torch.randn(2, 1, 4, 4, 3, generator=g), torch.randn(2, 1, 4, 4, 3, generator=g) * 3
+    expect = [float((recon[b, 0][labels[b] == c].sort().values - target[b, 0][labels[b] == c].sort().values).abs().mean())
+              for b in range(2) for c in range(5) if (labels[b] == c).any()]
+    recon.requires_grad_(True)
+    got = class_distribution_l1(recon, target, labels)
+    assert abs(float(got) - np.mean(expect)) < 1e-5
+    got.backward()
+    assert recon.grad is not None and bool(recon.grad.abs().sum() > 0)
+    # it bounds the class-mean term from above
+    assert float(class_mean_l1(recon.detach(), target, labels)) <= float(got) + 1e-6
+    assert_generator_adds_term("w1_class", class_distribution_weight=2.0)
 
 
 def test_window_l1_class_balanced_averages_each_class_inside_the_window():
