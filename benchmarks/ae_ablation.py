@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,10 @@ def main() -> None:
         cfg_path = work / f"{name.replace(' ', '_')}.yaml"
         cfg_path.write_text(yaml.safe_dump(raw))
         export = run_training("autoencoder", cfg_path, args.data, work / name.replace(" ", "_"), max_steps=args.steps)
+        trained = json.loads((export / "meta.json").read_text())["train_steps"]
+        if trained < args.steps:  # stopped (SIGTERM, Ctrl-C): the export is a partial run, not a result
+            sys.exit(f"{name}: training stopped at step {trained} of {args.steps}; not scored. "
+                     f"Run the same command again to resume it.")
         rows[name] = evaluate_ae(export, args.n)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
           f"{args.steps} steps each, config {args.config}, seed {args.seed}, batch size {args.batch_size}, "
