@@ -138,6 +138,11 @@ def main() -> None:
                                   f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
                                   f"{'_noinject' if args.no_injection else ''}")
         maps.mkdir(parents=True, exist_ok=True)
+    def largest_placed(st, request: dict) -> dict:
+        """Site-blind: the match of ``request`` against the largest tumour region alone."""
+        largest = max(st.tumors, key=lambda c: c.voxels, default=None)
+        return match_tumors([request], dataclasses.replace(st, tumors=[largest] if largest else []), ls)[0]
+
     t0 = time.perf_counter()
     for i, (text, want) in enumerate(make_prompts(args.n)):
         if i % shards != shard:
@@ -151,11 +156,6 @@ def main() -> None:
             if cached is not None:
                 np.save(cached.with_suffix(".tmp.npy"), lab)
                 cached.with_suffix(".tmp.npy").replace(cached)
-
-        def largest_placed(st, request: dict) -> dict:
-            """Site-blind: the match of ``request`` against the largest tumour region alone."""
-            largest = max(st.tumors, key=lambda c: c.voxels, default=None)
-            return match_tumors([request], dataclasses.replace(st, tumors=[largest] if largest else []), ls)[0]
 
         def score(labels: np.ndarray) -> dict:
             st = case_stats(labels, gen.affine(), ls)
