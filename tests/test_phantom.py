@@ -85,6 +85,19 @@ def test_contrast_phase_changes_aorta(label_set):
     assert hu["arterial"] > hu["portal_venous"] > hu["non_contrast"] + 50
 
 
+@pytest.mark.parametrize("site", ["inferior_vena_cava", "portal_splenic_vein", "aorta"])
+def test_blood_pool_mass_is_a_filling_defect(site, label_set):
+    """A mass inside an opacified vessel is far darker than its lumen, at a soft-tissue level."""
+    spec = sample_spec(np.random.default_rng(1), tumors=[TumorSpec(site, 20.0)], phase="portal_venous")
+    c = render_phantom(1, (64, 64, 64), spec)
+    tum = c.labels == label_set.tumor_id
+    assert tum.sum() >= 4
+    lumen = float(np.median(c.ct[c.labels == label_set.id_of(site)]))
+    mass = float(np.median(c.ct[tum]))
+    assert 50 < mass < 110, mass
+    assert lumen - mass > 40, (lumen, mass)
+
+
 @pytest.mark.parametrize("site,side,size", [("liver", None, 40.0), ("kidney", "left", 30.0), ("lung", "right", 25.0), ("pancreas", None, 25.0)])
 def test_tumour_in_requested_organ_with_requested_size(site, side, size, label_set):
     spec = sample_spec(np.random.default_rng(5), tumors=[TumorSpec(site, size, side)])

@@ -54,6 +54,11 @@ TUMOR_DELTA = {
     "liver": (-20, 45, -45), "kidney": (5, -40, -70), "pancreas": (-10, -50, -40), "spleen": (-10, -50, -50),
     "lung": (None, None, None), "adrenal_gland": (-5, 20, 20), "colon": (0, 20, 20), "stomach": (0, 20, 20),
 }
+# Masses inside a blood pool (tumour thrombus in the IVC or portal vein, intraluminal aortic and
+# intracardiac masses) show as filling defects: soft tissue that enhances far less than the
+# opacified lumen, so their HU follows the phase, not the lumen (non-contrast, arterial, portal).
+BLOOD_POOL_SITES = ("aorta", "inferior_vena_cava", "portal_splenic_vein", "heart")
+BLOOD_POOL_MASS_HU = (40, 65, 80)
 TUMOR_WEIGHTS = {"liver": 5, "lung": 5, "kidney": 4, "pancreas": 3, "colon": 3}  # all others weigh 0.35
 TUMOR_MAX_MM = {"adrenal_gland": 50, "gallbladder": 35, "esophagus": 40, "portal_splenic_vein": 20,
                 "inferior_vena_cava": 22, "aorta": 20, "rib": 30, "vertebrae": 35, "duodenum": 35,
@@ -704,6 +709,8 @@ def _tumor(cv: _Canvas, t: TumorSpec, rng: np.random.Generator, spec: PhantomSpe
         hu = 38.0 + 6 * dens
     elif t.site in ("vertebrae", "rib"):
         hu = 60.0 if dens < 0.4 else 900.0  # lytic or sclerotic metastasis
+    elif t.site in BLOOD_POOL_SITES:
+        hu = BLOOD_POOL_MASS_HU[cv.phase] + 8 * dens
     else:
         hu = base + (delta if delta is not None else 0) + 8 * dens
     core = dist <= 0.45 * r0
