@@ -7,6 +7,12 @@ tumour mean-HU error and soft-tissue MAE inside the organs (the full model shoul
 
     python benchmarks/ae_ablation.py --data DATASET [--config demo] [--steps 1000] [--n 20] [--work DIR]
                                      [--variants full "no label injection"]  # only these variants
+                                     [--seed S] [--json F]
+    python benchmarks/ae_ablation.py --merge F [F ...]   # runs of several seeds: per seed and mean
+
+The tumour error of one 1000-step run varies by several HU between seeds (a few small lesions
+carry much of it), so one seed cannot rank two close variants; ``--merge`` prints every seed and
+the mean over the seeds that ran every variant.
 """
 
 from __future__ import annotations
@@ -49,9 +55,60 @@ def evaluate_ae(ckpt: Path, n: int) -> tuple[float, float]:
     return float(np.mean(organ)), float(np.mean(tumour))
 
 
+def merge_runs(results: list[dict]) -> tuple[dict, dict]:
+    """Group ``--json`` results by seed and compare "full" with each ablation over shared seeds.
+
+    Returns ({seed: {variant: (mae, tumour)}}, {ablation: {"seeds": [...], "full": (mae, tumour),
+    "ablated": (mae, tumour), "seed_wins": k}}), where the means are over the seeds that ran both
+    "full" and that ablation, and ``seed_wins`` counts the seeds where "full" is lower on both.
+    Every file must share ``steps`` and ``n`` (else ValueError).
+    """
+    if not results:
+        raise ValueError("no results to merge")
+    for key in ("steps", "n"):
+        values = {r[key] for r in results}
+        if len(values) > 1:
+            raise ValueError(f"cannot merge runs with different {key}: {sorted(values)}")
+    by_seed: dict = {}
+    for r in results:
+        for name, v in r["rows"].items():
+            by_seed.setdefault(r["seed"], {})[name] = (v["soft_tissue_mae"], v["tumour_error"])
+    by_seed = {seed: dict(sorted(rows.items(), key=lambda kv: list(VARIANTS).index(kv[0]))) for seed, rows in by_seed.items()}
+    compared = {}
+    for name in (v for v in VARIANTS if v != "full"):
+        seeds = [seed for seed, rows in by_seed.items() if "full" in rows and name in rows]
+        if not seeds:
+            continue
+        mean = lambda variant: tuple(float(np.mean([by_seed[s][variant][i] for s in seeds])) for i in (0, 1))  # noqa: E731
+        wins = sum(full_wins({"full": by_seed[s]["full"], name: by_seed[s][name]}) for s in seeds)
+        compared[name] = {"seeds": seeds, "full": mean("full"), "ablated": mean(name), "seed_wins": wins}
+    return by_seed, compared
+
+
+def full_wins(rows: dict) -> bool:
+    """True when "full" has the lower soft-tissue MAE and tumour error than every other variant."""
+    full = rows["full"]
+    return all(full[0] < r[0] and full[1] < r[1] for name, r in rows.items() if name != "full")
+
+
+def print_merged(paths: list[str]) -> None:
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    by_seed, compared = merge_runs(results)
+    order = sorted(by_seed, key=str)
+    print(f"{results[0]['steps']} steps each, {results[0]['n']} unseen phantom cases, seeds {order}")
+    print(f"{'seed':<8}{'variant':<24}{'soft-tissue MAE in organs':>28}{'tumour mean-HU error':>24}")
+    for seed in order:
+        for name, (mae, tum) in by_seed[seed].items():
+            print(f"{seed!s:<8}{name:<24}{mae:>25.1f} HU{tum:>21.1f} HU")
+    for name, c in compared.items():
+        (fm, ft), (am, at) = c["full"], c["ablated"]
+        print(f"full vs {name}, mean over seeds {c['seeds']}: MAE {fm:.1f} vs {am:.1f} HU, tumour {ft:.1f} vs {at:.1f} HU; "
+              f"full better on both: on the mean {fm < am and ft < at}, on {c['seed_wins']} of {len(c['seeds'])} seeds")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=None, help="training set (required unless --merge)")
     ap.add_argument("--config", default="demo")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--n", type=int, default=20)
@@ -61,7 +118,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=None, help="autoencoder.train.seed for every variant")
     ap.add_argument("--batch-size", type=int, default=None, help="autoencoder.train.batch_size for every variant")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--merge", nargs="+", default=None, help="print the summary of these --json files (several seeds)")
     args = ap.parse_args()
+    if args.merge:
+        try:
+            print_merged(args.merge)
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"ae_ablation --merge: {e}")
+        return
+    if args.data is None:
+        ap.error("--data is required unless --merge is given")
     torch.set_num_threads(args.threads)
 
     from guidegen.config import dump_config, load_config
@@ -94,9 +160,7 @@ def main() -> None:
     for name, (mae, tum) in rows.items():
         print(f"{name:<24}{mae:>25.1f} HU{tum:>21.1f} HU")
     if "full" in rows and len(rows) > 1:
-        full = rows["full"]
-        wins = all(full[0] < r[0] and full[1] < r[1] for n, r in rows.items() if n != "full")
-        print(f"full model better on both metrics than each ablation run here: {wins}")
+        print(f"full model better on both metrics than each ablation run here: {full_wins(rows)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size, "n": args.n,
