@@ -365,11 +365,11 @@ def test_class_distribution_l1_hand_values_brute_force_and_generator_term():
               for b in range(2) for c in range(5) if (labels[b] == c).any()]
     recon.requires_grad_(True)
     got = class_distribution_l1(recon, target, labels)
-    assert abs(float(got) - np.mean(expect)) < 1e-5
+    assert abs(float(got.detach()) - np.mean(expect)) < 1e-5
     got.backward()
     assert recon.grad is not None and bool(recon.grad.abs().sum() > 0)
     # it bounds the class-mean term from above
-    assert float(class_mean_l1(recon.detach(), target, labels)) <= float(got) + 1e-6
+    assert float(class_mean_l1(recon.detach(), target, labels)) <= float(got.detach()) + 1e-6
     assert_generator_adds_term("w1_class", class_distribution_weight=2.0)
 
 
