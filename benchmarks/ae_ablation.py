@@ -11,8 +11,8 @@ tumour mean-HU error and soft-tissue MAE inside the organs (the full model shoul
     python benchmarks/ae_ablation.py --merge F [F ...]   # runs of several seeds: per seed and mean
 
 The tumour error of one 1000-step run varies by several HU between seeds (a few small lesions
-carry much of it), so one seed cannot rank two close variants; ``--merge`` prints every seed and
-the mean over the seeds that ran every variant.
+carry much of it), so one seed cannot rank two close variants; ``--merge`` prints every seed and,
+for each ablation, the mean over the seeds that ran both it and the full model.
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ def evaluate_ae(ckpt: Path, n: int) -> tuple[float, float]:
     return float(np.mean(organ)), float(np.mean(tumour))
 
 
+def full_wins(rows: dict) -> bool:
+    """True when "full" has the lower soft-tissue MAE and tumour error than every other variant."""
+    full = rows["full"]
+    return all(full[0] < r[0] and full[1] < r[1] for name, r in rows.items() if name != "full")
+
+
 def merge_runs(results: list[dict]) -> tuple[dict, dict]:
     """Group ``--json`` results by seed and compare "full" with each ablation over shared seeds.
 
@@ -79,20 +85,31 @@ def merge_runs(results: list[dict]) -> tuple[dict, dict]:
         seeds = [seed for seed, rows in by_seed.items() if "full" in rows and name in rows]
         if not seeds:
             continue
-        mean = lambda variant: tuple(float(np.mean([by_seed[s][variant][i] for s in seeds])) for i in (0, 1))  # noqa: E731
+        full, ablated = (np.mean([by_seed[s][v] for s in seeds], axis=0) for v in ("full", name))
         wins = sum(full_wins({"full": by_seed[s]["full"], name: by_seed[s][name]}) for s in seeds)
-        compared[name] = {"seeds": seeds, "full": mean("full"), "ablated": mean(name), "seed_wins": wins}
+        compared[name] = {"seeds": seeds, "full": tuple(map(float, full)), "ablated": tuple(map(float, ablated)), "seed_wins": wins}
     return by_seed, compared
 
 
-def full_wins(rows: dict) -> bool:
-    """True when "full" has the lower soft-tissue MAE and tumour error than every other variant."""
-    full = rows["full"]
-    return all(full[0] < r[0] and full[1] < r[1] for name, r in rows.items() if name != "full")
+def read_run(path: str) -> dict:
+    """One ``--json`` file of this script, checked; a bad file raises a one-line ValueError naming it."""
+    try:
+        run = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    rows = run.get("rows") if isinstance(run, dict) else None
+    fields = {"soft_tissue_mae", "tumour_error"}
+    if (not isinstance(rows, dict) or not {"steps", "n", "seed"} <= set(run)
+            or any(name not in VARIANTS or not isinstance(row, dict) or not fields <= set(row) for name, row in rows.items())):
+        raise ValueError(f"{path}: not an ae_ablation.py --json file (needs steps, n, seed and rows of "
+                         f"{', '.join(VARIANTS)} with {' and '.join(sorted(fields))})")
+    return run
 
 
 def print_merged(paths: list[str]) -> None:
-    results = [json.loads(Path(p).read_text()) for p in paths]
+    results = [read_run(p) for p in paths]
     by_seed, compared = merge_runs(results)
     order = sorted(by_seed, key=str)
     print(f"{results[0]['steps']} steps each, {results[0]['n']} unseen phantom cases, seeds {order}")
@@ -123,7 +140,7 @@ def main() -> None:
     if args.merge:
         try:
             print_merged(args.merge)
-        except (OSError, ValueError, KeyError) as e:
+        except ValueError as e:
             sys.exit(f"ae_ablation --merge: {e}")
         return
     if args.data is None:

@@ -138,6 +138,7 @@ def main() -> None:
                                   f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
                                   f"{'_noinject' if args.no_injection else ''}")
         maps.mkdir(parents=True, exist_ok=True)
+
     def largest_placed(st, request: dict) -> dict:
         """Site-blind: the match of ``request`` against the largest tumour region alone."""
         largest = max(st.tumors, key=lambda c: c.voxels, default=None)

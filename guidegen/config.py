@@ -155,7 +155,8 @@ class AutoencoderConfig(_Strict):
     # (training.ae_losses.class_distribution_l1): keeps two-tissue classes (rib cortex and
     # marrow) bimodal instead of blurred between the modes, so their medians stay right.
     # Off in the demo: a decoder-only fine-tune at 10 moved the tumour error 18.5 -> 17-18 HU and
-    # the rib median halfway to the real one, but pushed the ribs' trimmed mean out of range (README)
+    # the rib median halfway to the real one, but pushed the ribs' trimmed mean out of range
+    # (docs/measurements.md, autoencoder rows)
     class_distribution_weight: float = Field(0.0, ge=0)
     # per-class weights inside the class-balanced L1, the class-mean and the distribution terms (class name → weight, others 1), e.g. {"tumor": 4.0}
     class_l1_weights: dict[str, float] = {}

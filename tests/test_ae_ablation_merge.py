@@ -41,3 +41,15 @@ def test_full_wins_needs_both_metrics():
 def test_merge_refuses_runs_of_different_length():
     with pytest.raises(ValueError, match="different steps"):
         ae_ablation.merge_runs([_run(0, {"full": (1, 1)}), _run(1, {"full": (1, 1)}, steps=500)])
+
+
+def test_read_run_names_the_bad_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"steps": 1000, "n": 20, "seed": 0, "rows": {"full": {"soft_tissue_mae": 1.0}}}')
+    with pytest.raises(ValueError, match="bad.json: not an ae_ablation.py --json file"):
+        ae_ablation.read_run(str(bad))
+    with pytest.raises(ValueError, match="missing.json: cannot read"):
+        ae_ablation.read_run(str(tmp_path / "missing.json"))
+    good = tmp_path / "good.json"
+    good.write_text('{"steps": 1000, "n": 20, "seed": 0, "rows": {"full": {"soft_tissue_mae": 1.0, "tumour_error": 2.0}}}')
+    assert ae_ablation.read_run(str(good))["rows"]["full"]["tumour_error"] == 2.0
