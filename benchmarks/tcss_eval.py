@@ -26,6 +26,7 @@ rows agree by construction: the site-blind row of the raw output is the model's 
                                    [--shard I/N --json F]  # prompts i with i % N == I, rows to F
     python benchmarks/tcss_eval.py --merge F1 F2 ...  # the summary of sharded runs
     add --maps DIR to keep the raw maps: a second run with the same settings only re-scores them
+    add --prompt-seed S (S != 12345) to tune a sampler setting on other prompts than the reported ones
 
 Knowledge-injection ablation (``--no-injection``): the parsed findings reach the model twice,
 as the findings vector (memory tokens of the injection module) and as the canonical findings
@@ -51,6 +52,7 @@ import torch
 
 from guidegen.checkpoints import total_train_steps
 
+PROMPT_SEED = 12345  # the prompt list every reported rate is measured on
 REAL_SEED = 700_000  # real phantom cases rendered with the prompts' tumours (never used in training)
 SITES = [("liver", None), ("kidney", "left"), ("kidney", "right"), ("lung", "left"), ("lung", "right"),
          ("pancreas", None), ("spleen", None), ("colon", None), ("stomach", None)]
@@ -65,7 +67,7 @@ ORGAN_TXT = {"liver": "liver", "kidney": "{side} kidney", "lung": "{side} lung",
              "spleen": "spleen", "colon": "sigmoid colon", "stomach": "gastric"}
 
 
-def make_prompts(n: int, seed: int = 12345) -> list[tuple[str, dict]]:
+def make_prompts(n: int, seed: int = PROMPT_SEED) -> list[tuple[str, dict]]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -84,6 +86,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--prompt-seed", type=int, default=PROMPT_SEED,
+                    help=f"draw the prompt list with this seed (default {PROMPT_SEED}, the reported set); "
+                         "tune sampler settings on another seed, then report on the default one")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--no-injection", action="store_true", help="knowledge-injection ablation: raw report only, findings vector zeroed")
@@ -136,7 +141,8 @@ def main() -> None:
     if args.maps:
         maps = Path(args.maps) / (f"tcss{total_train_steps(gen.meta)}_steps{args.steps}_g{guidance}_gate{gen.site_gate}"
                                   f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
-                                  f"{'_noinject' if args.no_injection else ''}")
+                                  f"{'_noinject' if args.no_injection else ''}"
+                                  f"{'' if args.prompt_seed == PROMPT_SEED else f'_prompts{args.prompt_seed}'}")
         maps.mkdir(parents=True, exist_ok=True)
 
     def largest_placed(st, request: dict) -> dict:
@@ -145,7 +151,7 @@ def main() -> None:
         return match_tumors([request], dataclasses.replace(st, tumors=[largest] if largest else []), ls)[0]
 
     t0 = time.perf_counter()
-    for i, (text, want) in enumerate(make_prompts(args.n)):
+    for i, (text, want) in enumerate(make_prompts(args.n, args.prompt_seed)):
         if i % shards != shard:
             continue
         f = prompt_findings(text)
@@ -179,7 +185,7 @@ def main() -> None:
     secs = time.perf_counter() - t0
     settings = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, device {gen.device}",
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
-                "steps": args.steps, "guidance": guidance, "injection": not args.no_injection, "site_gate": gen.site_gate,
+                "prompt_seed": args.prompt_seed, "steps": args.steps, "guidance": guidance, "injection": not args.no_injection, "site_gate": gen.site_gate,
                 "size_guidance": gen.size_guidance, "size_guidance_pool": gen.cfg.tcss.size_guidance_pool,
                 "temperature": gen.temperature,
                 "reused_maps": reused, "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
@@ -198,7 +204,8 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
 
     rate = lambda key: lambda rs: f"{np.mean([r[key] for r in rs]):.1%}"  # noqa: E731
     print(f"machine: {settings['machine']}")
-    print(f"checkpoint: {settings['checkpoint']}, prompts {len(rows)} of {settings['prompts']}, "
+    print(f"checkpoint: {settings['checkpoint']}, prompts {len(rows)} of {settings['prompts']} "
+          f"(prompt seed {settings.get('prompt_seed', PROMPT_SEED)}), "
           f"sampler steps {settings['steps']}, guidance {settings['guidance']}, "
           f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}, "
           f"size guidance {settings.get('size_guidance', 0.0)} (pool {settings.get('size_guidance_pool', 1)}), "
