@@ -59,9 +59,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from benchmarks_common import phantom_set
     from tcss_eval import make_prompts
 
-    from guidegen.data.phantom_dataset import write_phantom_dataset
     from guidegen.evaluation.metrics import dice_per_class
     from guidegen.evaluation.runner import trained_segmenter
     from guidegen.evaluation.sets import ct_to_unit, load_eval_set
@@ -76,17 +76,13 @@ def main() -> None:
     ls, grid = pipe.label_set, pipe.labels.grid
     work = Path(args.work)
     real_dir = work / f"real_{args.n_real}_{'x'.join(map(str, grid))}"
-    if not (real_dir / "dataset.json").is_file():
-        write_phantom_dataset(real_dir, n=args.n_real, grid=grid, seed=500000, previews=False)
-    real = load_eval_set(real_dir, grid)
+    real = load_eval_set(phantom_set(real_dir, args.n_real, grid, seed=500000), grid)
     seg_cfg = SegmenterConfig(channels=tuple(int(c) for c in args.seg_channels.split(",")), steps=args.seg_steps)
     seg = trained_segmenter(real, seg_cfg, work / "cache", "segmenter")[0]
     stats = (HU_STATISTIC, "median")
     refs = {st: hu_reference(zip(real.ct, real.labels), ls, st) for st in stats}
     held_dir = work / f"heldout_{args.n}_{'x'.join(map(str, grid))}"
-    if not (held_dir / "dataset.json").is_file():
-        write_phantom_dataset(held_dir, n=args.n, grid=grid, seed=600000, previews=False)
-    held = load_eval_set(held_dir, grid)
+    held = load_eval_set(phantom_set(held_dir, args.n, grid, seed=600000), grid)
 
     def organ_dice_per_class(ct: np.ndarray, lab: np.ndarray) -> np.ndarray:
         """(C,) Dice of the segmenter on ``ct`` (HU) against ``lab``; NaN for non-organ classes and organs absent from ``lab``."""

@@ -29,7 +29,8 @@ from guidegen.labels import load_label_set
 # --------------------------------------------------------------------------------------------
 # Label ids (guidegen22) and private tissue ids
 # --------------------------------------------------------------------------------------------
-_LS = load_label_set("guidegen22")
+LABEL_SET = "guidegen22"  # the label set every phantom case is written in
+_LS = load_label_set(LABEL_SET)
 L = {name: _LS.id_of(name) for name in _LS.names}
 BODY, TUMOR = L["body"], L["tumor"]
 MUSCLE, BONE, AIRWAY, SOFT, VESSEL = 100, 101, 102, 103, 104  # all become BODY in the output

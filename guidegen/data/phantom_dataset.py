@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -10,6 +11,27 @@ from tqdm import tqdm
 
 from guidegen.data.layout import CaseRecord, DatasetWriter, write_case_preview
 from guidegen.labels import load_label_set
+
+
+def phantom_digest() -> str:
+    """12 hex digits identifying what the phantom renders: a hash of the sources of its geometry,
+    HU and report code and of the label set it writes.
+
+    Recorded as ``phantom_digest`` in every phantom dataset's ``dataset.json``. *Why*: a phantom
+    change (say, new lesion HU) leaves the seeds, grid and case ids as they were, so a set written
+    before it looks current; benchmarks that keep a reference set between runs compare this digest
+    and re-render a stale set instead of scoring against the old truth. Any edit of those sources,
+    comments included, changes it: a spurious re-render costs a minute, a stale set a wrong number.
+    """
+    from importlib import resources
+
+    from guidegen.data import phantom, phantom_reports
+
+    h = hashlib.sha256()
+    for module in (phantom, phantom_reports):
+        h.update(Path(module.__file__).read_bytes())
+    h.update((resources.files("guidegen") / "labelsets" / f"{phantom.LABEL_SET}.yaml").read_bytes())
+    return h.hexdigest()[:12]
 
 
 def phantom_case_id(seed: int) -> str:
@@ -59,7 +81,8 @@ def write_phantom_dataset(
     are written in this process, one complete case at a time, so an interrupted run leaves only
     complete cases behind (a preview without its meta belongs to no case and is rewritten).
     """
-    writer = DatasetWriter(out, name="phantom", mode="overwrite" if overwrite else "new", info={"source": "guidegen procedural phantom", "grid": list(grid), "seeds": [seed, seed + n - 1]})
+    info = {"source": "guidegen procedural phantom", "grid": list(grid), "seeds": [seed, seed + n - 1], "phantom_digest": phantom_digest()}
+    writer = DatasetWriter(out, name="phantom", mode="overwrite" if overwrite else "new", info=info)
     seeds = list(range(seed, seed + n))
     bar = tqdm(total=n, desc="phantom cases", unit="case", disable=not progress)
     if workers == 1:
