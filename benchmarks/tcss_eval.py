@@ -25,6 +25,7 @@ rows agree by construction: the site-blind row of the raw output is the model's 
                                    [--no-injection]  # ablation: no parsed knowledge (see below)
                                    [--shard I/N --json F]  # prompts i with i % N == I, rows to F
     python benchmarks/tcss_eval.py --merge F1 F2 ...  # the summary of sharded runs
+    python benchmarks/tcss_eval.py --compare A1 A2 ... --vs B1 B2 ...  # arm B against arm A, paired by prompt
     add --maps DIR to keep the raw maps: a second run with the same settings only re-scores them
     add --prompt-seed S (S != 12345) to tune a sampler setting on other prompts than the reported ones
 
@@ -34,6 +35,11 @@ sentence that leads the encoded text (guidegen.text.knowledge.text_for_encoding)
 redundant, and zeroing only the vector changed nothing (session notes). The ablation removes
 both: the encoder reads the raw report alone and the vector is zero. It is done at sampling
 time on the same checkpoint, so it also measures how much the model leans on that knowledge.
+
+``--compare`` answers "does setting B raise placement over A?" for two runs on the same prompts and
+seeds (say guidance 1.0 and 4.0): each prompt is a pair of outcomes, so it counts the prompts only
+B places and only A places and gives the exact McNemar p-value (a two-sided binomial test on
+those discordant pairs), for the raw and the cleaned map.
 
 Runs on the CPU unless ``--device`` says otherwise; prints the machine, settings and the four rates.
 """
@@ -100,9 +106,16 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
     ap.add_argument("--shard", default="0/1", help="I/N: evaluate only the prompts i with i %% N == I")
     ap.add_argument("--merge", nargs="+", default=None, help="print the summary of these --json files")
+    ap.add_argument("--compare", nargs="+", default=None, help="--json files of arm A (shards) for a paired comparison with --vs")
+    ap.add_argument("--vs", nargs="+", default=None, help="--json files of arm B, same prompts and seeds as --compare")
     ap.add_argument("--maps", default=None, help="cache the raw sampled maps here (one folder per sampler setting), "
                                                   "so a cleanup change is re-scored without sampling again")
     args = ap.parse_args()
+    if args.compare or args.vs:
+        if not (args.compare and args.vs):
+            ap.error("--compare and --vs go together")
+        print_comparison(args.compare, args.vs)
+        return
     if args.merge:
         runs = [json.load(open(f)) for f in args.merge]
         settings = runs[0]["settings"] | {"reused_maps": sum(run["settings"].get("reused_maps", 0) for run in runs)}
@@ -230,6 +243,51 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
              f"real phantom cases: {settings['isolated_real']:.2%}")
     reused = f"; {settings['reused_maps']} maps read from --maps, not sampled" if settings.get("reused_maps") else ""
     print(f"time: {secs:.0f} s of compute ({secs / len(rows):.1f} s/sample{reused})")
+
+
+def mcnemar_exact(base: list[bool], other: list[bool]) -> tuple[int, int, float]:
+    """Paired binary outcomes of two arms → (only ``other`` succeeds, only ``base`` does, two-sided p).
+
+    The exact McNemar test: under "the arms do equally well" each discordant pair is a fair coin,
+    so p is the two-sided binomial tail of the split; no discordant pair gives p = 1.
+    """
+    from scipy.stats import binomtest
+
+    if len(base) != len(other):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(base)} and {len(other)}")
+    gained = sum(1 for a, b in zip(base, other) if b and not a)
+    lost = sum(1 for a, b in zip(base, other) if a and not b)
+    p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    return gained, lost, float(p)
+
+
+def paired_rows(base_files: list[str], other_files: list[str]) -> tuple[dict, dict, list[str]]:
+    """(settings A, settings B, [(row A, row B)] paired by prompt) of two arms' --json shards.
+
+    A prompt in one arm only, or arms drawn from different prompt lists, is a ValueError.
+    """
+    arms = []
+    for files in (base_files, other_files):
+        runs = [json.loads(Path(f).read_text()) for f in files]
+        arms.append((runs[0]["settings"], {r["prompt"]: r for run in runs for r in run["rows"]}))
+    (set_a, rows_a), (set_b, rows_b) = arms
+    if set_a.get("prompt_seed", PROMPT_SEED) != set_b.get("prompt_seed", PROMPT_SEED) or rows_a.keys() != rows_b.keys():
+        raise ValueError("the two arms were not run on the same prompts")
+    return set_a, set_b, [(rows_a[p], rows_b[p]) for p in rows_a]
+
+
+def print_comparison(base_files: list[str], other_files: list[str]) -> None:
+    """Site-blind placement of arm B against arm A, raw and cleaned, with the exact McNemar p."""
+    set_a, set_b, pairs = paired_rows(base_files, other_files)
+    differ = [k for k in ("guidance", "site_gate", "size_guidance", "temperature", "injection", "steps") if set_a.get(k) != set_b.get(k)]
+    print(f"{len(pairs)} prompts (prompt seed {set_a.get('prompt_seed', PROMPT_SEED)}), same seeds; "
+          f"A vs B: " + ", ".join(f"{k} {set_a.get(k)} vs {set_b.get(k)}" for k in differ))
+    for label, pick in (("raw", lambda r: r), ("cleaned", lambda r: r["cleaned"])):
+        a = [bool(pick(ra)["largest_placed"]) for ra, _ in pairs]
+        b = [bool(pick(rb)["largest_placed"]) for _, rb in pairs]
+        gained, lost, p = mcnemar_exact(a, b)
+        print(f"placement {label:<8} A {np.mean(a):6.1%}  B {np.mean(b):6.1%}   B only {gained:>2}, A only {lost:>2}: "
+              f"exact McNemar p = {p:.3g}")
 
 
 if __name__ == "__main__":
