@@ -50,6 +50,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -114,7 +115,12 @@ def main() -> None:
     if args.compare or args.vs:
         if not (args.compare and args.vs):
             ap.error("--compare and --vs go together")
-        print_comparison(args.compare, args.vs)
+        try:
+            print_comparison(args.compare, args.vs)
+        except ValueError as e:
+            sys.exit(f"tcss_eval --compare: {e}")
+        except KeyError as e:  # rows of an older tcss_eval.py
+            sys.exit(f"tcss_eval --compare: the rows have no {e} field (written by an older tcss_eval.py?)")
         return
     if args.merge:
         runs = [json.load(open(f)) for f in args.merge]
@@ -261,15 +267,22 @@ def mcnemar_exact(base: list[bool], other: list[bool]) -> tuple[int, int, float]
     return gained, lost, float(p)
 
 
-def paired_rows(base_files: list[str], other_files: list[str]) -> tuple[dict, dict, list[str]]:
+def paired_rows(base_files: list[str], other_files: list[str]) -> tuple[dict, dict, list[tuple[dict, dict]]]:
     """(settings A, settings B, [(row A, row B)] paired by prompt) of two arms' --json shards.
 
-    A prompt in one arm only, or arms drawn from different prompt lists, is a ValueError.
+    A file that is not such a file (named in the message), a prompt in one arm only, or arms drawn
+    from different prompt lists is a ValueError.
     """
     arms = []
     for files in (base_files, other_files):
-        runs = [json.loads(Path(f).read_text()) for f in files]
-        arms.append((runs[0]["settings"], {r["prompt"]: r for run in runs for r in run["rows"]}))
+        runs = []
+        for f in files:
+            try:
+                run = json.loads(Path(f).read_text())
+                runs.append((run["settings"], run["rows"]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{f}: not a tcss_eval.py --json file ({type(e).__name__}: {e})") from None
+        arms.append((runs[0][0], {r["prompt"]: r for _, rows in runs for r in rows}))
     (set_a, rows_a), (set_b, rows_b) = arms
     if set_a.get("prompt_seed", PROMPT_SEED) != set_b.get("prompt_seed", PROMPT_SEED) or rows_a.keys() != rows_b.keys():
         raise ValueError("the two arms were not run on the same prompts")

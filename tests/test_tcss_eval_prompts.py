@@ -57,3 +57,14 @@ def test_paired_rows_pair_by_prompt_and_refuse_different_prompt_lists(tmp_path):
         tcss_eval.paired_rows([a0], [b])
     with pytest.raises(ValueError, match="same prompts"):
         tcss_eval.paired_rows([a0, a1], [arm("c", ["p2", "p1", "p0"], [True] * 3, prompt_seed=1)])
+
+
+def test_paired_rows_name_a_file_that_is_not_a_tcss_eval_result(tmp_path):
+    import pytest
+
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"rows": []}')  # JSON, but no settings
+    with pytest.raises(ValueError, match="notes.json: not a tcss_eval.py --json file"):
+        tcss_eval.paired_rows([str(bad)], [str(bad)])
+    with pytest.raises(ValueError, match="missing.json: not a tcss_eval.py --json file"):
+        tcss_eval.paired_rows([str(tmp_path / "missing.json")], [str(bad)])
