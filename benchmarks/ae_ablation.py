@@ -61,6 +61,20 @@ def full_wins(rows: dict) -> bool:
     return all(full[0] < r[0] and full[1] < r[1] for name, r in rows.items() if name != "full")
 
 
+def paired_p(full: list[tuple[float, float]], ablated: list[tuple[float, float]]) -> tuple[float, float]:
+    """Two-sided paired t-test p-values (MAE, tumour error) of full vs ablated over seeds.
+
+    Each seed trains both variants from the same initialisation and data order, so the per-seed
+    difference removes the seed's own luck; NaN with fewer than two seeds or no spread.
+    """
+    from scipy.stats import ttest_rel
+
+    a, b = np.asarray(full, dtype=float).reshape(-1, 2), np.asarray(ablated, dtype=float).reshape(-1, 2)
+    diff = b - a
+    return tuple(float(ttest_rel(a[:, k], b[:, k]).pvalue) if len(diff) > 1 and np.ptp(diff[:, k]) > 0 else float("nan")
+                 for k in range(2))
+
+
 def merge_runs(results: list[dict]) -> tuple[dict, dict]:
     """Group ``--json`` results by seed and compare "full" with each ablation over shared seeds.
 
@@ -87,7 +101,8 @@ def merge_runs(results: list[dict]) -> tuple[dict, dict]:
             continue
         full, ablated = (np.mean([by_seed[s][v] for s in seeds], axis=0) for v in ("full", name))
         wins = sum(full_wins({"full": by_seed[s]["full"], name: by_seed[s][name]}) for s in seeds)
-        compared[name] = {"seeds": seeds, "full": tuple(map(float, full)), "ablated": tuple(map(float, ablated)), "seed_wins": wins}
+        compared[name] = {"seeds": seeds, "full": tuple(map(float, full)), "ablated": tuple(map(float, ablated)), "seed_wins": wins,
+                          "paired_p": paired_p([by_seed[s]["full"] for s in seeds], [by_seed[s][name] for s in seeds])}
     return by_seed, compared
 
 
@@ -119,8 +134,10 @@ def print_merged(paths: list[str]) -> None:
             print(f"{seed!s:<8}{name:<24}{mae:>25.1f} HU{tum:>21.1f} HU")
     for name, c in compared.items():
         (fm, ft), (am, at) = c["full"], c["ablated"]
+        pm, pt = c["paired_p"]
         print(f"full vs {name}, mean over seeds {c['seeds']}: MAE {fm:.1f} vs {am:.1f} HU, tumour {ft:.1f} vs {at:.1f} HU; "
-              f"full better on both: on the mean {fm < am and ft < at}, on {c['seed_wins']} of {len(c['seeds'])} seeds")
+              f"full better on both: on the mean {fm < am and ft < at}, on {c['seed_wins']} of {len(c['seeds'])} seeds; "
+              f"paired t-test over seeds p = {pm:.2g} (MAE), {pt:.2g} (tumour)")
 
 
 def main() -> None:

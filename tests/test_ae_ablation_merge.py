@@ -53,3 +53,30 @@ def test_read_run_names_the_bad_file(tmp_path):
     good = tmp_path / "good.json"
     good.write_text('{"steps": 1000, "n": 20, "seed": 0, "rows": {"full": {"soft_tissue_mae": 1.0, "tumour_error": 2.0}}}')
     assert ae_ablation.read_run(str(good))["rows"]["full"]["tumour_error"] == 2.0
+
+
+def test_paired_p_against_the_closed_form_t_distribution_with_two_degrees_of_freedom():
+    # ablated - full = 1, 2, 3 on both metrics: t = mean / (sd / sqrt(n)) = 2 / (1 / sqrt(3)) = sqrt(12);
+    # with 2 degrees of freedom P(T > t) = 1/2 - t / (2 sqrt(2 + t^2)), so p = 1 - sqrt(12) / sqrt(14)
+    full = [(10.0, 20.0), (11.0, 21.0), (12.0, 22.0)]
+    ablated = [(11.0, 21.0), (13.0, 23.0), (15.0, 25.0)]
+    expected = 1 - (12 ** 0.5) / (14 ** 0.5)
+    assert ae_ablation.paired_p(full, ablated) == pytest.approx((expected, expected), rel=1e-9)
+    assert all(p != p for p in ae_ablation.paired_p(full[:1], ablated[:1]))  # one seed: NaN
+
+
+def test_merge_reports_the_paired_p_over_shared_seeds():
+    runs = [_run(s, {"full": (10.0 + s, 20.0), "no random-window loss": (11.0 + 2 * s, 20.0 + s)}) for s in range(3)]
+    _, compared = ae_ablation.merge_runs(runs)
+    p_mae, p_tumour = compared["no random-window loss"]["paired_p"]
+    assert p_mae == pytest.approx(1 - (12 ** 0.5) / (14 ** 0.5))  # differences 1, 2, 3 again
+    assert 0 < p_tumour < 1  # differences 0, 1, 2
+
+
+def test_paired_p_is_nan_when_every_seed_differs_by_the_same_amount():
+    import math
+
+    p_mae, p_tumour = ae_ablation.paired_p([(1.0, 1.0), (2.0, 5.0)], [(3.0, 2.0), (4.0, 7.0)])  # MAE +2, +2
+    assert p_mae != p_mae
+    # tumour +1, +2: t = 1.5 / (sqrt(0.5) / sqrt(2)) = 3 with 1 degree of freedom (Cauchy): p = 1 - 2 atan(3) / pi
+    assert p_tumour == pytest.approx(1 - 2 * math.atan(3) / math.pi, rel=1e-9)
