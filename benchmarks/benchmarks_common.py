@@ -18,7 +18,7 @@ def prompts_for(n: int) -> list[str]:
 def phantom_set(root: Path, n: int, grid: tuple[int, int, int], seed: int) -> Path:
     """A phantom dataset of seeds ``seed..seed+n-1`` at ``root`` that benchmarks keep between runs.
 
-    Written when missing, incomplete or rendered by another phantom version (its ``dataset.json``
+    Written when missing, incomplete, of other seeds or grid, or rendered by another phantom version (its ``dataset.json``
     ``phantom_digest`` differs from :func:`guidegen.data.phantom_dataset.phantom_digest`): a phantom
     change keeps the seeds and case ids, and scoring against the old truth would go unnoticed.
     """
@@ -29,7 +29,8 @@ def phantom_set(root: Path, n: int, grid: tuple[int, int, int], seed: int) -> Pa
     info = root / "dataset.json"
     if info.is_file():
         meta = json.loads(info.read_text())
-        if meta.get("status") == "complete" and meta.get("phantom_digest") == phantom_digest() and meta.get("num_cases") == n:
+        wanted = {"status": "complete", "phantom_digest": phantom_digest(), "num_cases": n, "grid": list(grid), "seeds": [seed, seed + n - 1]}
+        if all(meta.get(k) == v for k, v in wanted.items()):
             return root
         print(f"{root}: not a complete set of the current phantom ({phantom_digest()}); rendering it again")
     return write_phantom_dataset(root, n=n, grid=grid, seed=seed, previews=False, overwrite=True)

@@ -42,3 +42,7 @@ def test_phantom_set_keeps_a_current_set_and_rerenders_a_stale_one(tmp_path, cap
     assert json.loads(info.read_text())["phantom_digest"] == phantom_digest()
     assert not marker.exists() and ct.is_file()  # derived data of the old cases is gone with them
     assert sorted(p.name for p in (root / "ct").iterdir()) == ["phantom_000005.nii.gz", "phantom_000006.nii.gz"]
+
+    benchmarks_common.phantom_set(root, 2, GRID, seed=8)  # same folder, other seeds: not the set asked for
+    assert "rendering it again" in capsys.readouterr().out
+    assert sorted(p.name for p in (root / "ct").iterdir()) == ["phantom_000008.nii.gz", "phantom_000009.nii.gz"]
