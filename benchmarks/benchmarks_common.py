@@ -18,9 +18,10 @@ def prompts_for(n: int) -> list[str]:
 def phantom_set(root: Path, n: int, grid: tuple[int, int, int], seed: int) -> Path:
     """A phantom dataset of seeds ``seed..seed+n-1`` at ``root`` that benchmarks keep between runs.
 
-    Written when missing, incomplete, of other seeds or grid, or rendered by another phantom version (its ``dataset.json``
-    ``phantom_digest`` differs from :func:`guidegen.data.phantom_dataset.phantom_digest`): a phantom
-    change keeps the seeds and case ids, and scoring against the old truth would go unnoticed.
+    Written when missing, incomplete, of other seeds or grid, or rendered by another phantom
+    version (its ``dataset.json`` ``phantom_digest`` differs from
+    :func:`guidegen.data.phantom_dataset.phantom_digest`): a phantom change keeps the seeds and
+    case ids, and scoring against the old truth would go unnoticed.
     """
     import json
 
