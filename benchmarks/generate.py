@@ -78,7 +78,7 @@ def main() -> None:
     real_dir = work / f"real_{args.n_real}_{'x'.join(map(str, grid))}"
     real = load_eval_set(phantom_set(real_dir, args.n_real, grid, seed=500000), grid)
     seg_cfg = SegmenterConfig(channels=tuple(int(c) for c in args.seg_channels.split(",")), steps=args.seg_steps)
-    seg = trained_segmenter(real, seg_cfg, work / "cache", "segmenter")[0]
+    seg = trained_segmenter(real, seg_cfg, work / "cache", "segmenter", progress=True)[0]
     stats = (HU_STATISTIC, "median")
     refs = {st: hu_reference(zip(real.ct, real.labels), ls, st) for st in stats}
     held_dir = work / f"heldout_{args.n}_{'x'.join(map(str, grid))}"

@@ -137,13 +137,13 @@ def _with_digest(ds: EvalSet, index: list[int]) -> EvalSet:
     return sub
 
 
-def trained_segmenter(train_set: EvalSet, cfg: SegmenterConfig, cache_dir: Path | None, name: str):
-    """A UNet trained on ``train_set`` (cached by its content hash + ``cfg``)."""
+def trained_segmenter(train_set: EvalSet, cfg: SegmenterConfig, cache_dir: Path | None, name: str, progress: bool = False):
+    """A UNet trained on ``train_set`` (cached by its content hash + ``cfg``); ``progress``: a bar while it trains."""
     n_cls = train_set.label_set.num_classes
     key = {"kind": "segmenter", "version": 1, "data": train_set.digest, "grid": list(train_set.labels.shape[1:]), **_cfg_dict(cfg)}
 
     def train(net):
-        losses = train_segmenter(net, ct_to_unit(train_set.ct), train_set.labels, cfg)
+        losses = train_segmenter(net, ct_to_unit(train_set.ct), train_set.labels, cfg, progress=f"train {name}" if progress else None)
         return {"final_loss": float(np.mean(losses[-10:])) if losses else None, "steps": cfg.steps, "cases": len(train_set)}
 
     return cached_model(cache_dir, name, key, lambda: build_segmenter(n_cls, cfg), train)
@@ -369,7 +369,7 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
     train_idx, held_idx = split_real(len(real_set), cfg.held_out_fraction)
     use_split = cfg.downstream and bool(held_idx)
     seg_train = _with_digest(real_set, train_idx) if use_split else real_set
-    seg, smeta = trained_segmenter(seg_train, cfg.segmenter, cache, "segmenter_real")
+    seg, smeta = trained_segmenter(seg_train, cfg.segmenter, cache, "segmenter_real", progress=progress)
     pred = segment(seg, ct_to_unit(synth_set.ct))
     align = mean_dice_per_class(pred, synth_set.labels, ls.num_classes)
     metrics["alignment_dice"] = _per_class(align, names)
@@ -412,7 +412,7 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
             else:
                 sub = _with_digest(src, idx)
                 cdir = cache if arm == "real" else None  # synthetic sets change every run; do not cache them
-                net, _ = trained_segmenter(sub, dcfg, cdir, f"segmenter_real_n{n}")
+                net, _ = trained_segmenter(sub, dcfg, cdir, f"segmenter_{arm}_n{n}", progress=progress)
             d = _per_class(mean_dice_per_class(segment(net, ct_to_unit(held.ct)), held.labels, ls.num_classes), names)
             results[arm] = d
         metrics["downstream_dice_synthetic"] = _mean(results["synthetic"])

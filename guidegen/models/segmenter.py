@@ -42,11 +42,14 @@ def build_segmenter(num_classes: int, cfg: SegmenterConfig = SegmenterConfig()) 
     )
 
 
-def train_segmenter(net: nn.Module, ct: np.ndarray, labels: np.ndarray, cfg: SegmenterConfig) -> list[float]:
+def train_segmenter(net: nn.Module, ct: np.ndarray, labels: np.ndarray, cfg: SegmenterConfig, progress: str | None = None) -> list[float]:
     """Fit ``net`` on ``ct`` (N, X, Y, Z) in [-1, 1] and ``labels`` (N, X, Y, Z) ids; returns losses.
 
-    Grid sizes must be divisible by ``2 ** (len(channels) - 1)``.
+    Grid sizes must be divisible by ``2 ** (len(channels) - 1)``. ``progress``: a tqdm bar with
+    this description (minutes of training on a CPU), or None for none.
     """
+    from tqdm import tqdm
+
     n = len(ct)
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
@@ -56,7 +59,7 @@ def train_segmenter(net: nn.Module, ct: np.ndarray, labels: np.ndarray, cfg: Seg
     y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))[:, None]
     net.train()
     losses = []
-    for _ in range(cfg.steps):
+    for _ in tqdm(range(cfg.steps), desc=progress, unit="step", disable=progress is None):
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
         loss = loss_fn(net(x_all[idx]), y_all[idx])
         opt.zero_grad(set_to_none=True)
