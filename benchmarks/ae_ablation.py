@@ -67,20 +67,19 @@ def paired_p(full: list[tuple[float, float]], ablated: list[tuple[float, float]]
     Each seed trains both variants from the same initialisation and data order, so the per-seed
     difference removes the seed's own luck; NaN with fewer than two seeds or no spread.
     """
-    from scipy.stats import ttest_rel
+    from scipy.stats import ttest_1samp
 
-    a, b = np.asarray(full, dtype=float).reshape(-1, 2), np.asarray(ablated, dtype=float).reshape(-1, 2)
-    diff = b - a
-    return tuple(float(ttest_rel(a[:, k], b[:, k]).pvalue) if len(diff) > 1 and np.ptp(diff[:, k]) > 0 else float("nan")
-                 for k in range(2))
+    diff = np.asarray(ablated, dtype=float).reshape(-1, 2) - np.asarray(full, dtype=float).reshape(-1, 2)
+    return tuple(float(ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and np.ptp(d) > 0 else float("nan") for d in diff.T)
 
 
 def merge_runs(results: list[dict]) -> tuple[dict, dict]:
     """Group ``--json`` results by seed and compare "full" with each ablation over shared seeds.
 
     Returns ({seed: {variant: (mae, tumour)}}, {ablation: {"seeds": [...], "full": (mae, tumour),
-    "ablated": (mae, tumour), "seed_wins": k}}), where the means are over the seeds that ran both
-    "full" and that ablation, and ``seed_wins`` counts the seeds where "full" is lower on both.
+    "ablated": (mae, tumour), "seed_wins": k, "paired_p": (p_mae, p_tumour)}}), where the means are
+    over the seeds that ran both "full" and that ablation, ``seed_wins`` counts the seeds where
+    "full" is lower on both and ``paired_p`` is :func:`paired_p` over those seeds.
     Every file must share ``steps`` and ``n`` (else ValueError).
     """
     if not results:
@@ -124,6 +123,7 @@ def read_run(path: str) -> dict:
 
 
 def print_merged(paths: list[str]) -> None:
+    """Per-seed rows, then full vs each ablation (means, seed wins, paired p) of ``--json`` files."""
     results = [read_run(p) for p in paths]
     by_seed, compared = merge_runs(results)
     order = sorted(by_seed, key=str)

@@ -30,8 +30,9 @@ def phantom_set(root: Path, n: int, grid: tuple[int, int, int], seed: int) -> Pa
     info = root / "dataset.json"
     if info.is_file():
         meta = json.loads(info.read_text())
-        wanted = {"status": "complete", "phantom_digest": phantom_digest(), "num_cases": n, "grid": list(grid), "seeds": [seed, seed + n - 1]}
+        digest = phantom_digest()
+        wanted = {"status": "complete", "phantom_digest": digest, "num_cases": n, "grid": list(grid), "seeds": [seed, seed + n - 1]}
         if all(meta.get(k) == v for k, v in wanted.items()):
             return root
-        print(f"{root}: not a complete set of the current phantom ({phantom_digest()}); rendering it again")
+        print(f"{root}: not a complete set of the current phantom ({digest}); rendering it again")
     return write_phantom_dataset(root, n=n, grid=grid, seed=seed, previews=False, overwrite=True)

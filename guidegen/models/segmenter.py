@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,6 @@ def train_segmenter(net: nn.Module, ct: np.ndarray, labels: np.ndarray, cfg: Seg
     Grid sizes must be divisible by ``2 ** (len(channels) - 1)``. ``progress``: a tqdm bar with
     this description (minutes of training on a CPU), or None for none.
     """
-    from tqdm import tqdm
-
     n = len(ct)
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
