@@ -674,13 +674,36 @@ def _fib_dirs(n: int = 200) -> np.ndarray:
     return _FIB
 
 
+def _tumor_centre(cv: _Canvas, organ: int, side: str | None, world: list[np.ndarray], target: np.ndarray,
+                  radius_eq: float) -> np.ndarray | None:
+    """World-mm centre for a tumour of radius ``radius_eq`` deep inside ``organ`` (on ``side``), None if absent."""
+    m = cv.lab == organ
+    if side is not None:
+        xs = world[0][:, None, None]
+        m = m & ((xs > 0) if side == "right" else (xs < 0))
+    idx = np.argwhere(m)
+    if len(idx) == 0:
+        return None
+    lo, hi = idx.min(0), idx.max(0) + 1
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    depth = ndimage.distance_transform_edt(np.pad(m[box], 1), sampling=cv.spacing)[1:-1, 1:-1, 1:-1]
+    need = min(0.85 * radius_eq, 0.8 * float(depth.max()))
+    cand = np.argwhere(depth >= need)
+    aim = (target * (hi - lo - 1))
+    best = cand[np.argmin(((cand - aim) * cv.spacing) ** 2 @ np.ones(3))] + lo
+    return np.array([world[i][best[i]] for i in range(3)])
+
+
+_CHOOSE = "choose"  # _tumor's default: choose the centre on the canvas at hand
+
+
 def _tumor(cv: _Canvas, t: TumorSpec, rng: np.random.Generator, spec: PhantomSpec,
-           placed: tuple[np.ndarray, float] | None | bool = False) -> tuple[dict, tuple[np.ndarray, float] | None]:
+           placed: tuple[np.ndarray, float] | None | str = _CHOOSE) -> tuple[dict, tuple[np.ndarray, float] | None]:
     """Place one lumpy sphere of equivalent diameter ``t.size_mm`` deep inside its organ.
 
-    Returns the findings record and the placement (centre in world mm, host HU), or None when the
-    organ is absent. ``placed`` repeats an earlier placement on a finer canvas of the same case
-    (None: absent there too), since choosing the centre among voxel centres depends on the grid.
+    Returns the findings record and the placement (centre in world mm, host HU), None when the
+    organ is absent. Passing an earlier placement (or None) repeats it on a finer canvas of the
+    same case: the centre is chosen among voxel centres, so choosing again would move it.
     """
     organ = L[t.site]
     side = t.side
@@ -699,27 +722,12 @@ def _tumor(cv: _Canvas, t: TumorSpec, rng: np.random.Generator, spec: PhantomSpe
 
     world = [a * s for a, s in zip(cv.axes, cv.scale)]
     rec = {"site": t.site, "side": side, "size_mm": float(round(t.size_mm, 1))}
-    if placed is None:
-        return rec, None
-    if placed is False:
-        m = cv.lab == organ
-        if side is not None:
-            xs = world[0][:, None, None]
-            m = m & ((xs > 0) if side == "right" else (xs < 0))
-        idx = np.argwhere(m)
-        if len(idx) == 0:
-            return rec, None
-        lo, hi = idx.min(0), idx.max(0) + 1
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        depth = ndimage.distance_transform_edt(np.pad(m[box], 1), sampling=cv.spacing)[1:-1, 1:-1, 1:-1]
-        need = min(0.85 * radius_eq, 0.8 * float(depth.max()))
-        cand = np.argwhere(depth >= need)
-        aim = (target * (hi - lo - 1))
-        best = cand[np.argmin(((cand - aim) * cv.spacing) ** 2 @ np.ones(3))] + lo
-        c = np.array([world[i][best[i]] for i in range(3)])
-        placed = None
+    if placed is _CHOOSE:
+        c, base = _tumor_centre(cv, organ, side, world, target, radius_eq), None
     else:
-        c, base = placed
+        c, base = placed if placed is not None else (None, None)
+    if c is None:
+        return rec, None
     ext = r0 * (1 + amp.sum()) + max(cv.spacing)
     sl = []
     for i in range(3):
@@ -732,7 +740,7 @@ def _tumor(cv: _Canvas, t: TumorSpec, rng: np.random.Generator, spec: PhantomSpe
     inside = dist <= r0 * lump(d)
     # the mass replaces its organ and may bulge into surrounding fat, never into other organs
     allowed = {organ, TUMOR, BODY} if t.site not in ("lung",) else {organ, TUMOR}
-    if placed is None:
+    if base is None:
         base = float(cv.hu[sl][cv.lab[sl] == organ].mean()) if (cv.lab[sl] == organ).any() else 40.0
     delta = TUMOR_DELTA.get(t.site, (-15, 25, 25))[cv.phase]
     if t.site == "lung":
@@ -798,7 +806,7 @@ def _paint(cv: _Canvas, T: _Torso, spec: PhantomSpec, geo_seed, texture: np.ndar
     _vessels_and_chest(cv, T, geo_rng)
     _skeleton(cv, T)
     _lungs_and_ribs(cv, T, geo_rng, texture)
-    out = [_tumor(cv, t, geo_rng, spec, False if placed is None else placed[i]) for i, t in enumerate(spec.tumors)]
+    out = [_tumor(cv, t, geo_rng, spec, _CHOOSE if placed is None else placed[i]) for i, t in enumerate(spec.tumors)]
     return [rec for rec, _ in out], [p for _, p in out]
 
 
