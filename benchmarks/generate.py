@@ -12,8 +12,9 @@
    against the generated label map (target >= 0.80), the fraction of organ HU levels inside the
    real set's per-organ range - as 10 % trimmed means (what QC checks: guidegen/qc.py says why)
    and as medians (the issue's wording; bimodal bone classes make them unstable) - and the time ratio; and, as the instrument's own ceiling, the
-   segmenter's Dice on held-out real cases, and, as the decoder's ceiling, the HU levels of those
-   held-out real CTs encoded and decoded by the autoencoder (what no latent generator can beat).
+   segmenter's Dice on held-out real cases, and, as the decoder's ceiling, the segmenter's Dice and
+   the HU levels of those held-out real CTs encoded and decoded by the autoencoder (what no latent
+   generator can beat).
 
     python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T]
                                   [--labels-from tcss|real] [--raw-labels] [--seg-steps N] [--seg-channels C,..] [--work DIR]
@@ -188,7 +189,10 @@ def main() -> None:
     # CTs encoded and decoded by the same autoencoder, against the same real range.
     recon = [reconstruct_volume(pipe.ct.ae, np.asarray(ct, np.float32), np.asarray(lab), pipe.ct.hu_range)
              for ct, lab in zip(held.ct, held.labels)]
-    print(f"decoder ceiling: the {len(held)} held-out real CTs encoded and decoded by the autoencoder")
+    recon_rows = [organ_dice_per_class(ct, lab) for ct, lab in zip(recon, held.labels)]
+    print(f"decoder ceiling: the {len(held)} held-out real CTs encoded and decoded by the autoencoder: mean organ Dice "
+          f"{np.mean([np.nanmean(r) for r in recon_rows]):.3f}")
+    print("      per organ (lowest first): " + per_organ_line(recon_rows))
     for st in stats:
         print(hu_lines([hu_outside(ct, lab, st) for ct, lab in zip(recon, held.labels)], st))
 
