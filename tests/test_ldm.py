@@ -253,6 +253,9 @@ def test_decoder_only_finetune_keeps_the_latent_space(trained, workspace, label_
     meta = json.loads((child / "meta.json").read_text())
     assert meta["latent_scale_kept"] and meta["latent_scale"] == pytest.approx(0.5)
     assert meta["total_train_steps"] == 2  # the random parent was exported with 0 steps
+    # resuming the decoder fine-tune needs no --init-from: its own checkpoint and lineage carry it
+    resumed = run_training("autoencoder", cfg_path, workspace["data"], workspace["root"] / "ft", max_steps=3, progress=False)
+    assert json.loads((resumed / "meta.json").read_text())["total_train_steps"] == 3
     CTGenerator(child, trained["export"], torch.device("cpu"), label_set)  # same latent space: accepted
     other = export_random_ae(workspace["root"] / "ae3", workspace["cfg"], label_set, seed=2)
     with pytest.raises(GuideGenError, match="latent space"):

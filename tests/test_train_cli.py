@@ -65,6 +65,22 @@ def test_continued_runs_record_their_lineage(setup):
     assert m3["train_steps"] == 1 and m3["init_from"]["train_steps"] == 5 and m3["total_train_steps"] == 6
 
 
+def test_resumed_run_keeps_its_lineage(setup):
+    """A run started with --init-from and resumed without it still exports its parent and total."""
+    from guidegen.training.run import run_training
+
+    root, data, cfg_path = setup
+    parent = run_training("tcss", cfg_path, data, root / "res1", max_steps=2, progress=False)
+    run_training("tcss", cfg_path, data, root / "res2", max_steps=1, progress=False, init_from=parent)
+    resumed = run_training("tcss", cfg_path, data, root / "res2", max_steps=3, progress=False)
+    meta = json.loads((resumed / "meta.json").read_text())
+    assert meta["train_steps"] == 3 and meta["init_from"]["train_steps"] == 2 and meta["total_train_steps"] == 5
+    scratch = run_training("tcss", cfg_path, data, root / "res3", max_steps=1, progress=False)
+    again = run_training("tcss", cfg_path, data, root / "res3", max_steps=2, progress=False, init_from=parent)
+    meta = json.loads((again / "meta.json").read_text())  # resumed from its own scratch weights: no parent
+    assert meta["train_steps"] == 2 and "init_from" not in meta and scratch == again
+
+
 def test_changed_config_on_resume_is_refused(setup):
     from guidegen.errors import GuideGenError
     from guidegen.training.run import run_training

@@ -6,13 +6,15 @@ small inference checkpoint (DESIGN §7) that ``generate`` loads.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
 
 from guidegen.config import GuideGenConfig, dump_config, load_config
 from guidegen.errors import GuideGenError
-from guidegen.io import write_text_atomic
+from guidegen.io import write_json_atomic, write_text_atomic
 from guidegen.labels import load_label_set
 
 STAGES = ("tcss", "autoencoder", "ldm")
@@ -66,18 +68,35 @@ def init_from_checkpoint(trainer, ckpt_dir: str | Path) -> None:
         trainer.ema["model"].module.load_state_dict(model.state_dict())
 
 
-def lineage_meta(init_from: str | Path, steps: int) -> dict:
-    """Meta keys of a run started from ``init_from``: the parent's step count and the total.
+LINEAGE_FILE = "lineage.json"  # in a run directory: the parent checkpoint a run started from
+
+
+def run_lineage(out: Path, init_from: str | Path | None, resuming: bool) -> dict | None:
+    """The parent a run's weights descend from: ``{"train_steps": parent total, "created": ...}``.
+
+    Recorded in ``out/lineage.json`` when a new run starts from ``init_from`` and read back when
+    the run resumes, with or without ``--init-from`` (the weights then come from the run's own
+    checkpoint, so the recorded parent is the true one even if ``init_from`` was since replaced).
+    None for a run trained from scratch.
+    """
+    from guidegen.training.trainer import read_checkpoint_meta
+
+    path = out / LINEAGE_FILE
+    if resuming or init_from is None:
+        return json.loads(path.read_text()) if path.is_file() else None
+    parent = read_checkpoint_meta(init_from)
+    lineage = {"train_steps": int(parent.get("total_train_steps", parent.get("train_steps", 0))), "created": parent.get("created")}
+    write_json_atomic(path, lineage)
+    return lineage
+
+
+def lineage_meta(lineage: dict, steps: int) -> dict:
+    """Meta keys of a run descended from ``lineage`` (:func:`run_lineage`): the parent and the total.
 
     ``train_steps`` stays this run's own count; ``total_train_steps`` adds the parent's total
     (its own ``total_train_steps``, else its ``train_steps``), so chains of continued runs add up.
     """
-    from guidegen.training.trainer import read_checkpoint_meta
-
-    parent = read_checkpoint_meta(init_from)
-    parent_total = int(parent.get("total_train_steps", parent.get("train_steps", 0)))
-    return {"init_from": {"train_steps": parent_total, "created": parent.get("created")},
-            "total_train_steps": parent_total + int(steps)}
+    return {"init_from": lineage, "total_train_steps": int(lineage["train_steps"]) + int(steps)}
 
 
 def training_hu_reference(ct_dataset, label_set, max_cases: int = 64) -> dict:
@@ -101,7 +120,7 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
     cfg = load_config(config)
     out = Path(out)
     _check_run_config(out, cfg, stage)
-    if stage == "autoencoder" and cfg.autoencoder.freeze_encoder and init_from is None:
+    if stage == "autoencoder" and cfg.autoencoder.freeze_encoder and init_from is None and not (out / LINEAGE_FILE).is_file():
         raise GuideGenError("autoencoder.freeze_encoder fine-tunes the decoder of a trained autoencoder: "
                             "pass --init-from CHECKPOINT (the one whose latent space to keep)")
     label_set = load_label_set(cfg.data.label_set)
@@ -120,12 +139,13 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
         task, dataset, meta = _ldm_setup(cfg, label_set, data)
     train_cfg = getattr(cfg, stage).train
     trainer = Trainer(out, train_cfg, task, dataset, progress=progress)
+    lineage = run_lineage(out, init_from, resuming=trainer.step > 0)
     if init_from is not None:
         init_from_checkpoint(trainer, init_from)
     result = trainer.fit(max_steps=max_steps)
     meta.update(task.export_meta(trainer) if hasattr(task, "export_meta") else {})
-    if init_from is not None:
-        meta.update(lineage_meta(init_from, trainer.step))
+    if lineage is not None:
+        meta.update(lineage_meta(lineage, trainer.step))
     if stage == "ldm":
         from guidegen.qc import HU_STATISTIC
 
