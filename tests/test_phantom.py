@@ -95,8 +95,7 @@ def test_blood_pool_mass_is_a_filling_defect(site, label_set):
     lumen = float(np.median(c.ct[c.labels == label_set.id_of(site)]))
     mass = float(np.median(c.ct[tum]))
     assert 50 < mass < 110, mass
-    # nominal gap ~50 HU (IVC 130 vs 80 ± 8); partial volume at ~6 mm voxels mixes the 20 mm mass's rim with the lumen
-    assert lumen - mass > 30, (lumen, mass)
+    assert lumen - mass > 40, (lumen, mass)
 
 
 @pytest.mark.parametrize("site,side,size", [("liver", None, 40.0), ("kidney", "left", 30.0), ("lung", "right", 25.0), ("pancreas", None, 25.0)])
@@ -135,27 +134,6 @@ def test_same_case_at_two_resolutions_agrees(label_set):
         f_lo, f_hi = (lo.labels == i).mean(), (hi.labels == i).mean()
         assert abs(f_lo - f_hi) / f_hi < 0.25, name
     assert lo.text == hi.text
-
-
-def test_partial_volume_changes_hu_not_labels(monkeypatch, label_set):
-    """Each voxel's HU averages its volume: ribs lose the bimodal cortex/marrow split, labels stay put."""
-    import guidegen.data.phantom as phantom
-
-    averaged = render_phantom(3, (48, 48, 64))
-    monkeypatch.setattr(phantom, "PARTIAL_VOLUME_MAX_VOXELS", 0)
-    point = render_phantom(3, (48, 48, 64))
-    np.testing.assert_array_equal(averaged.labels, point.labels)
-    assert averaged.findings == point.findings
-    rib = label_set.id_of("rib")
-    cortex_share = lambda c: float((c.ct[c.labels == rib] > 800).mean())  # noqa: E731 (cortex is 950 HU)
-    assert cortex_share(point) > 0.4 and cortex_share(averaged) < 0.1, (cortex_share(point), cortex_share(averaged))
-    # inside an organ every sub-sample sees the same tissue, so the HU is unchanged there - also for
-    # the vessels and the tumour, drawn after the colon's grid-sized stool noise: the finer canvas
-    # must show the same anatomy
-    assert (averaged.labels == label_set.tumor_id).sum() >= 8
-    for name in ("liver", "aorta", "tumor"):
-        inner = ndimage.binary_erosion(point.labels == label_set.id_of(name))
-        assert abs(float(np.median(averaged.ct[inner].astype(float) - point.ct[inner]))) <= 1.0, name
 
 
 def test_sample_spec_distribution_and_overrides():

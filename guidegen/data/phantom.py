@@ -471,9 +471,7 @@ def _abdomen(cv: _Canvas, T: _Torso, rng: np.random.Generator) -> dict:
     if col is not None:
         sl, m, q, (cx, cy, cz) = col
         content = np.where(q > 0.78, wall_hu, cv.hu_of("colon_content"))
-        # its own stream: the draw's size depends on the grid, and the geometry drawn after it must not
-        stool_rng = np.random.default_rng(int(rng.integers(2**32)))
-        stool = ndimage.gaussian_filter(stool_rng.standard_normal(q.shape).astype(np.float32), 1.0) * 150
+        stool = ndimage.gaussian_filter(rng.standard_normal(q.shape).astype(np.float32), 1.0) * 150
         content = np.where(q <= 0.78, content + stool, content)
         gas = (q <= 0.8) & (cy > gas_level + 0 * cz) & (cz > 60)
         cv.put(sl, m, L["colon"], np.where(gas, -950.0, content))
@@ -674,37 +672,8 @@ def _fib_dirs(n: int = 200) -> np.ndarray:
     return _FIB
 
 
-def _tumor_centre(cv: _Canvas, organ: int, side: str | None, world: list[np.ndarray], target: np.ndarray,
-                  radius_eq: float) -> np.ndarray | None:
-    """World-mm centre for a tumour of radius ``radius_eq`` deep inside ``organ`` (on ``side``), None if absent."""
-    m = cv.lab == organ
-    if side is not None:
-        xs = world[0][:, None, None]
-        m = m & ((xs > 0) if side == "right" else (xs < 0))
-    idx = np.argwhere(m)
-    if len(idx) == 0:
-        return None
-    lo, hi = idx.min(0), idx.max(0) + 1
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    depth = ndimage.distance_transform_edt(np.pad(m[box], 1), sampling=cv.spacing)[1:-1, 1:-1, 1:-1]
-    need = min(0.85 * radius_eq, 0.8 * float(depth.max()))
-    cand = np.argwhere(depth >= need)
-    aim = (target * (hi - lo - 1))
-    best = cand[np.argmin(((cand - aim) * cv.spacing) ** 2 @ np.ones(3))] + lo
-    return np.array([world[i][best[i]] for i in range(3)])
-
-
-_CHOOSE = "choose"  # _tumor's default: choose the centre on the canvas at hand
-
-
-def _tumor(cv: _Canvas, t: TumorSpec, rng: np.random.Generator, spec: PhantomSpec,
-           placed: tuple[np.ndarray, float] | None | str = _CHOOSE) -> tuple[dict, tuple[np.ndarray, float] | None]:
-    """Place one lumpy sphere of equivalent diameter ``t.size_mm`` deep inside its organ.
-
-    Returns the findings record and the placement (centre in world mm, host HU), None when the
-    organ is absent. Passing an earlier placement (or None) repeats it on a finer canvas of the
-    same case: the centre is chosen among voxel centres, so choosing again would move it.
-    """
+def _tumor(cv: _Canvas, t: TumorSpec, rng: np.random.Generator, spec: PhantomSpec) -> dict:
+    """Place one lumpy sphere of equivalent diameter ``t.size_mm`` deep inside its organ."""
     organ = L[t.site]
     side = t.side
     if t.site in PAIRED and side is None:
@@ -721,13 +690,22 @@ def _tumor(cv: _Canvas, t: TumorSpec, rng: np.random.Generator, spec: PhantomSpe
     r0 = radius_eq / np.mean(lump(_fib_dirs()) ** 3) ** (1 / 3)  # volume-preserving base radius
 
     world = [a * s for a, s in zip(cv.axes, cv.scale)]
+    m = cv.lab == organ
+    if side is not None:
+        xs = world[0][:, None, None]
+        m = m & ((xs > 0) if side == "right" else (xs < 0))
+    idx = np.argwhere(m)
     rec = {"site": t.site, "side": side, "size_mm": float(round(t.size_mm, 1))}
-    if placed is _CHOOSE:
-        c, base = _tumor_centre(cv, organ, side, world, target, radius_eq), None
-    else:
-        c, base = placed if placed is not None else (None, None)
-    if c is None:
-        return rec, None
+    if len(idx) == 0:
+        return rec
+    lo, hi = idx.min(0), idx.max(0) + 1
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    depth = ndimage.distance_transform_edt(np.pad(m[box], 1), sampling=cv.spacing)[1:-1, 1:-1, 1:-1]
+    need = min(0.85 * radius_eq, 0.8 * float(depth.max()))
+    cand = np.argwhere(depth >= need)
+    aim = (target * (hi - lo - 1))
+    best = cand[np.argmin(((cand - aim) * cv.spacing) ** 2 @ np.ones(3))] + lo
+    c = np.array([world[i][best[i]] for i in range(3)])
     ext = r0 * (1 + amp.sum()) + max(cv.spacing)
     sl = []
     for i in range(3):
@@ -740,8 +718,7 @@ def _tumor(cv: _Canvas, t: TumorSpec, rng: np.random.Generator, spec: PhantomSpe
     inside = dist <= r0 * lump(d)
     # the mass replaces its organ and may bulge into surrounding fat, never into other organs
     allowed = {organ, TUMOR, BODY} if t.site not in ("lung",) else {organ, TUMOR}
-    if base is None:
-        base = float(cv.hu[sl][cv.lab[sl] == organ].mean()) if (cv.lab[sl] == organ).any() else 40.0
+    base = cv.hu[sl][cv.lab[sl] == organ].mean() if (cv.lab[sl] == organ).any() else 40.0
     delta = TUMOR_DELTA.get(t.site, (-15, 25, 25))[cv.phase]
     if t.site == "lung":
         hu = 38.0 + 6 * dens
@@ -754,7 +731,7 @@ def _tumor(cv: _Canvas, t: TumorSpec, rng: np.random.Generator, spec: PhantomSpe
     core = dist <= 0.45 * r0
     hu_map = np.where(core & (t.size_mm > 35), hu - 25, hu).astype(np.float32)
     cv.put(sl, inside, TUMOR, hu_map, where=allowed)
-    return rec, (c, base)
+    return rec
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,35 +758,6 @@ def _extent(T: _Torso, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-# Sub-samples per axis averaged into each voxel's HU (partial volume). Grids above
-# PARTIAL_VOLUME_MAX_VOXELS are point-sampled: the finer canvas would need gigabytes there, and
-# their ~2 mm voxels are small against the thinnest structure (the 11 mm ribs).
-PARTIAL_VOLUME_FACTOR = 2
-PARTIAL_VOLUME_MAX_VOXELS = 160 * 160 * 224
-
-
-def _supersampled(grid: tuple[int, int, int]) -> bool:
-    return int(np.prod(grid)) <= PARTIAL_VOLUME_MAX_VOXELS
-
-
-def _paint(cv: _Canvas, T: _Torso, spec: PhantomSpec, geo_seed, texture: np.ndarray,
-           placed: list | None = None) -> tuple[list[dict], list]:
-    """Paint one case's tissues and tumours on ``cv``; returns the tumour findings and placements.
-
-    ``placed`` (the placements of an earlier call on a coarser canvas) puts the tumours at the
-    same centres with the same HU, so two canvases of a case show the same anatomy.
-    """
-    geo_rng = np.random.default_rng(geo_seed)
-    _body(cv, T, geo_rng)
-    _musculoskeletal_soft(cv, T)
-    _abdomen(cv, T, geo_rng)
-    _vessels_and_chest(cv, T, geo_rng)
-    _skeleton(cv, T)
-    _lungs_and_ribs(cv, T, geo_rng, texture)
-    out = [_tumor(cv, t, geo_rng, spec, _CHOOSE if placed is None else placed[i]) for i, t in enumerate(spec.tumors)]
-    return [rec for rec, _ in out], [p for _, p in out]
-
-
 def render_phantom(seed: int, grid: tuple[int, int, int], spec: PhantomSpec | None = None) -> PhantomCase:
     """Render one case on ``grid`` voxels over its torso box; deterministic in ``(seed, grid, spec)``.
 
@@ -828,32 +776,28 @@ def render_phantom(seed: int, grid: tuple[int, int, int], spec: PhantomSpec | No
     if spec is None:
         spec = sample_spec(rng)
     _check_spec(spec)
-    geo_seed = [int(seed) & 0xFFFFFFFF, 1]  # geometry jitter: grid independent
+    geo_rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 1])  # geometry jitter: grid independent
     tex_rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 2])  # texture and noise: grid dependent
     scale = np.asarray(spec.scale, float)
     T = _Torso(spec)
     lo, hi = _extent(T, scale)
-    phase = PHASES.index(spec.phase)
-    cv = _Canvas(grid, lo, hi, scale, phase)
+    cv = _Canvas(grid, lo, hi, scale, PHASES.index(spec.phase))
 
     sig = np.clip(3.0 / cv.spacing, 0.35, 4.0)
     texture = _smooth_noise(tex_rng, grid, sig)
-    tumors, placed = _paint(cv, T, spec, geo_seed, texture)
-    hu = cv.hu
-    if _supersampled(grid):
-        # Partial volume: a CT voxel's HU is the mean over its volume, not the value at its centre.
-        # At the demo grid's ~7 mm voxels an 11 mm rib otherwise renders as pure cortex or pure
-        # marrow, a bimodal HU no CT shows. The label map stays centre-sampled on the grid.
-        f = PARTIAL_VOLUME_FACTOR
-        fine = _Canvas(tuple(g * f for g in grid), lo, hi, scale, phase)
-        fine_texture = texture.repeat(f, 0).repeat(f, 1).repeat(f, 2)
-        _paint(fine, T, spec, geo_seed, fine_texture, placed)
-        hu = fine.hu.reshape(grid[0], f, grid[1], f, grid[2], f).mean(axis=(1, 3, 5))
+    _body(cv, T, geo_rng)
+    _musculoskeletal_soft(cv, T)
+    _abdomen(cv, T, geo_rng)
+    _vessels_and_chest(cv, T, geo_rng)
+    _skeleton(cv, T)
+    _lungs_and_ribs(cv, T, geo_rng, texture)
+    tumors = [_tumor(cv, t, geo_rng, spec) for t in spec.tumors]
 
     tissue = cv.lab.copy()
     labels = cv.lab
     labels[labels >= 100] = BODY
-    # CT: organ texture, scanner blur, scanner noise
+    # CT: organ texture, partial-volume blur, scanner noise
+    hu = cv.hu
     soft = (labels != 0) & (labels != L["lung"])
     hu += np.where(soft, 7.0, 0.0).astype(np.float32) * texture
     hu = ndimage.gaussian_filter(hu, np.clip(0.6 * 2.0 / cv.spacing, 0.3, 0.7), truncate=2.0)
