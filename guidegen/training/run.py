@@ -7,7 +7,6 @@ small inference checkpoint (DESIGN §7) that ``generate`` loads.
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +73,11 @@ LINEAGE_FILE = "lineage.json"  # in a run directory: the parent checkpoint a run
 def run_lineage(out: Path, init_from: str | Path | None, resuming: bool) -> dict | None:
     """The parent a run's weights descend from: ``{"train_steps": parent total, "created": ...}``.
 
-    Recorded in ``out/lineage.json`` when a new run starts from ``init_from`` and read back when
-    the run resumes, with or without ``--init-from`` (the weights then come from the run's own
-    checkpoint, so the recorded parent is the true one even if ``init_from`` was since replaced).
-    None for a run trained from scratch.
+    ``train_steps`` is the parent's ``total_train_steps`` (else its ``train_steps``). Recorded in
+    ``out/lineage.json`` when a new run starts from ``init_from`` and read back when the run
+    resumes, with or without ``--init-from`` (the weights then come from the run's own checkpoint,
+    so the recorded parent is the true one even if ``init_from`` was since replaced). None for a
+    run trained from scratch, and for runs started before this file existed.
     """
     from guidegen.training.trainer import read_checkpoint_meta
 
@@ -94,7 +94,7 @@ def lineage_meta(lineage: dict, steps: int) -> dict:
     """Meta keys of a run descended from ``lineage`` (:func:`run_lineage`): the parent and the total.
 
     ``train_steps`` stays this run's own count; ``total_train_steps`` adds the parent's total
-    (its own ``total_train_steps``, else its ``train_steps``), so chains of continued runs add up.
+    (``lineage["train_steps"]``: the parent's own total), so chains of continued runs add up.
     """
     return {"init_from": lineage, "total_train_steps": int(lineage["train_steps"]) + int(steps)}
 
