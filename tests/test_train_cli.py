@@ -79,6 +79,11 @@ def test_resumed_run_keeps_its_lineage(setup):
     again = run_training("tcss", cfg_path, data, root / "res3", max_steps=2, progress=False, init_from=parent)
     meta = json.loads((again / "meta.json").read_text())  # resumed from its own scratch weights: no parent
     assert meta["train_steps"] == 2 and "init_from" not in meta and scratch == again
+    stale = root / "res4"  # an attempt from `parent` stopped before its first checkpoint, then a run from scratch
+    stale.mkdir()
+    (stale / "lineage.json").write_text(json.dumps({"train_steps": 2, "created": None}))
+    meta = json.loads((run_training("tcss", cfg_path, data, stale, max_steps=1, progress=False) / "meta.json").read_text())
+    assert "init_from" not in meta and not (stale / "lineage.json").exists()
 
 
 def test_changed_config_on_resume_is_refused(setup):

@@ -70,23 +70,28 @@ def init_from_checkpoint(trainer, ckpt_dir: str | Path) -> None:
 LINEAGE_FILE = "lineage.json"  # in a run directory: the parent checkpoint a run started from
 
 
-def run_lineage(out: Path, init_from: str | Path | None, resuming: bool) -> dict | None:
+def run_lineage(out: Path, init_from: str | Path | None, resuming: bool, write: bool = True) -> dict | None:
     """The parent a run's weights descend from: ``{"train_steps": parent total, "created": ...}``.
 
     ``train_steps`` is the parent's ``total_train_steps`` (else its ``train_steps``). Recorded in
-    ``out/lineage.json`` when a new run starts from ``init_from`` and read back when the run
-    resumes, with or without ``--init-from`` (the weights then come from the run's own checkpoint,
-    so the recorded parent is the true one even if ``init_from`` was since replaced). None for a
-    run trained from scratch, and for runs started before this file existed.
+    ``out/lineage.json`` when a new run starts (``write``: on the main process only) and read back
+    when the run resumes, with or without ``--init-from`` (the weights then come from the run's own
+    checkpoint, so the recorded parent is the true one even if ``init_from`` was since replaced).
+    None for a run trained from scratch, and for runs started before this file existed.
     """
     from guidegen.training.trainer import read_checkpoint_meta
 
     path = out / LINEAGE_FILE
-    if resuming or init_from is None:
+    if resuming:
         return json.loads(path.read_text()) if path.is_file() else None
-    parent = read_checkpoint_meta(init_from)
-    lineage = {"train_steps": int(parent.get("total_train_steps", parent.get("train_steps", 0))), "created": parent.get("created")}
-    write_json_atomic(path, lineage)
+    lineage = None
+    if init_from is not None:
+        parent = read_checkpoint_meta(init_from)
+        lineage = {"train_steps": int(parent.get("total_train_steps", parent.get("train_steps", 0))), "created": parent.get("created")}
+    if write and lineage is not None:
+        write_json_atomic(path, lineage)
+    elif write:
+        path.unlink(missing_ok=True)  # left by an attempt that stopped before its first checkpoint: not this run's parent
     return lineage
 
 
@@ -120,7 +125,10 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
     cfg = load_config(config)
     out = Path(out)
     _check_run_config(out, cfg, stage)
-    if stage == "autoencoder" and cfg.autoencoder.freeze_encoder and init_from is None and not (out / LINEAGE_FILE).is_file():
+    from guidegen.training.trainer import Trainer, export_checkpoint, find_checkpoint
+
+    # a resume takes its weights, frozen encoder included, from the run's own checkpoint
+    if stage == "autoencoder" and cfg.autoencoder.freeze_encoder and init_from is None and find_checkpoint(out) is None:
         raise GuideGenError("autoencoder.freeze_encoder fine-tunes the decoder of a trained autoencoder: "
                             "pass --init-from CHECKPOINT (the one whose latent space to keep)")
     label_set = load_label_set(cfg.data.label_set)
@@ -129,8 +137,6 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
     reader = DatasetReader(data)
     if reader.label_set.name != label_set.name:
         raise GuideGenError(f"{data}: dataset label set {reader.label_set.name!r} differs from the config's {label_set.name!r}")
-    from guidegen.training.trainer import Trainer, export_checkpoint
-
     if stage == "tcss":
         task, dataset, meta = _tcss_setup(cfg, label_set, data)
     elif stage == "autoencoder":
@@ -139,7 +145,7 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
         task, dataset, meta = _ldm_setup(cfg, label_set, data)
     train_cfg = getattr(cfg, stage).train
     trainer = Trainer(out, train_cfg, task, dataset, progress=progress)
-    lineage = run_lineage(out, init_from, resuming=trainer.step > 0)
+    lineage = run_lineage(out, init_from, resuming=trainer.step > 0, write=trainer.is_main)
     if init_from is not None:
         init_from_checkpoint(trainer, init_from)
     result = trainer.fit(max_steps=max_steps)
