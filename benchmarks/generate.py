@@ -16,7 +16,7 @@
    the HU levels of those held-out real CTs encoded and decoded by the autoencoder (what no latent
    generator can beat).
 
-    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T]
+    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T] [--tcss-lesion-scale 0|1]
                                   [--labels-from tcss|real] [--raw-labels] [--seg-steps N] [--seg-channels C,..] [--work DIR]
 """
 
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--tcss-steps", type=int, default=None, help="label-map sampler steps (default: the checkpoint's)")
     ap.add_argument("--tcss-guidance", type=float, default=None, help="label-map guidance (default: the checkpoint's)")
     ap.add_argument("--tcss-temperature", type=float, default=None, help="label-map sampling temperature (default: the checkpoint's)")
+    ap.add_argument("--tcss-lesion-scale", type=int, choices=(0, 1), default=None,
+                    help="site gate at the requested lesion's scale, 1 on / 0 off (default: the checkpoint's)")
     ap.add_argument("--labels-from", choices=("tcss", "real"), default="tcss",
                     help="label maps sampled by TCSS from the prompts, or held-out real phantom cases with their reports")
     ap.add_argument("--raw-labels", action="store_true", help="skip generate's cleanup (stray lesions, detached organ parts, isolated voxels) of sampled label maps")
@@ -114,11 +116,14 @@ def main() -> None:
         tcss_steps = args.tcss_steps or pipe.labels.cfg.tcss.sample_steps
         if args.tcss_temperature is not None:
             pipe.labels.temperature = args.tcss_temperature
+        if args.tcss_lesion_scale is not None:
+            pipe.labels.site_gate_lesion_scale = bool(args.tcss_lesion_scale)
         # The sampled (raw) maps are cached per sampler setting, so cleanup or CT-stage changes can
         # be measured again without the label-map sampling, which is most of this benchmark's time.
         tag = (f"tcss{total_train_steps(pipe.labels.meta)}_steps{tcss_steps}_g{tcss_guidance}"
                f"_gate{pipe.labels.site_gate}_vol{pipe.labels.size_guidance}_pool{pipe.labels.cfg.tcss.size_guidance_pool}"
-               f"{'' if pipe.labels.temperature == 1.0 else f'_temp{pipe.labels.temperature}'}")
+               f"{'' if pipe.labels.temperature == 1.0 else f'_temp{pipe.labels.temperature}'}"
+               f"{'_lesionscale' if pipe.labels.site_gate_lesion_scale else ''}")
         cache = Path(args.maps) if args.maps else work / "labelmaps" / f"{tag}.npz"
         cached = dict(np.load(cache)) if cache.is_file() else {}
         for i, (text, _) in enumerate(make_prompts(args.n)):
@@ -170,7 +175,7 @@ def main() -> None:
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
           f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.n} label maps from {args.labels_from}"
           f"{' (raw)' if args.raw_labels else ' (with the label-map cleanup)' if args.labels_from == 'tcss' else ''}"
-          f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}' if args.labels_from == 'tcss' else ''}; "
+          f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}, lesion-scale site gate {pipe.labels.site_gate_lesion_scale}' if args.labels_from == 'tcss' else ''}; "
           f"segmenter: UNet {seg_cfg.channels}, {args.seg_steps} steps on {args.n_real} real phantom cases")
     for name, r in results.items():
         print(f"{name:>5} ({samplers[name]} steps): {np.mean(r['seconds']):6.1f} s/CT | alignment mean organ Dice "

@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--site-gate", type=float, default=None, help="tumour-site gate strength (default: the checkpoint's tcss.site_gate)")
     ap.add_argument("--size-guidance", type=float, default=None, help="tumour volume matching strength (default: the checkpoint's tcss.size_guidance)")
     ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's tcss.temperature)")
+    ap.add_argument("--lesion-scale", type=int, choices=(0, 1), default=None,
+                    help="site gate at the requested lesion's scale, 1 on / 0 off (default: the checkpoint's tcss.site_gate_lesion_scale)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the maps are scored on the CPU)")
     ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
@@ -155,11 +157,14 @@ def main() -> None:
         gen.size_guidance = args.size_guidance
     if args.temperature is not None:
         gen.temperature = args.temperature
+    if args.lesion_scale is not None:
+        gen.site_gate_lesion_scale = bool(args.lesion_scale)
     rows, reused = [], 0
     maps = None
     if args.maps:
         maps = Path(args.maps) / (f"tcss{total_train_steps(gen.meta)}_steps{args.steps}_g{guidance}_gate{gen.site_gate}"
                                   f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
+                                  f"{'_lesionscale' if gen.site_gate_lesion_scale else ''}"
                                   f"{'_noinject' if args.no_injection else ''}"
                                   f"{'' if args.prompt_seed == PROMPT_SEED else f'_prompts{args.prompt_seed}'}")
         maps.mkdir(parents=True, exist_ok=True)
@@ -206,6 +211,7 @@ def main() -> None:
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
                 "prompt_seed": args.prompt_seed, "steps": args.steps, "guidance": guidance, "injection": not args.no_injection, "site_gate": gen.site_gate,
                 "size_guidance": gen.size_guidance, "size_guidance_pool": gen.cfg.tcss.size_guidance_pool,
+                "site_gate_lesion_scale": gen.site_gate_lesion_scale,
                 "temperature": gen.temperature,
                 "reused_maps": reused, "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
     summarize(settings, rows, secs)

@@ -91,6 +91,10 @@ class TCSSConfig(_Strict):
     # strength of the tumour-site gate on the x_0 logits (diffusion.categorical.site_gated_logits):
     # tumour outside every organ the findings name keeps ~p_tumour^(1+gate) of its odds; 0 = off
     site_gate: float = Field(0.0, ge=0)
+    # sampling only: the gate also reads how deep a voxel lies in the requested organ at the
+    # requested lesion's size, and lets the lesion bulge into the surrounding fat
+    # (diffusion.categorical.lesion_depth); off = the voxel-scale gate alone
+    site_gate_lesion_scale: bool = False
     # sampling only: shift the tumour x_0 logit so the predicted tumour volume equals the
     # report's sizes (diffusion.categorical.volume_matched_logits); 1 = exact, 0 = off
     size_guidance: float = Field(0.0, ge=0)

@@ -109,6 +109,7 @@ class LabelMapGenerator:
         # sampling temperature; may be overridden
         self.site_gate = self.cfg.tcss.site_gate
         self.size_guidance = self.cfg.tcss.size_guidance
+        self.site_gate_lesion_scale = self.cfg.tcss.site_gate_lesion_scale
         self.temperature = self.cfg.tcss.temperature
 
     @torch.no_grad()
@@ -117,12 +118,12 @@ class LabelMapGenerator:
         from guidegen.training.tcss import TumorRequests, sample_label_maps
 
         cond = {k: v.to(self.device) for k, v in self.conditioner.prepare(prompts, findings).items()}
-        requests = TumorRequests.from_findings(findings, self.label_set, float(np.prod(self.spacing)))
+        requests = TumorRequests.from_findings(findings, self.label_set, self.spacing)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         maps = sample_label_maps(self.model, cond, self.grid, self.alphas_bar, self.label_set, steps=steps,
                                  guidance=guidance, generator=gen, site_gate=self.site_gate,
                                  size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
-                                 requests=requests, temperature=self.temperature, progress=progress)
+                                 site_gate_lesion_scale=self.site_gate_lesion_scale, requests=requests, temperature=self.temperature, progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:
@@ -321,6 +322,7 @@ class GuideGenPipeline:
                     "tcss_site_gate": self.labels.site_gate if labels is None else None,
                     "tcss_size_guidance": self.labels.size_guidance if labels is None else None,
                     "tcss_size_guidance_pool": self.labels.cfg.tcss.size_guidance_pool if labels is None else None,
+                    "tcss_site_gate_lesion_scale": self.labels.site_gate_lesion_scale if labels is None else None,
                     "tcss_temperature": self.labels.temperature if labels is None else None,
                     "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"],
                     "organ_part_voxels": cleaned["organ_part_voxels"]}

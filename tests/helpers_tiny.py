@@ -20,7 +20,7 @@ TINY = {
     "data": {"grid": list(GRID)},
     "text": {"encoder": "trainable", "trainable_dim": 16, "context_dim": 16, "num_queries": 4, "injection_layers": 1, "max_tokens": 16},
     "tcss": {"timesteps": 20, "channels": [8, 16], "attention_levels": [False, True], "num_head_channels": 8, "sample_steps": 4,
-             "site_gate": 1.0, "size_guidance": 1.0, "temperature": 0.5,
+             "site_gate": 1.0, "site_gate_lesion_scale": True, "size_guidance": 1.0, "temperature": 0.5,
              "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
     "autoencoder": {"channels": [4, 4, 8], "label_embed_dim": 2, "disc_start": 1000,
                     "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},

@@ -364,6 +364,47 @@ def test_site_gated_logits_one_sided_site():
         cat.site_gated_logits(logits, right_kidney, tumor_id=3)
 
 
+def test_lesion_depth_hand_computed():
+    # one row of 7 voxels, the organ at i = 1..5; a 3-wide box (outside the volume counts as 0):
+    # means [1/3, 2/3, 1, 1, 1, 2/3, 1/3], maximum 1
+    organ = torch.tensor([0.0, 1, 1, 1, 1, 1, 0])
+    site = torch.stack([torch.zeros(7), organ, torch.zeros(7)])[None]  # (B=1, K=3, 7)
+    depth = cat.lesion_depth(site, torch.tensor([[[0], [3], [0]]]))
+    torch.testing.assert_close(depth[0], torch.tensor([1 / 3, 2 / 3, 1, 1, 1, 2 / 3, 1 / 3]))
+    # a 5-wide box: [2/5, 3/5, 4/5, 1, 4/5, 3/5, 2/5] over its maximum 1
+    torch.testing.assert_close(cat.lesion_depth(site, torch.tensor([[[0], [5], [0]]]))[0],
+                               torch.tensor([0.4, 0.6, 0.8, 1.0, 0.8, 0.6, 0.4]))
+    # two requested organs are normalised each by itself: a faint one (p = 0.1) reaches 1 too
+    two = torch.stack([torch.zeros(7), torch.tensor([1.0, 1, 0, 0, 0, 0, 0]), torch.tensor([0, 0, 0, 0, 0.1, 0.1, 0.1])])[None]
+    d2 = cat.lesion_depth(two, torch.tensor([[[0], [1], [1]]]))
+    torch.testing.assert_close(d2[0], torch.tensor([1.0, 1, 0, 0, 1, 1, 1]))
+    assert not cat.lesion_depth(site, torch.zeros(1, 3, 1, dtype=torch.long)).any()  # no box: no depth
+    with pytest.raises(GuideGenError, match="odd"):
+        cat.lesion_depth(site, torch.tensor([[[0], [4], [0]]]))
+
+
+def test_site_gated_logits_at_lesion_scale():
+    # K = 3: 0 body (fat), 1 organ, 2 tumour; 7 voxels, the organ at i = 1..5 (p ~ 1), fat around it
+    p_organ = torch.tensor([0.0, 1, 1, 1, 1, 1, 0]).clamp(1e-6, 1 - 1e-6)
+    logits = torch.stack([1 - p_organ, p_organ, torch.full((7,), 1e-3)]).log()[None]
+    sites = torch.tensor([[False, True, False]])
+    boxes = torch.tensor([[[0], [3], [0]]])
+    flat = cat.site_gated_logits(logits, sites, 2)
+    deep = cat.site_gated_logits(logits, sites, 2, lesion_boxes=boxes)
+    bulge = cat.site_gated_logits(logits, sites, 2, lesion_boxes=boxes, bulge_classes=torch.tensor([[True, False, False]]))
+    assert torch.equal(deep[:, :2], logits[:, :2]) and torch.equal(bulge[:, :2], logits[:, :2])
+    # voxel scale: flat over the organ; at lesion scale the rim keeps log(2/3) of the core's odds
+    torch.testing.assert_close((flat[0, 2] - logits[0, 2])[1:6], torch.zeros(5))
+    torch.testing.assert_close((deep[0, 2] - logits[0, 2])[1:6], torch.log(torch.tensor([2 / 3, 1, 1, 1, 2 / 3])), atol=1e-5, rtol=0)
+    # without the bulge the fat around the organ stays shut (log 1e-6 + log 1/3); with it the fat
+    # next to the organ is host tissue at a third of the core's depth: log(1/3)
+    assert float(deep[0, 2, 0] - logits[0, 2, 0]) < -13
+    torch.testing.assert_close(bulge[0, 2] - logits[0, 2], torch.log(torch.tensor([1 / 3, 2 / 3, 1, 1, 1, 2 / 3, 1 / 3])), atol=1e-5, rtol=0)
+    # a row without boxes keeps the voxel-scale gate, bulge or not
+    no_box = cat.site_gated_logits(logits, sites, 2, lesion_boxes=torch.zeros_like(boxes), bulge_classes=torch.tensor([[True, False, False]]))
+    torch.testing.assert_close(no_box, flat)
+
+
 def test_volume_matched_logits_hand_computed():
     # K = 2 (0 background, 1 tumour) so d = logit_tumour - logit_background; 4 voxels
     d = torch.tensor([2.0, 0.0, -1.0, -3.0])

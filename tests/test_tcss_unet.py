@@ -221,10 +221,19 @@ def test_tumor_requests_from_findings(label_set):
 
     texts = ["4 cm mass in the left kidney and a 2 cm lesion in the liver.", "No focal lesion.",
              "Liver mass of unknown size and a 3 cm right lung nodule."]
-    req = TumorRequests.from_findings([parse_findings(t) for t in texts], label_set, voxel_mm3=8.0)
+    req = TumorRequests.from_findings([parse_findings(t) for t in texts], label_set, spacing_mm=(2.0, 2.0, 2.0))
     kidney, liver, lung = (label_set.id_of(n) for n in ("kidney", "liver", "lung"))
     assert req.sites[0, kidney].tolist() == [True, False] and req.sites[0, liver].tolist() == [True, True]
     assert not req.sites[1].any() and req.sites[2, lung].tolist() == [False, True]
+    # lesion boxes: 40 mm on 2 mm voxels is 20 voxels, the odd width 21; 20 mm 11; unknown size 1;
+    # the body envelope is bulge tissue unless every site is confined (the lung)
+    assert req.lesion_boxes[0, kidney].tolist() == [21, 21, 21] and req.lesion_boxes[0, liver].tolist() == [11, 11, 11]
+    assert req.lesion_boxes[2, liver].tolist() == [1, 1, 1] and req.lesion_boxes[2, lung].tolist() == [15, 15, 15]
+    assert int(req.lesion_boxes[1].sum()) == 0 and int(req.lesion_boxes[0].count_nonzero()) == 6
+    body = label_set.body_id
+    assert req.bulge_classes[0, body] and req.bulge_classes[2, body] and not req.bulge_classes[1].any()
+    only_lung = TumorRequests.from_findings([parse_findings("A 3 cm mass in the right lung.")], label_set, (2.0, 2.0, 2.0))
+    assert not only_lung.bulge_classes.any()
     # equivalent spheres of 40 and 20 mm in 2 mm voxels; no volume when one size is unknown or no tumour
     torch.testing.assert_close(req.volume_voxels, torch.tensor([math.pi / 6 * (40**3 + 20**3) / 8.0, 0.0, 0.0]))
     # with volume matching on, row 0's expected tumour volume becomes the request; row 1 is untouched
@@ -233,6 +242,41 @@ def test_tumor_requests_from_findings(label_set):
     expected = out.softmax(1)[:, label_set.tumor_id].flatten(1).sum(1)
     torch.testing.assert_close(expected[0], req.volume_voxels[0], rtol=1e-3, atol=1e-2)
     assert torch.equal(out[1], logits[1])
+
+
+def test_lesion_scale_centres_the_matched_lesion(label_set):
+    """A 3 x 3 x 15 organ bar in fat, the network's tumour evidence the same against every voxel's
+    own class, 45 voxels asked: the voxel-scale gate spreads them evenly over the bar (a lesion
+    anywhere along it, up to eating it whole); at lesion scale they gather at the bar's middle,
+    spill into the fat beside it, and never reach fat away from the organ."""
+    from guidegen.training.tcss import TumorRequests, tumor_guidance_fn
+
+    K, grid = label_set.num_classes, (9, 9, 21)
+    body, organ_id, tid = label_set.body_id, label_set.id_of("pancreas"), label_set.tumor_id
+    organ = torch.zeros(grid, dtype=torch.bool)
+    organ[3:6, 3:6, 3:18] = True
+    logits = torch.full((1, K, *grid), -8.0)
+    logits[0, body] = 0.0
+    logits[0, organ_id][organ] = 8.0
+    logits[0, tid] = torch.where(organ, 6.0, -2.0)
+    sites = torch.zeros(1, K, 2, dtype=torch.bool)
+    sites[0, organ_id] = True
+    boxes = torch.zeros(1, K, 3, dtype=torch.long)
+    boxes[0, organ_id] = 5
+    bulge = torch.zeros(1, K, dtype=torch.bool)
+    bulge[0, body] = True
+    req = TumorRequests(sites, torch.tensor([45.0]), boxes, bulge)
+    flat = tumor_guidance_fn(req, label_set, 1.0, 1.0)(logits).softmax(1)[0, tid]
+    deep = tumor_guidance_fn(req, label_set, 1.0, 1.0, lesion_scale=True)(logits).softmax(1)[0, tid]
+    for p in (flat, deep):
+        torch.testing.assert_close(p.sum(), torch.tensor(45.0), rtol=1e-3, atol=0)  # the volume asked
+    torch.testing.assert_close(flat[4, 4, 10], flat[4, 4, 3])  # middle and end alike
+    assert float(flat[~organ].sum()) < 0.5  # the voxel-scale gate keeps it inside the bar
+    assert float(deep[4, 4, 10]) > 1.5 * float(deep[4, 4, 3])  # the middle before the ends
+    assert float(deep[2, 4, 10]) > float(deep[4, 4, 3])  # the fat beside the middle before the ends
+    near = torch.zeros(grid, dtype=torch.bool)  # within half a box (2 voxels) of the organ
+    near[1:8, 1:8, 1:20] = True
+    assert float(deep[~near].max()) < 1e-4  # fat beyond the lesion's reach: next to nothing (a soft gate)
 
 
 class _FixedLogitsModel:

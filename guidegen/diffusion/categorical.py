@@ -313,7 +313,8 @@ def classifier_free_guidance(model_fn: Callable[[Tensor, Tensor, Tensor], Tensor
 
 
 def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, strength: float = 1.0,
-                      midline_class: int | None = None) -> Tensor:
+                      midline_class: int | None = None, lesion_boxes: Tensor | None = None,
+                      bulge_classes: Tensor | None = None) -> Tensor:
     """Tumour x_0 logits gated by the model's own belief that a voxel lies in a requested site.
 
     ``logit'_tumour = logit_tumour + strength · (g - max g)``, ``g = log Σ_{k ∈ S} w_k p(k | not tumour)``,
@@ -334,6 +335,18 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
     :func:`guidegen.io.ras_affine`) and ``m`` the ``p_midline``-weighted mean of ``i`` (the
     model's spine), one voxel wide. ``w_k = 1`` for a class allowed on both sides.
 
+    **Lesion scale.** With ``lesion_boxes`` the gate also reads *how deep* a voxel lies in the
+    requested organ at the size the report asks for: ``g = log(Σ_{k ∈ S} w_k p_k + Σ_{j ∈ B} p_j)
+    + log depth`` (:func:`lesion_depth`: the organ's share of a lesion-sized box around the voxel,
+    1 at the organ's deepest point), B = ``bulge_classes``, the tissue a lesion may grow into
+    beside its organ (the fat of the body envelope). *Why*: the voxel-scale gate is flat over the
+    whole organ, so volume matching fills it from wherever the network's tumour evidence is
+    highest; a lesion as large as a small host (a 5 cm mass in a pancreas of ~200 voxels at the
+    demo grid) then replaced the organ until its shell held almost none of it. A real mass (and
+    the phantom's, :func:`guidegen.data.phantom._tumor`) is centred deep in its organ and bulges
+    into the surrounding fat, never into another organ; the depth term centres it and the bulge
+    term lets it grow outward rather than eat the rest of the organ.
+
     Args:
         logits: (B, K, *spatial) x_0 logits.
         site_classes: (B, K) bool, True for the classes a requested tumour may lie in, or
@@ -342,6 +355,11 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
         tumor_id: class index of the tumour.  strength: >= 0; 0 returns ``logits`` unchanged.
         midline_class: the class whose centroid is the midline (vertebrae); needed only when
             some class is allowed on one side alone.
+        lesion_boxes: optional (B, K, n_spatial) long, per requested class the odd box width in
+            voxels along each axis (the requested lesion's diameter; 1 when its size is unknown),
+            0 for the other classes; a row of zeros keeps that case's voxel-scale gate.
+        bulge_classes: optional (B, K) bool, used with ``lesion_boxes`` only (without the depth
+            term nothing would hold the lesion near its organ).
     Returns:
         (B, K, *spatial) logits; only channel ``tumor_id`` differs.
     """
@@ -371,11 +389,52 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
     # condition dropout got NaN gradients). Weight 1 everywhere keeps it finite; it is zeroed below.
     log_w = torch.where(active.view(-1, 1, *ones), log_w, 0.0)
     gate = torch.logsumexp(log_p + log_w, dim=1)  # (B, *spatial)
+    if lesion_boxes is not None:
+        scaled = active & lesion_boxes.flatten(1).any(dim=1).to(active.device)  # (B,)
+        if bulge_classes is not None:
+            bulge = torch.where(bulge_classes.to(log_p.device).view(*sides.shape[:2], *ones), log_p, float("-inf"))
+            bulge = torch.where(scaled.view(-1, 1, *ones), bulge, float("-inf"))
+            gate = torch.logaddexp(gate, torch.logsumexp(bulge, dim=1))
+        depth = lesion_depth((log_p + log_w).exp(), lesion_boxes.to(log_p.device))
+        gate = gate + torch.where(scaled.view(-1, *ones), depth.clamp_min(EPS).log(), 0.0)
     gate = gate - gate.flatten(1).amax(dim=1).view(-1, *ones)
     gate = torch.where(active.view(-1, *ones), gate, torch.zeros_like(gate))
     out = logits.clone()
     out[:, tumor_id] = logits[:, tumor_id] + (strength * gate).to(logits.dtype)
     return out
+
+
+def lesion_depth(site_probs: Tensor, boxes: Tensor) -> Tensor:
+    """(B, *spatial) how deep each voxel lies in a requested organ, at the requested lesion's scale.
+
+    ``depth_k(v)`` = the mean of ``site_probs[:, k]`` over the box of ``boxes[:, k]`` voxels
+    centred on v (outside the volume counts as 0), divided by its maximum over the volume; the
+    depth is the largest ``depth_k`` over the requested classes k. It is 1 at each organ's
+    deepest point - where a lesion of that size would lie most inside it - and falls towards
+    its rim and away from it. Each organ is normalised by itself so a small site (an adrenal)
+    is not outweighed by a large one (the liver) in a case with lesions in both.
+
+    Args:
+        site_probs: (B, K, *spatial) the (side-weighted) probability of each requested class, 0
+            for the others.  boxes: (B, K, n_spatial) long, odd box widths; 0 = not requested.
+    Returns:
+        (B, *spatial) in [0, 1]; 0 in rows with no box.
+    """
+    n = site_probs.dim() - 2
+    avg_pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[n]
+    depth = torch.zeros(site_probs.shape[0], *site_probs.shape[2:], dtype=site_probs.dtype, device=site_probs.device)
+    for b, k in boxes.flatten(2).any(-1).nonzero().tolist():
+        width = [int(w) for w in boxes[b, k]]
+        if any(w % 2 != 1 for w in width):
+            raise GuideGenError(f"lesion_depth: box widths must be odd numbers of voxels, got {width}")
+        pooled = site_probs[b:b + 1, k:k + 1]
+        for axis, w in enumerate(width):  # the box mean is separable: one axis at a time is ~w× cheaper
+            kernel = [1] * n
+            kernel[axis] = w
+            pooled = avg_pool(pooled, kernel, stride=1, padding=[kw // 2 for kw in kernel])
+        pooled = pooled[0, 0]
+        depth[b] = torch.maximum(depth[b], pooled / pooled.max().clamp_min(EPS))
+    return depth
 
 
 def right_side_logit(midline_prob: Tensor) -> Tensor:

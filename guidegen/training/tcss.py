@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -55,6 +56,19 @@ def tumor_site_classes(findings_vec: torch.Tensor, label_set: LabelSet) -> torch
     return out
 
 
+# Sites whose lesions stay inside the organ: a lung mass replaces parenchyma, it does not grow
+# into the chest wall's fat (the phantom's rule too, guidegen.data.phantom._tumor); every other
+# site's mass may bulge into the fat around its organ (the body envelope class).
+CONFINED_SITES = frozenset({"lung"})
+
+
+def lesion_box(size_mm: float, spacing_mm: tuple[float, ...]) -> list[int]:
+    """Odd box widths (voxels per axis) closest to a lesion of ``size_mm`` diameter, an even
+    number of voxels rounding up: 50 mm on 7.5 mm voxels is 7 (6.7 voxels), 20 mm is 3, 40 mm on
+    2 mm voxels 21, anything under 2 voxels 1."""
+    return [2 * math.floor(size_mm / s / 2) + 1 for s in spacing_mm]
+
+
 @dataclass
 class TumorRequests:
     """What a batch's findings ask of the tumour channel, in the form the sampling constraints take.
@@ -63,10 +77,18 @@ class TumorRequests:
     requested tumour (both for an unpaired organ or a tumour without side; all False for a case
     without a tumour site). ``volume_voxels`` (B,) float: the requested total tumour volume in
     voxels (equivalent spheres of the stated sizes), 0 when any requested size is unknown.
+    ``lesion_boxes`` (B, K, 3) long: per requested class the largest requested lesion's
+    diameter as an odd box width in voxels per axis (:func:`lesion_box`; 1 when its size is
+    unknown), 0 for the other classes. ``bulge_classes`` (B, K) bool: the body envelope, in rows
+    with a tumour site outside :data:`CONFINED_SITES`. The last two feed the lesion-scale site
+    gate (:func:`~guidegen.diffusion.categorical.site_gated_logits`); both are empty when the
+    requests come from the findings vector (no sizes per site there).
     """
 
     sites: torch.Tensor
     volume_voxels: torch.Tensor
+    lesion_boxes: torch.Tensor | None = None
+    bulge_classes: torch.Tensor | None = None
 
     @classmethod
     def from_vector(cls, findings_vec: torch.Tensor, label_set: LabelSet) -> "TumorRequests":
@@ -75,29 +97,40 @@ class TumorRequests:
         return cls(sites.unsqueeze(-1).expand(*sites.shape, 2).clone(), torch.zeros(sites.shape[0], device=sites.device))
 
     @classmethod
-    def from_findings(cls, findings: list[Findings], label_set: LabelSet, voxel_mm3: float) -> "TumorRequests":
-        """Sites with sides and the requested volume from parsed findings (``voxel_mm3``: one voxel's volume)."""
+    def from_findings(cls, findings: list[Findings], label_set: LabelSet, spacing_mm: tuple[float, float, float]) -> "TumorRequests":
+        """Sites with sides, the requested volume and the lesion boxes from parsed findings on a
+        grid of ``spacing_mm`` (X, Y, Z) voxels."""
+        voxel_mm3 = float(spacing_mm[0] * spacing_mm[1] * spacing_mm[2])
         sites = torch.zeros(len(findings), label_set.num_classes, 2, dtype=torch.bool)
         volume = torch.zeros(len(findings))
+        boxes = torch.zeros(len(findings), label_set.num_classes, 3, dtype=torch.long)
+        bulge = torch.zeros(len(findings), label_set.num_classes, dtype=torch.bool)
         for b, f in enumerate(findings):
             for t in f.tumors:
                 if t.site in label_set.names:
+                    k = label_set.id_of(t.site)
                     sides = {"left": [0], "right": [1]}.get(t.side or "", [0, 1])
-                    sites[b, label_set.id_of(t.site), sides] = True
+                    sites[b, k, sides] = True
+                    box = torch.tensor(lesion_box(t.size_mm, spacing_mm) if t.size_mm else [1, 1, 1])
+                    boxes[b, k] = torch.maximum(boxes[b, k], box)
+                    if t.site not in CONFINED_SITES and label_set.body_id is not None:
+                        bulge[b, label_set.body_id] = True
             sizes = [t.size_mm for t in f.tumors]
             if sizes and all(d is not None for d in sizes):
                 volume[b] = sum(sphere_volume_mm3(d) for d in sizes) / voxel_mm3
-        return cls(sites, volume)
+        return cls(sites, volume, boxes, bulge)
 
     def to(self, device) -> "TumorRequests":
-        return TumorRequests(self.sites.to(device), self.volume_voxels.to(device))
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return TumorRequests(self.sites.to(device), self.volume_voxels.to(device), move(self.lesion_boxes), move(self.bulge_classes))
 
 
 def tumor_guidance_fn(requests: TumorRequests, label_set: LabelSet, site_gate: float, size_guidance: float = 0.0,
-                      drop: torch.Tensor | None = None, pool: int = 1):
+                      drop: torch.Tensor | None = None, pool: int = 1, lesion_scale: bool = False):
     """``logits -> logits`` applying the findings' tumour constraints, or None when all are off.
 
-    Site gate (:func:`~guidegen.diffusion.categorical.site_gated_logits`, strength ``site_gate``),
+    Site gate (:func:`~guidegen.diffusion.categorical.site_gated_logits`, strength ``site_gate``;
+    at the requested lesions' scale with ``lesion_scale`` and requests that carry lesion boxes),
     then volume matching (:func:`~guidegen.diffusion.categorical.volume_matched_logits`, strength
     ``size_guidance``, tumour evidence pooled over ``pool`` voxels; sampling only: training
     leaves it at 0). Rows in ``drop`` (B,) bool are left alone.
@@ -106,15 +139,19 @@ def tumor_guidance_fn(requests: TumorRequests, label_set: LabelSet, site_gate: f
     if tid is None or (site_gate == 0 and size_guidance == 0):
         return None
     sites, volume = requests.sites, requests.volume_voxels
+    boxes = requests.lesion_boxes if lesion_scale else None
+    bulge = requests.bulge_classes if boxes is not None else None
     if drop is not None:
         keep = ~drop.to(sites.device)
         sites, volume = sites & keep.view(-1, 1, 1), volume * keep
+        boxes = None if boxes is None else boxes * keep.view(-1, 1, 1)
     midline = label_set.id_of("vertebrae") if "vertebrae" in label_set.names else None
     if midline is None:  # no spine to tell the sides by
         sites = sites.any(-1)
 
     def constrain(logits: torch.Tensor) -> torch.Tensor:
-        logits = cat.site_gated_logits(logits, sites, tid, site_gate, midline_class=midline)
+        logits = cat.site_gated_logits(logits, sites, tid, site_gate, midline_class=midline,
+                                       lesion_boxes=boxes, bulge_classes=bulge)
         return cat.volume_matched_logits(logits, volume, tid, size_guidance, pool=pool)
 
     return constrain
@@ -131,7 +168,7 @@ def _tempered(then, temperature: float):
 def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, int, int], alphas_bar: torch.Tensor,
                       label_set: LabelSet, *, steps: int, guidance: float, generator: torch.Generator,
                       site_gate: float = 0.0, size_guidance: float = 0.0, size_guidance_pool: int = 1,
-                      requests: TumorRequests | None = None, temperature: float = 1.0,
+                      site_gate_lesion_scale: bool = False, requests: TumorRequests | None = None, temperature: float = 1.0,
                       progress: bool = False) -> torch.Tensor:
     """Sample label maps ``(B, X, Y, Z)`` long for prepared condition tensors ``cond``.
 
@@ -148,7 +185,7 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
     if requests is None:
         requests = TumorRequests.from_vector(cond["findings_vec"], label_set)
     constrain = tumor_guidance_fn(requests.to(cond["tokens"].device), label_set, site_gate, size_guidance,
-                                  pool=size_guidance_pool)
+                                  pool=size_guidance_pool, lesion_scale=site_gate_lesion_scale)
     if temperature != 1.0:
         constrain = _tempered(constrain, temperature)
     denoise = cat.classifier_free_guidance(model.net, context, model.null_context(1), guidance, constrain)
