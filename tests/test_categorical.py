@@ -369,6 +369,7 @@ def test_lesion_depth_hand_computed():
     # means [1/3, 2/3, 1, 1, 1, 2/3, 1/3], maximum 1
     organ = torch.tensor([0.0, 1, 1, 1, 1, 1, 0])
     site = torch.stack([torch.zeros(7), organ, torch.zeros(7)])[None]  # (B=1, K=3, 7)
+    site = site.log()  # lesion_depth takes log-probabilities
     depth = cat.lesion_depth(site, torch.tensor([[[0], [3], [0]]]))
     torch.testing.assert_close(depth[0], torch.tensor([1 / 3, 2 / 3, 1, 1, 1, 2 / 3, 1 / 3]))
     # a 5-wide box: [2/5, 3/5, 4/5, 1, 4/5, 3/5, 2/5] over its maximum 1
@@ -376,7 +377,7 @@ def test_lesion_depth_hand_computed():
                                torch.tensor([0.4, 0.6, 0.8, 1.0, 0.8, 0.6, 0.4]))
     # two requested organs are normalised each by itself: a faint one (p = 0.1) reaches 1 too
     two = torch.stack([torch.zeros(7), torch.tensor([1.0, 1, 0, 0, 0, 0, 0]), torch.tensor([0, 0, 0, 0, 0.1, 0.1, 0.1])])[None]
-    d2 = cat.lesion_depth(two, torch.tensor([[[0], [1], [1]]]))
+    d2 = cat.lesion_depth(two.log(), torch.tensor([[[0], [1], [1]]]))
     torch.testing.assert_close(d2[0], torch.tensor([1.0, 1, 0, 0, 1, 1, 1]))
     assert not cat.lesion_depth(site, torch.zeros(1, 3, 1, dtype=torch.long)).any()  # no box: no depth
     with pytest.raises(GuideGenError, match="odd"):

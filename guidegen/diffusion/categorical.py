@@ -388,15 +388,21 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
     # torch.where below hides in the forward pass but not in the backward one (training with
     # condition dropout got NaN gradients). Weight 1 everywhere keeps it finite; it is zeroed below.
     log_w = torch.where(active.view(-1, 1, *ones), log_w, 0.0)
-    gate = torch.logsumexp(log_p + log_w, dim=1)  # (B, *spatial)
+    site_log = log_p + log_w  # (B, K, *spatial) log w_k p(k | not tumour); -inf off the sites
+    gate = torch.logsumexp(site_log, dim=1)  # (B, *spatial)
     if lesion_boxes is not None:
-        scaled = active & lesion_boxes.flatten(1).any(dim=1).to(active.device)  # (B,)
-        if bulge_classes is not None:
-            bulge = torch.where(bulge_classes.to(log_p.device).view(*sides.shape[:2], *ones), log_p, float("-inf"))
-            bulge = torch.where(scaled.view(-1, 1, *ones), bulge, float("-inf"))
-            gate = torch.logaddexp(gate, torch.logsumexp(bulge, dim=1))
-        depth = lesion_depth((log_p + log_w).exp(), lesion_boxes.to(log_p.device))
-        gate = gate + torch.where(scaled.view(-1, *ones), depth.clamp_min(EPS).log(), 0.0)
+        boxes = lesion_boxes.to(log_p.device)
+        depth = lesion_depth(site_log, boxes)
+        rows = []
+        for b in range(gate.shape[0]):  # per row: the bulge classes differ, and few rows have a lesion size
+            if not (bool(active[b]) and bool(boxes[b].any())):
+                rows.append(gate[b])
+                continue
+            host = gate[b]
+            if bulge_classes is not None and bool(bulge_classes[b].any()):
+                host = torch.logaddexp(host, torch.logsumexp(log_p[b, bulge_classes[b].to(log_p.device)], dim=0))
+            rows.append(host + depth[b].clamp_min(EPS).log())
+        gate = torch.stack(rows)
     gate = gate - gate.flatten(1).amax(dim=1).view(-1, *ones)
     gate = torch.where(active.view(-1, *ones), gate, torch.zeros_like(gate))
     out = logits.clone()
@@ -404,10 +410,10 @@ def site_gated_logits(logits: Tensor, site_classes: Tensor, tumor_id: int, stren
     return out
 
 
-def lesion_depth(site_probs: Tensor, boxes: Tensor) -> Tensor:
+def lesion_depth(site_log_probs: Tensor, boxes: Tensor) -> Tensor:
     """(B, *spatial) how deep each voxel lies in a requested organ, at the requested lesion's scale.
 
-    ``depth_k(v)`` = the mean of ``site_probs[:, k]`` over the box of ``boxes[:, k]`` voxels
+    ``depth_k(v)`` = the mean of ``exp(site_log_probs[:, k])`` over the box of ``boxes[:, k]`` voxels
     centred on v (outside the volume counts as 0), divided by its maximum over the volume; the
     depth is the largest ``depth_k`` over the requested classes k. It is 1 at each organ's
     deepest point - where a lesion of that size would lie most inside it - and falls towards
@@ -415,19 +421,21 @@ def lesion_depth(site_probs: Tensor, boxes: Tensor) -> Tensor:
     is not outweighed by a large one (the liver) in a case with lesions in both.
 
     Args:
-        site_probs: (B, K, *spatial) the (side-weighted) probability of each requested class, 0
-            for the others.  boxes: (B, K, n_spatial) long, odd box widths; 0 = not requested.
+        site_log_probs: (B, K, *spatial) the log of each requested class's (side-weighted)
+            probability; only the classes with a box are read (and exponentiated).
+        boxes: (B, K, n_spatial) long, odd box widths; 0 = not requested.
     Returns:
         (B, *spatial) in [0, 1]; 0 in rows with no box.
     """
-    n = site_probs.dim() - 2
+    n = site_log_probs.dim() - 2
     avg_pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[n]
-    depth = torch.zeros(site_probs.shape[0], *site_probs.shape[2:], dtype=site_probs.dtype, device=site_probs.device)
+    depth = torch.zeros(site_log_probs.shape[0], *site_log_probs.shape[2:], dtype=site_log_probs.dtype,
+                        device=site_log_probs.device)
     for b, k in boxes.flatten(2).any(-1).nonzero().tolist():
         width = [int(w) for w in boxes[b, k]]
         if any(w % 2 != 1 for w in width):
             raise GuideGenError(f"lesion_depth: box widths must be odd numbers of voxels, got {width}")
-        pooled = site_probs[b:b + 1, k:k + 1]
+        pooled = site_log_probs[b:b + 1, k:k + 1].exp()
         for axis, w in enumerate(width):  # the box mean is separable: one axis at a time is ~w× cheaper
             kernel = [1] * n
             kernel[axis] = w
