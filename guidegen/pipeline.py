@@ -123,7 +123,8 @@ class LabelMapGenerator:
         maps = sample_label_maps(self.model, cond, self.grid, self.alphas_bar, self.label_set, steps=steps,
                                  guidance=guidance, generator=gen, site_gate=self.site_gate,
                                  size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
-                                 site_gate_lesion_scale=self.site_gate_lesion_scale, requests=requests, temperature=self.temperature, progress=progress)
+                                 site_gate_lesion_scale=self.site_gate_lesion_scale, requests=requests,
+                                 temperature=self.temperature, progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:
