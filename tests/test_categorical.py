@@ -404,6 +404,11 @@ def test_site_gated_logits_at_lesion_scale():
     # a row without boxes keeps the voxel-scale gate, bulge or not
     no_box = cat.site_gated_logits(logits, sites, 2, lesion_boxes=torch.zeros_like(boxes), bulge_classes=torch.tensor([[True, False, False]]))
     torch.testing.assert_close(no_box, flat)
+    # in one batch each row keeps its own gate: [lesion scale with bulge, voxel scale]
+    both = cat.site_gated_logits(logits.repeat(2, 1, 1), sites.repeat(2, 1), 2, lesion_boxes=torch.cat([boxes, torch.zeros_like(boxes)]),
+                                 bulge_classes=torch.tensor([[True, False, False], [True, False, False]]))
+    torch.testing.assert_close(both[0], bulge[0])
+    torch.testing.assert_close(both[1], flat[0])
 
 
 def test_volume_matched_logits_hand_computed():
