@@ -232,7 +232,8 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
     print(f"checkpoint: {settings['checkpoint']}, prompts {len(rows)} of {settings['prompts']} "
           f"(prompt seed {settings.get('prompt_seed', PROMPT_SEED)}), "
           f"sampler steps {settings['steps']}, guidance {settings['guidance']}, "
-          f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}, "
+          f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}"
+          f"{' at lesion scale' if settings.get('site_gate_lesion_scale') else ''}, "
           f"size guidance {settings.get('size_guidance', 0.0)} (pool {settings.get('size_guidance_pool', 1)}), "
           f"temperature {settings.get('temperature', 1.0)}")
     print(f"{'':<40}" + "".join(f"{name:>10}" for name, _ in cols))
