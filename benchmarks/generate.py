@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from benchmarks_common import phantom_set
+    from benchmarks_common import phantom_set, sampler_tag
     from tcss_eval import make_prompts
 
     from guidegen.evaluation.metrics import dice_per_class
@@ -120,11 +120,7 @@ def main() -> None:
             pipe.labels.site_gate_lesion_scale = bool(args.tcss_lesion_scale)
         # The sampled (raw) maps are cached per sampler setting, so cleanup or CT-stage changes can
         # be measured again without the label-map sampling, which is most of this benchmark's time.
-        tag = (f"tcss{total_train_steps(pipe.labels.meta)}_steps{tcss_steps}_g{tcss_guidance}"
-               f"_gate{pipe.labels.site_gate}_vol{pipe.labels.size_guidance}_pool{pipe.labels.cfg.tcss.size_guidance_pool}"
-               f"{'' if pipe.labels.temperature == 1.0 else f'_temp{pipe.labels.temperature}'}"
-               f"{'_lesionscale' if pipe.labels.site_gate_lesion_scale else ''}")
-        cache = Path(args.maps) if args.maps else work / "labelmaps" / f"{tag}.npz"
+        cache = Path(args.maps) if args.maps else work / "labelmaps" / f"{sampler_tag(pipe.labels, tcss_steps, tcss_guidance)}.npz"
         cached = dict(np.load(cache)) if cache.is_file() else {}
         for i, (text, _) in enumerate(make_prompts(args.n)):
             f = prompt_findings(text)

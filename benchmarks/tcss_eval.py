@@ -162,10 +162,10 @@ def main() -> None:
     rows, reused = [], 0
     maps = None
     if args.maps:
-        maps = Path(args.maps) / (f"tcss{total_train_steps(gen.meta)}_steps{args.steps}_g{guidance}_gate{gen.site_gate}"
-                                  f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
-                                  f"{'_lesionscale' if gen.site_gate_lesion_scale else ''}"
-                                  f"{'_noinject' if args.no_injection else ''}"
+        from benchmarks_common import sampler_tag
+
+        maps = Path(args.maps) / (sampler_tag(gen, args.steps, guidance)
+                                  + f"{'_noinject' if args.no_injection else ''}"
                                   f"{'' if args.prompt_seed == PROMPT_SEED else f'_prompts{args.prompt_seed}'}")
         maps.mkdir(parents=True, exist_ok=True)
 

@@ -15,6 +15,12 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
 
 ``--reference-steps 25 --steps 50 --floor`` gives, on a CPU, the noise floor of the strided
 sampler itself (the 1000-step arm takes ~20 min per sample there).
+
+The 1000-step arm can still be run on a CPU, in pieces: ``--cache DIR`` keeps each finished
+batch's volumes (one JSON per sampler setting, batch and seed; written atomically), so a killed
+run resumes at the next batch and later runs reuse the reference; ``--shard I/N`` samples only
+batches j with j % N == I, so N processes share the work and a final run without ``--shard``
+reads them all and prints the comparison.
 Prompts are sampled ``--batch`` at a time, batch j with seed j (``--floor``: 10000 + j), so the
 arms share their prompts and seeds. Both samplers use the same guidance and findings constraints
 (default: the checkpoint's); ``--guidance 1`` halves the cost of the slow arm on a CPU.
@@ -26,6 +32,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,17 +42,72 @@ from guidegen.checkpoints import total_train_steps
 FLOOR_SEED_OFFSET = 10_000
 
 
-def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: int, seed_offset: int = 0) -> tuple[np.ndarray, float]:
-    """((N, K) organ volumes in ml, seconds per sample) of ``prompts`` sampled with ``steps`` steps."""
+def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: int, seed_offset: int = 0,
+                   cache: Path | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray | None, float]:
+    """((N, K) organ volumes in ml, seconds per sample) of ``prompts`` sampled with ``steps`` steps.
+
+    Batch j (prompts j*batch ...) is sampled with seed ``seed_offset + j``. With ``cache``, a
+    batch already there is read, not sampled, and a sampled one is written there; batches of
+    other shards (j % N != I for ``shard`` (I, N)) are only read. Returns ``None`` volumes while
+    some batch is missing. The seconds are those of the batches' own sampling runs.
+    """
+    from benchmarks_common import sampler_tag
+
     from guidegen.evaluation.metrics import case_stats
+    from guidegen.io import atomic_write
     from guidegen.pipeline import prompt_findings
 
-    vols, t0 = [], time.perf_counter()
-    for j in range(0, len(prompts), batch):
-        chunk = prompts[j:j + batch]
-        maps = gen(chunk, [prompt_findings(p) for p in chunk], seed=seed_offset + j // batch, steps=steps, guidance=guidance)
-        vols += [case_stats(lab, gen.affine(), gen.label_set).volumes_ml for lab in maps]  # numpy: already synced
-    return np.stack(vols), (time.perf_counter() - t0) / len(prompts)
+    vols, seconds, missing = [], 0.0, 0
+    for j, start in enumerate(range(0, len(prompts), batch)):
+        chunk, seed = prompts[start:start + batch], seed_offset + j
+        path = cache / f"{sampler_tag(gen, steps, guidance)}_batch{batch}_seed{seed}.json" if cache else None
+        if path is not None and path.is_file():
+            done = json.loads(path.read_text())
+            if done["prompts"] != chunk:
+                raise SystemExit(f"{path}: cached for other prompts; remove it or use another --cache")
+            vols += [np.asarray(v) for v in done["volumes_ml"]]
+            seconds += done["seconds"]
+            continue
+        if j % shard[1] != shard[0]:
+            missing += 1
+            continue
+        t0 = time.perf_counter()
+        maps = gen(chunk, [prompt_findings(p) for p in chunk], seed=seed, steps=steps, guidance=guidance, progress=path is not None)
+        # rounded as cached (to the µl), so a resumed run gives the same numbers as one in a go
+        batch_vols = [case_stats(lab, gen.affine(), gen.label_set).volumes_ml.round(3) for lab in maps]  # numpy: synced
+        took = time.perf_counter() - t0
+        if path is not None:
+            with atomic_write(path) as tmp:
+                tmp.write_text(json.dumps({"prompts": chunk, "seed": seed, "steps": steps, "seconds": took,
+                                           "device": str(gen.device), "threads": torch.get_num_threads(),
+                                           "volumes_ml": [v.tolist() for v in batch_vols]}))
+            print(f"  {path.name}: {took:.0f} s", flush=True)
+        vols += batch_vols
+        seconds += took
+    if missing:
+        return None, float("nan")
+    return np.stack(vols), seconds / len(prompts)
+
+
+def volume_shift_line(reference: np.ndarray, other: np.ndarray, class_id: int, organ: str) -> str:
+    """Whether an organ's W1 is a shift of its volume: the two arms' means, and the per-prompt
+    difference (the arms share their prompts, so prompt-to-prompt spread cancels) ± its SE."""
+    ref, oth = reference[:, class_id], other[:, class_id]
+    rel = (oth - ref) / ref.mean()
+    se = rel.std(ddof=1) / np.sqrt(len(rel)) if len(rel) > 1 else float("nan")
+    return (f"{organ}: mean {oth.mean():.1f} ml vs {ref.mean():.1f} ml; same prompt, this arm minus the reference: "
+            f"{rel.mean():+.1%} ± {se:.1%} (SE) of the reference mean")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def organ_w1(reference: np.ndarray, other: np.ndarray, label_set) -> dict[str, float]:
@@ -69,6 +131,8 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="also draw a second reference set (other seeds)")
     ap.add_argument("--reference-steps", type=int, default=None, help="reference arm's steps (default: all T, ancestral)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--cache", type=Path, default=None, help="keep each batch's volumes here and reuse them (resumable)")
+    ap.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: sample only batches j with j %% N == I")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -89,9 +153,17 @@ def main() -> None:
     arms = [(f"strided {s}", s, 0) for s in args.steps if s != ref_steps] + [(ref, ref_steps, 0)]
     if args.floor:
         arms.append((f"{ref}, other seeds", ref_steps, FLOOR_SEED_OFFSET))
+    if args.shard != (0, 1) and args.cache is None:
+        raise SystemExit("--shard needs --cache: the shards meet in the cache")
+    if args.cache is not None:
+        args.cache.mkdir(parents=True, exist_ok=True)
     for name, steps, offset in arms:
-        volumes[name], seconds[name] = sample_volumes(gen, prompts, steps, guidance, args.batch, offset)
-        print(f"{name}: {seconds[name]:.2f} s/sample", flush=True)
+        volumes[name], seconds[name] = sample_volumes(gen, prompts, steps, guidance, args.batch, offset, args.cache, args.shard)
+        print(f"{name}: " + (f"{seconds[name]:.2f} s/sample" if volumes[name] is not None else "batches of other shards missing"),
+              flush=True)
+    if any(v is None for v in volumes.values()):
+        print(f"shard {args.shard[0]}/{args.shard[1]} done; run again without --shard once every shard has finished")
+        return
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {gen.device}, "
           f"{args.threads} threads, batch {args.batch}")
@@ -110,6 +182,8 @@ def main() -> None:
         floor = name.endswith("other seeds")
         print(f"organ-volume relative W1, {name} vs {ref} ({ref_steps} steps): mean {np.mean(list(w1.values())):.1%}, "
               f"worst {worst} {w1[worst]:.1%}" + ("  (sampling-noise floor at this n)" if floor else "  (target <= 10 %)"))
+        for organ in [o for o in w1 if w1[o] > 0.10] or [worst]:
+            print("    " + volume_shift_line(volumes[ref], volumes[name], ls.id_of(organ), organ))
     for name in volumes:
         if name.startswith("strided"):
             print(f"time per sample: {name} {seconds[name]:.2f} s, {ref} {seconds[ref]:.2f} s, "

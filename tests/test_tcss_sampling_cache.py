@@ -1,0 +1,102 @@
+"""benchmarks/tcss_sampling.py: the per-batch volume cache lets shards share and resume the slow arm."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import benchmarks_common  # noqa: E402
+import tcss_sampling  # noqa: E402
+
+from guidegen.labels import load_label_set  # noqa: E402
+
+
+class CountingGenerator:
+    """Stands in for LabelMapGenerator: a map whose liver volume is seed * 10 + prompt index."""
+
+    def __init__(self):
+        self.label_set = load_label_set()
+        self.meta = {"train_steps": 7}
+        self.cfg = SimpleNamespace(tcss=SimpleNamespace(size_guidance_pool=3))
+        self.site_gate, self.size_guidance, self.temperature, self.site_gate_lesion_scale = 1.0, 1.0, 0.35, True
+        self.device = "cpu"
+        self.calls: list[tuple[list[str], int, int]] = []
+
+    def __call__(self, prompts, findings, seed, steps, guidance, progress=False):
+        self.calls.append((list(prompts), seed, steps))
+        maps = np.zeros((len(prompts), 4, 4, 4), np.uint8)
+        liver = self.label_set.id_of("liver")
+        for i in range(len(prompts)):
+            maps[i].reshape(-1)[: seed * 10 + i] = liver
+        return maps
+
+    def affine(self):
+        return np.diag([10.0, 10.0, 10.0, 1.0])  # 1 ml voxels
+
+
+PROMPTS = ["a", "b", "c", "d"]
+
+
+def test_shards_share_the_cache_and_a_final_run_samples_nothing(tmp_path):
+    gen = CountingGenerator()
+    liver = gen.label_set.id_of("liver")
+    vols, _ = tcss_sampling.sample_volumes(gen, PROMPTS, 1000, 1.0, batch=1, cache=tmp_path, shard=(0, 2))
+    assert vols is None  # batches 1 and 3 belong to the other shard
+    assert [(c[0], c[1]) for c in gen.calls] == [(["a"], 0), (["c"], 2)]
+
+    vols, _ = tcss_sampling.sample_volumes(gen, PROMPTS, 1000, 1.0, batch=1, cache=tmp_path, shard=(1, 2))
+    assert [c[1] for c in gen.calls[2:]] == [1, 3]  # its own batches only; 0 and 2 read back
+    np.testing.assert_allclose(vols[:, liver], [0, 10, 20, 30])
+
+    gen.calls.clear()
+    again, seconds = tcss_sampling.sample_volumes(gen, PROMPTS, 1000, 1.0, batch=1, cache=tmp_path)
+    assert gen.calls == [] and np.isfinite(seconds)
+    np.testing.assert_array_equal(again, vols)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"{benchmarks_common.sampler_tag(gen, 1000, 1.0)}_batch1_seed{j}.json" for j in range(4)]
+    assert "tcss7_steps1000_g1.0_gate1.0_vol1.0_pool3_temp0.35_lesionscale" in names[0]
+
+
+def test_batches_keep_their_seed_and_other_settings_do_not_share_a_file(tmp_path):
+    gen = CountingGenerator()
+    liver = gen.label_set.id_of("liver")
+    vols, _ = tcss_sampling.sample_volumes(gen, PROMPTS, 25, 1.0, batch=2, seed_offset=5, cache=tmp_path)
+    np.testing.assert_allclose(vols[:, liver], [50, 51, 60, 61])  # batch j is seeded offset + j
+    gen.temperature = 1.0
+    tcss_sampling.sample_volumes(gen, PROMPTS, 25, 1.0, batch=2, seed_offset=5, cache=tmp_path)
+    assert len(gen.calls) == 4 and len(list(tmp_path.iterdir())) == 4
+
+
+def test_a_cache_of_other_prompts_is_refused_by_name(tmp_path):
+    gen = CountingGenerator()
+    tcss_sampling.sample_volumes(gen, PROMPTS[:1], 25, 1.0, batch=1, cache=tmp_path)
+    (path,) = tmp_path.iterdir()
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"prompts": ["other"]}))
+    with pytest.raises(SystemExit, match=f"{path.name}: cached for other prompts"):
+        tcss_sampling.sample_volumes(gen, PROMPTS[:1], 25, 1.0, batch=1, cache=tmp_path)
+
+
+@pytest.mark.parametrize("text", ["2", "2/2", "-1/2", "a/b"])
+def test_parse_shard_rejects_malformed(text):
+    with pytest.raises(Exception, match="--shard"):
+        tcss_sampling.parse_shard(text)
+
+
+def test_parse_shard():
+    assert tcss_sampling.parse_shard("1/3") == (1, 3)
+
+
+def test_volume_shift_line_is_the_paired_difference():
+    ref = np.array([[0.0, 100.0], [0.0, 200.0]])
+    other = np.array([[0.0, 130.0], [0.0, 200.0]])
+    line = tcss_sampling.volume_shift_line(ref, other, 1, "urinary_bladder")
+    # means 165 vs 150; differences 30 and 0 of the reference mean 150: +10 % ± (std 14.1 % / sqrt 2 = 10 %)
+    assert line == ("urinary_bladder: mean 165.0 ml vs 150.0 ml; same prompt, this arm minus the reference: "
+                    "+10.0% ± 10.0% (SE) of the reference mean")
