@@ -21,6 +21,7 @@ batch's volumes (one JSON per sampler setting, batch and seed; written atomicall
 run resumes at the next batch and later runs reuse the reference; ``--shard I/N`` samples only
 batches j with j % N == I, so N processes share the work and a final run without ``--shard``
 reads them all and prints the comparison.
+
 Prompts are sampled ``--batch`` at a time, batch j with seed j (``--floor``: 10000 + j), so the
 arms share their prompts and seeds. Both samplers use the same guidance and findings constraints
 (default: the checkpoint's); ``--guidance 1`` halves the cost of the slow arm on a CPU.
