@@ -59,9 +59,10 @@ def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: 
     from guidegen.pipeline import prompt_findings
 
     vols, seconds, missing = [], 0.0, 0
+    tag = sampler_tag(gen, steps, guidance)
     for j, start in enumerate(range(0, len(prompts), batch)):
         chunk, seed = prompts[start:start + batch], seed_offset + j
-        path = cache / f"{sampler_tag(gen, steps, guidance)}_batch{batch}_seed{seed}.json" if cache else None
+        path = cache / f"{tag}_batch{batch}_seed{seed}.json" if cache else None
         if path is not None and path.is_file():
             done = json.loads(path.read_text())
             if done["prompts"] != chunk:
