@@ -12,6 +12,7 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
     python benchmarks/tcss_sampling.py [--checkpoint ROOT] [--n 8] [--steps 25 50] [--guidance G]
                                        [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T]
                                        [--reference-steps N]  # compare against N strided steps instead
+                                       [--cache DIR] [--shard I/N] [--strided-only]
 
 ``--reference-steps 25 --steps 50 --floor`` gives, on a CPU, the noise floor of the strided
 sampler itself (the 1000-step arm takes ~20 min per sample there).
@@ -20,7 +21,8 @@ The 1000-step arm can still be run on a CPU, in pieces: ``--cache DIR`` keeps ea
 batch's volumes (one JSON per sampler setting, batch and seed; written atomically), so a killed
 run resumes at the next batch and later runs reuse the reference; ``--shard I/N`` samples only
 batches j with j % N == I, so N processes share the work and a final run without ``--shard``
-reads them all and prints the comparison.
+reads them all and prints the comparison. ``--strided-only`` samples only the strided arms into
+the cache (a sampler variant, while other processes still build the reference).
 
 Prompts are sampled ``--batch`` at a time, batch j with seed j (``--floor``: 10000 + j), so the
 arms share their prompts and seeds. Both samplers use the same guidance and findings constraints
@@ -135,6 +137,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--cache", type=Path, default=None, help="keep each batch's volumes here and reuse them (resumable)")
     ap.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: sample only batches j with j %% N == I")
+    ap.add_argument("--strided-only", action="store_true",
+                    help="sample only the strided arms into --cache (e.g. a variant while other processes build the reference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -157,12 +161,19 @@ def main() -> None:
         arms.append((f"{ref}, other seeds", ref_steps, FLOOR_SEED_OFFSET))
     if args.shard != (0, 1) and args.cache is None:
         raise SystemExit("--shard needs --cache: the shards meet in the cache")
+    if args.strided_only:
+        if args.cache is None:
+            raise SystemExit("--strided-only needs --cache: a later run compares the cached arms")
+        arms = [arm for arm in arms if arm[1] != ref_steps]
     if args.cache is not None:
         args.cache.mkdir(parents=True, exist_ok=True)
     for name, steps, offset in arms:
         volumes[name], seconds[name] = sample_volumes(gen, prompts, steps, guidance, args.batch, offset, args.cache, args.shard)
         print(f"{name}: " + (f"{seconds[name]:.2f} s/sample" if volumes[name] is not None else "batches of other shards missing"),
               flush=True)
+    if args.strided_only:
+        print("strided arms cached; run again without --strided-only to compare them with the reference")
+        return
     if any(v is None for v in volumes.values()):
         print(f"shard {args.shard[0]}/{args.shard[1]} done; run again without --shard once every shard has finished")
         return

@@ -100,3 +100,27 @@ def test_volume_shift_line_is_the_paired_difference():
     # means 165 vs 150; differences 30 and 0 of the reference mean 150: +10 % ± (std 14.1 % / sqrt 2 = 10 %)
     assert line == ("urinary_bladder: mean 165.0 ml vs 150.0 ml; same prompt, this arm minus the reference: "
                     "+10.0% ± 10.0% (SE) of the reference mean")
+
+
+def test_strided_only_caches_the_few_step_arm_and_samples_no_reference(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from guidegen.pipeline import GuideGenPipeline
+
+    gen = CountingGenerator()
+    gen.cfg.tcss.timesteps, gen.cfg.tcss.guidance = 1000, 1.0
+    pipe = SimpleNamespace(labels=gen, label_set=gen.label_set, checkpoint_root=tmp_path)
+    monkeypatch.setattr(GuideGenPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pipe))
+    argv = ["tcss_sampling.py", "--n", "4", "--batch", "2", "--steps", "25", "--cache", str(tmp_path / "c"),
+            "--threads", str(torch.get_num_threads())]
+    monkeypatch.setattr(sys, "argv", argv + ["--strided-only"])
+    tcss_sampling.main()
+    assert [c[1:] for c in gen.calls] == [(0, 25), (1, 25)]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        f"{benchmarks_common.sampler_tag(gen, 25, 1.0)}_batch2_seed{j}.json" for j in (0, 1)]
+    assert "run again without --strided-only" in capsys.readouterr().out
+
+    monkeypatch.setattr(sys, "argv", argv)  # the comparison run samples only the reference
+    tcss_sampling.main()
+    assert [c[1:] for c in gen.calls[2:]] == [(0, 1000), (1, 1000)]
+    assert "organ-volume relative W1, strided 25 vs ancestral" in capsys.readouterr().out
