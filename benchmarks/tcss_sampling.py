@@ -95,12 +95,14 @@ def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: 
 
 
 def volume_shift_line(reference: np.ndarray, other: np.ndarray, class_id: int, organ: str) -> str:
-    """Whether an organ's W1 is a shift of its volume: the two arms' means, and the per-prompt
-    difference (the arms share their prompts, so prompt-to-prompt spread cancels) ± its SE."""
+    """Whether an organ's W1 is a shift of its volume or a change of its spread: the two arms'
+    means and SDs, and the per-prompt difference (the arms share their prompts, so
+    prompt-to-prompt spread cancels) ± its SE."""
     ref, oth = reference[:, class_id], other[:, class_id]
     rel = (oth - ref) / ref.mean()
     se = rel.std(ddof=1) / np.sqrt(len(rel)) if len(rel) > 1 else float("nan")
-    return (f"{organ}: mean {oth.mean():.1f} ml vs {ref.mean():.1f} ml; same prompt, this arm minus the reference: "
+    sd = (f"SD {oth.std(ddof=1):.1f} vs {ref.std(ddof=1):.1f} ml" if len(rel) > 1 else "SD n/a")
+    return (f"{organ}: mean {oth.mean():.1f} ml vs {ref.mean():.1f} ml, {sd}; same prompt, this arm minus the reference: "
             f"{rel.mean():+.1%} ± {se:.1%} (SE) of the reference mean")
 
 

@@ -107,8 +107,9 @@ def test_volume_shift_line_is_the_paired_difference():
     ref = np.array([[0.0, 100.0], [0.0, 200.0]])
     other = np.array([[0.0, 130.0], [0.0, 200.0]])
     line = tcss_sampling.volume_shift_line(ref, other, 1, "urinary_bladder")
-    # means 165 vs 150; differences 30 and 0 of the reference mean 150: +10 % ± (std 14.1 % / sqrt 2 = 10 %)
-    assert line == ("urinary_bladder: mean 165.0 ml vs 150.0 ml; same prompt, this arm minus the reference: "
+    # means 165 vs 150; SDs 49.5 (= 70/sqrt 2) vs 70.7 (= 100/sqrt 2); differences 30 and 0 of the reference mean 150:
+    # +10 % ± (std 14.1 % / sqrt 2 = 10 %)
+    assert line == ("urinary_bladder: mean 165.0 ml vs 150.0 ml, SD 49.5 vs 70.7 ml; same prompt, this arm minus the reference: "
                     "+10.0% ± 10.0% (SE) of the reference mean")
 
 
