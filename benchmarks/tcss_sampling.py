@@ -12,7 +12,6 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
     python benchmarks/tcss_sampling.py [--checkpoint ROOT] [--n 8] [--steps 25 50] [--guidance G]
                                        [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T]
                                        [--reference-steps N]  # compare against N strided steps instead
-                                       [--coherence C] [--coherence-length L]  # the strided arms' x_0 coherence
                                        [--cache DIR] [--shard I/N] [--strided-only]
 
 ``--reference-steps 25 --steps 50 --floor`` gives, on a CPU, the noise floor of the strided
@@ -132,8 +131,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[50])
     ap.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's tcss.guidance")
     ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's)")
-    ap.add_argument("--coherence", type=float, default=None, help="few-step arms' x_0 coherence (default: the checkpoint's)")
-    ap.add_argument("--coherence-length", type=float, default=None, help="its length in voxels (default: the checkpoint's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1, help="prompts per sampler call")
@@ -157,10 +154,6 @@ def main() -> None:
     guidance = gen.cfg.tcss.guidance if args.guidance is None else args.guidance
     if args.temperature is not None:
         gen.temperature = args.temperature
-    if args.coherence is not None:
-        gen.coherence = args.coherence
-    if args.coherence_length is not None:
-        gen.coherence_length = args.coherence_length
     prompts = prompts_for(args.n)
     volumes, seconds = {}, {}
     ref_steps = T if args.reference_steps is None else args.reference_steps
@@ -190,7 +183,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {gen.device}, "
           f"{args.threads} threads, batch {args.batch}")
     print(f"checkpoint {pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps), {args.n} prompts, guidance {guidance}, "
-          f"temperature {gen.temperature}, few-step coherence {gen.coherence} over {gen.coherence_length} voxels")
+          f"temperature {gen.temperature}")
     results = {"n": args.n, "guidance": guidance, "temperature": gen.temperature, "device": str(gen.device),
                "tcss_train_steps": total_train_steps(gen.meta), "reference": ref, "seconds_per_sample": seconds, "w1": {},
                "organs": [ls.name_of(j) for j in ls.organ_ids],

@@ -115,12 +115,6 @@ class TCSSConfig(_Strict):
     # shapes closer to the data (an under-trained denoiser's diffuse x_0 beliefs otherwise
     # leave ragged, intermixed organ borders); 1 = the model's own distribution
     temperature: float = Field(1.0, gt=0)
-    # sampling only, few-step sampler: each jump draws x_0 from the prediction with spatially
-    # coherent noise (0 = independent voxels, 1 = fully coherent; same law per voxel) over
-    # ~coherence_length voxels, then x_s given x_0 (diffusion.categorical.sample_skip_via_x0):
-    # long jumps with independent voxels commit the prediction's average shape
-    coherence: float = Field(0.0, ge=0, le=1)
-    coherence_length: float = Field(2.0, gt=0)
     train: TrainConfig = TrainConfig()
 
     @field_validator("size_guidance_pool")

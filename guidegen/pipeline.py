@@ -106,13 +106,11 @@ class LabelMapGenerator:
         self.grid = tuple(self.meta.get("grid", self.cfg.data.grid))
         self.spacing = tuple(self.meta.get("spacing_mm", (1.0, 1.0, 1.0)))
         # strengths of the findings' tumour constraints (site gate, volume matching) and the
-        # sampling temperature and the few-step sampler's coherence; may be overridden
+        # sampling temperature; may be overridden
         self.site_gate = self.cfg.tcss.site_gate
         self.size_guidance = self.cfg.tcss.size_guidance
         self.site_gate_lesion_scale = self.cfg.tcss.site_gate_lesion_scale
         self.temperature = self.cfg.tcss.temperature
-        self.coherence = self.cfg.tcss.coherence
-        self.coherence_length = self.cfg.tcss.coherence_length
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], findings: list[Findings], seed: int, steps: int, guidance: float, progress: bool = False) -> np.ndarray:
@@ -126,8 +124,7 @@ class LabelMapGenerator:
                                  guidance=guidance, generator=gen, site_gate=self.site_gate,
                                  size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
                                  site_gate_lesion_scale=self.site_gate_lesion_scale, requests=requests,
-                                 temperature=self.temperature, coherence=self.coherence,
-                                 coherence_length=self.coherence_length, progress=progress)
+                                 temperature=self.temperature, progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:
@@ -328,7 +325,6 @@ class GuideGenPipeline:
                     "tcss_size_guidance_pool": self.labels.cfg.tcss.size_guidance_pool if labels is None else None,
                     "tcss_site_gate_lesion_scale": self.labels.site_gate_lesion_scale if labels is None else None,
                     "tcss_temperature": self.labels.temperature if labels is None else None,
-                    "tcss_coherence": [self.labels.coherence, self.labels.coherence_length] if labels is None else None,
                     "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"],
                     "organ_part_voxels": cleaned["organ_part_voxels"]}
         ct = None

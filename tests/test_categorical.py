@@ -6,8 +6,6 @@ q(x_t | x_{t-1} = i)), their products for multi-step transitions, and Bayes by e
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,8 +249,7 @@ def test_perfect_denoiser_reproduces_forward_marginals():
     """With the true x0 the reverse chain's x_s has the forward marginal q(x_s | x0)."""
     gen = torch.Generator().manual_seed(4)
     x0 = torch.randint(0, K, (2, 16, 16, 16), generator=gen)
-    for sampler, kw in ((cat.sample_ancestral, {}), (cat.sample_strided, {"steps": 4}),
-                        (cat.sample_strided, {"steps": 4, "coherence": 1.0, "coherence_length": 2.0})):
+    for sampler, kw in ((cat.sample_ancestral, {}), (cat.sample_strided, {"steps": 4})):
         seen: dict[int, float] = {}
         calls: list[int] = []
         out = sampler(_fixed_denoiser(x0, calls), tuple(x0.shape), K, ABAR, generator=gen,
@@ -263,59 +260,6 @@ def test_perfect_denoiser_reproduces_forward_marginals():
             if s > 0:
                 want = float(ABAR[s] + (1 - ABAR[s]) / K)
                 assert frac == pytest.approx(want, abs=0.02), (sampler.__name__, s)
-
-
-def test_smooth_unit_normal_has_unit_variance_everywhere_and_gaussian_correlation():
-    sigma = 1.0
-    f = cat.smooth_unit_normal((4000, 1, 8, 8, 8), sigma, torch.Generator().manual_seed(0)).double()
-    var = f.var(dim=0)[0]                                   # per voxel, over 4000 independent fields
-    # circular padding: a corner voxel sees the same kernel as an inner one (SE of each ~0.02)
-    assert float(var[0, 0, 0]) == pytest.approx(1.0, abs=0.1)
-    assert float(var[3, 4, 4]) == pytest.approx(1.0, abs=0.1)
-    assert float(var.mean()) == pytest.approx(1.0, abs=0.01)
-    # blurred white noise: corr(d) = exp(-d² / (4 sigma²)) on each axis (radius 3 = 3 sigma,
-    # so the truncated kernel's correlation is within 1e-3 of the formula)
-    for axis in (2, 3, 4):
-        for d in (1, 2):
-            a, b = f.narrow(axis, 0, 8 - d), f.narrow(axis, d, 8 - d)
-            assert float((a * b).mean()) == pytest.approx(math.exp(-d * d / (4 * sigma ** 2)), abs=0.02)
-
-
-def test_coherent_gumbel_sample_keeps_each_voxels_law_and_couples_neighbours():
-    gen = torch.Generator().manual_seed(1)
-    logits = 1.5 * torch.randn(1, K, 4, 4, 4, generator=gen, dtype=torch.float64)
-    want = torch.softmax(logits, 1)[0]                      # (K, 4, 4, 4)
-    for coherence in (0.0, 0.5, 1.0):
-        x = cat.coherent_gumbel_sample(logits.expand(3000, -1, -1, -1, -1), coherence, 2.0, gen)
-        freq = cat.one_hot(x, K, torch.float64).mean(0)     # (K, 4, 4, 4); batch rows are independent
-        assert float((freq - want).abs().max()) < 0.04, coherence   # SE <= 0.009 per entry
-    # equal odds everywhere: independent voxels agree with a neighbour 1/K of the time,
-    # coherent ones far more often
-    flat = torch.zeros(200, K, 8, 8, 8)
-    agree = {c: float((lambda x: (x[:, :-1] == x[:, 1:]).double().mean())(cat.coherent_gumbel_sample(flat, c, 2.0, gen)))
-             for c in (0.0, 1.0)}
-    assert agree[0.0] == pytest.approx(1 / K, abs=0.02)
-    assert agree[1.0] > 0.6
-    with pytest.raises(ValueError, match="coherence"):
-        cat.coherent_gumbel_sample(flat, 1.5, 2.0, gen)
-
-
-@pytest.mark.parametrize("t,s", [(T, 2), (5, 0), (3, 2)])
-def test_two_draw_jump_has_the_model_posterior_law(t, s):
-    """x_0 ~ pi, then x_s ~ q(x_s | x_t, x_0): Σ_k pi_k q(x_s | x_t, e_k) is p_theta(x_s | x_t)."""
-    gen = torch.Generator().manual_seed(t + 7 * s)
-    _, xt, logits = random_case(gen)
-    xt_oh = cat.one_hot(xt, K, torch.float64)
-    pi = torch.softmax(logits, 1)
-    mixture = sum(pi[:, k:k + 1] * cat.q_skip_posterior(xt_oh, cat.one_hot(torch.full_like(xt, k), K, torch.float64), t, s, ABAR)
-                  for k in range(K))
-    torch.testing.assert_close(mixture, cat.model_log_skip_posterior(xt_oh, logits, t, s, ABAR).exp(), rtol=1e-9, atol=1e-12)
-    # and the sampler draws it: frequencies over 4000 copies of the batch's first case
-    reps = 4000
-    draws = cat.sample_skip_via_x0(xt_oh[:1].float().expand(reps, -1, -1, -1, -1), logits[:1].float().expand(reps, -1, -1, -1, -1),
-                                   t, s, ABAR, 0.7, 1.0, gen)
-    freq = cat.one_hot(draws, K, torch.float64).mean(0)
-    assert float((freq - mixture[0]).abs().max()) < 0.035
 
 
 def test_guidance():

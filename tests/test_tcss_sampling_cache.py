@@ -24,9 +24,8 @@ class CountingGenerator:
     def __init__(self):
         self.label_set = load_label_set()
         self.meta = {"train_steps": 7}
-        self.cfg = SimpleNamespace(tcss=SimpleNamespace(size_guidance_pool=3, timesteps=1000))
+        self.cfg = SimpleNamespace(tcss=SimpleNamespace(size_guidance_pool=3))
         self.site_gate, self.size_guidance, self.temperature, self.site_gate_lesion_scale = 1.0, 1.0, 0.35, True
-        self.coherence, self.coherence_length = 0.0, 2.0
         self.device = "cpu"
         self.calls: list[tuple[list[str], int, int]] = []
 
@@ -75,15 +74,6 @@ def test_batches_keep_their_seed_and_other_settings_do_not_share_a_file(tmp_path
     assert len(gen.calls) == 4 and len(list(tmp_path.iterdir())) == 4
 
 
-def test_coherence_names_the_few_step_files_only():
-    """The ancestral sampler ignores the coherence, so its reference files stay shared."""
-    gen = CountingGenerator()
-    plain = {steps: benchmarks_common.sampler_tag(gen, steps, 1.0) for steps in (25, 1000)}
-    gen.coherence = 0.5
-    assert benchmarks_common.sampler_tag(gen, 25, 1.0) == plain[25] + "_coh0.5_len2.0"
-    assert benchmarks_common.sampler_tag(gen, 1000, 1.0) == plain[1000]
-
-
 def test_a_cache_of_other_prompts_is_refused_by_name(tmp_path):
     gen = CountingGenerator()
     tcss_sampling.sample_volumes(gen, PROMPTS[:1], 25, 1.0, batch=1, cache=tmp_path)
@@ -119,7 +109,7 @@ def test_strided_only_caches_the_few_step_arm_and_samples_no_reference(tmp_path,
     from guidegen.pipeline import GuideGenPipeline
 
     gen = CountingGenerator()
-    gen.cfg.tcss.guidance = 1.0
+    gen.cfg.tcss.timesteps, gen.cfg.tcss.guidance = 1000, 1.0
     pipe = SimpleNamespace(labels=gen, label_set=gen.label_set, checkpoint_root=tmp_path)
     monkeypatch.setattr(GuideGenPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pipe))
     argv = ["tcss_sampling.py", "--n", "4", "--batch", "2", "--steps", "25", "--cache", str(tmp_path / "c"),

@@ -525,67 +525,6 @@ def gumbel_sample(log_probs: Tensor, generator: torch.Generator | None = None) -
     return (log_probs.float() + gumbel).argmax(dim=1)
 
 
-def smooth_unit_normal(shape: tuple[int, ...], length: float, generator: torch.Generator | None = None,
-                       device: torch.device | str | None = None) -> Tensor:
-    """A Gaussian field of ``shape`` (B, C, *spatial): N(0, 1) at every voxel, independent across
-    B and C, correlated over ~``length`` voxels in space.
-
-    White noise blurred along each spatial axis by a Gaussian kernel of standard deviation
-    ``length`` voxels (radius 3·length, capped so the circular padding fits the axis) and divided
-    by the kernel's L2 norm: the padding is circular, so every voxel sees the same kernel and the
-    variance is exactly 1 everywhere; two voxels d apart on one axis correlate by exp(-d²/(4·length²)).
-    """
-    field = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    for axis in range(2, len(shape)):
-        n = shape[axis]
-        radius = min(math.ceil(3 * length), (n - 1) // 2)
-        offsets = torch.arange(-radius, radius + 1, device=field.device, dtype=torch.float32)
-        kernel = torch.exp(-0.5 * (offsets / length) ** 2)
-        kernel = (kernel / kernel.norm()).view(1, 1, -1)
-        moved = field.movedim(axis, -1)
-        flat = F.pad(moved.reshape(-1, 1, n), (radius, radius), mode="circular")
-        field = F.conv1d(flat, kernel).reshape(moved.shape).movedim(-1, axis)
-    return field
-
-
-def coherent_gumbel_sample(log_probs: Tensor, coherence: float, length: float,
-                           generator: torch.Generator | None = None) -> Tensor:
-    """One categorical draw per voxel, like :func:`gumbel_sample`, with spatially coherent noise.
-
-    The Gumbel noise of each class channel comes through a Gaussian copula: z = sqrt(1 - c)·white
-    + sqrt(c)·:func:`smooth_unit_normal` (c = ``coherence`` in [0, 1]), u = Φ(z), G = -log(-log u).
-    Every u is still Uniform(0, 1) and the channels stay independent, so each voxel's draw has
-    exactly the law softmax(log_probs); only the joint law changes: neighbours whose classes are
-    in doubt tend to settle the same way. Returns (B, *spatial) long.
-    """
-    if not 0.0 <= coherence <= 1.0:
-        raise ValueError(f"coherence must lie in [0, 1], got {coherence}")
-    white = torch.randn(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
-    smooth = smooth_unit_normal(tuple(log_probs.shape), length, generator, log_probs.device)
-    u = torch.special.ndtr(math.sqrt(1.0 - coherence) * white + math.sqrt(coherence) * smooth)
-    gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-    return (log_probs.float() + gumbel).argmax(dim=1)
-
-
-def sample_skip_via_x0(xt_onehot: Tensor, x0_logits: Tensor, t: int | Tensor, s: int | Tensor, alphas_bar: Tensor,
-                       coherence: float, length: float, generator: torch.Generator | None = None) -> Tensor:
-    """x_s ~ p_theta(x_s | x_t) in two draws: x_0 ~ softmax(x0_logits) by
-    :func:`coherent_gumbel_sample`, then x_s ~ q(x_s | x_t, x_0) with white noise.
-
-    The same law per voxel as one draw from :func:`model_log_skip_posterior`, because
-    p_theta(x_s | x_t) = Σ_k softmax(x0_logits)_k · q(x_s | x_t, x_0 = k). Why two draws: a
-    long jump commits many voxels at once, and independent per-voxel draws from a blurred x_0
-    prediction commit its *average* shape (the volume of an organ whose size the network is
-    unsure of hardly varies between samples, where 1000 small steps let it vary). Coherent x_0
-    draws restore some of that joint variation; the x_t-to-x_s noise stays white, as in training.
-    Returns (B, *spatial) long.
-    """
-    num_classes = x0_logits.shape[1]
-    x0 = coherent_gumbel_sample(x0_logits, coherence, length, generator)
-    probs = q_skip_posterior(xt_onehot, one_hot(x0, num_classes, xt_onehot.dtype), t, s, alphas_bar)
-    return gumbel_sample(_log(probs), generator)
-
-
 def strided_timesteps(timesteps: int, steps: int) -> list[int]:
     """Evenly spaced descending visit list from T to 1 (``steps`` entries; all T when steps == T)."""
     if steps < 1 or steps > timesteps:
@@ -636,14 +575,12 @@ def sample_ancestral(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes:
 @torch.no_grad()
 def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: int, alphas_bar: Tensor,
                    steps: int, generator: torch.Generator | None = None, progress: bool = False,
-                   callback: StepCallback | None = None, coherence: float = 0.0, coherence_length: float = 2.0) -> Tensor:
+                   callback: StepCallback | None = None) -> Tensor:
     """Few-step sampling: visit :func:`strided_timesteps` and jump t → s with p_theta(x_s | x_t).
 
-    With steps == T (and ``coherence`` 0) it visits every t and consumes the same random stream
-    as :func:`sample_ancestral`, so both return identical maps for the same generator state.
-    ``coherence`` > 0 draws each jump by :func:`sample_skip_via_x0` (same law per voxel,
-    coherent x_0 draws over ~``coherence_length`` voxels). The last visited step decodes
-    x_0 = argmax of the predicted logits.
+    With steps == T it visits every t and consumes the same random stream as
+    :func:`sample_ancestral`, so both return identical maps for the same generator state.
+    The last visited step decodes x_0 = argmax of the predicted logits.
     """
     device = generator.device if generator is not None else alphas_bar.device
     ts = strided_timesteps(alphas_bar.shape[0] - 1, steps)
@@ -657,10 +594,7 @@ def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: i
             x, s = logits.argmax(dim=1), 0
         else:
             s = ts[i + 1]
-            if coherence > 0:
-                x = sample_skip_via_x0(xt_oh, logits, tt, s, alphas_bar, coherence, coherence_length, generator)
-            else:
-                x = gumbel_sample(model_log_skip_posterior(xt_oh, logits, tt, s, alphas_bar), generator)
+            x = gumbel_sample(model_log_skip_posterior(xt_oh, logits, tt, s, alphas_bar), generator)
         if callback is not None:
             callback(i, s, x)
     return x

@@ -169,11 +169,10 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
                       label_set: LabelSet, *, steps: int, guidance: float, generator: torch.Generator,
                       site_gate: float = 0.0, size_guidance: float = 0.0, size_guidance_pool: int = 1,
                       site_gate_lesion_scale: bool = False, requests: TumorRequests | None = None, temperature: float = 1.0,
-                      coherence: float = 0.0, coherence_length: float = 2.0, progress: bool = False) -> torch.Tensor:
+                      progress: bool = False) -> torch.Tensor:
     """Sample label maps ``(B, X, Y, Z)`` long for prepared condition tensors ``cond``.
 
-    ``steps`` == T runs the full ancestral sampler; fewer uses the strided sampler, with
-    ``coherence`` (config ``tcss.coherence``) over ``coherence_length`` voxels. Guidance
+    ``steps`` == T runs the full ancestral sampler; fewer uses the strided sampler. Guidance
     is classifier-free on the x0 logits with the model's learned null context; the guided
     logits are divided by ``temperature`` (config ``tcss.temperature``); then the findings'
     tumour constraints (:func:`tumor_guidance_fn`) act on them: ``requests`` (from parsed
@@ -194,8 +193,7 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
     timesteps = alphas_bar.shape[0] - 1
     if steps >= timesteps:
         return cat.sample_ancestral(denoise, shape, num_classes, alphas_bar, generator, progress=progress)
-    return cat.sample_strided(denoise, shape, num_classes, alphas_bar, steps, generator, progress=progress,
-                              coherence=coherence, coherence_length=coherence_length)
+    return cat.sample_strided(denoise, shape, num_classes, alphas_bar, steps, generator, progress=progress)
 
 
 class TCSSTask(StageTask):
@@ -240,7 +238,6 @@ class TCSSTask(StageTask):
         maps = sample_label_maps(model, cond, self.cfg.data.grid, self.alphas_bar.to(device), self.label_set,
                                  steps=min(25, self.cfg.tcss.timesteps), guidance=self.cfg.tcss.guidance, generator=gen,
                                  site_gate=self.cfg.tcss.site_gate, size_guidance=self.cfg.tcss.size_guidance,
-                                 size_guidance_pool=self.cfg.tcss.size_guidance_pool, temperature=self.cfg.tcss.temperature,
-                                 coherence=self.cfg.tcss.coherence, coherence_length=self.cfg.tcss.coherence_length)
+                                 size_guidance_pool=self.cfg.tcss.size_guidance_pool, temperature=self.cfg.tcss.temperature)
         for i, lab in enumerate(maps.cpu().numpy().astype("uint8")):
             save_case_preview(out_dir / f"step{step:07d}_prompt{i}.png", lab, None, self.label_set, title=f"step {step}: {SAMPLE_PROMPTS[i]}")
