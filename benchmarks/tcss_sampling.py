@@ -12,7 +12,7 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
     python benchmarks/tcss_sampling.py [--checkpoint ROOT] [--n 8] [--steps 25 50] [--guidance G]
                                        [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T]
                                        [--reference-steps N]  # compare against N strided steps instead
-                                       [--cache DIR] [--shard I/N] [--strided-only]
+                                       [--cache DIR] [--shard I/N] [--strided-only] [--cleaned]
 
 ``--reference-steps 25 --steps 50 --floor`` gives, on a CPU, the noise floor of the strided
 sampler itself (the 1000-step arm takes ~20 min per sample there).
@@ -22,7 +22,10 @@ batch's volumes (one JSON per sampler setting, batch and seed; written atomicall
 run resumes at the next batch and later runs reuse the reference; ``--shard I/N`` samples only
 batches j with j % N == I, so N processes share the work and a final run without ``--shard``
 reads them all and prints the comparison. ``--strided-only`` samples only the strided arms into
-the cache (a sampler variant, while other processes still build the reference).
+the cache (a sampler variant, while other processes still build the reference). ``--cleaned``
+compares the maps ``generate`` writes (after its cleanup of isolated voxels and stray parts)
+rather than the sampled ones; batches cached before their cleaned volumes were kept are sampled
+again for it.
 
 Prompts are sampled ``--batch`` at a time, batch j with seed j (``--floor``: 10000 + j), so the
 arms share their prompts and seeds. Both samplers use the same guidance and findings constraints
@@ -46,19 +49,27 @@ FLOOR_SEED_OFFSET = 10_000
 
 
 def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: int, seed_offset: int = 0,
-                   cache: Path | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray | None, float]:
+                   cache: Path | None = None, shard: tuple[int, int] = (0, 1),
+                   cleaned: bool = False) -> tuple[np.ndarray | None, float]:
     """((N, K) organ volumes in ml, seconds per sample) of ``prompts`` sampled with ``steps`` steps.
 
     Batch j (prompts j*batch ...) is sampled with seed ``seed_offset + j``. With ``cache``, a
     batch already there is read, not sampled, and a sampled one is written there; batches of
     other shards (j % N != I for ``shard`` (I, N)) are only read. Returns ``None`` volumes while
     some batch is missing. The seconds are those of the batches' own sampling runs.
+
+    Each batch keeps two volume sets: of the sampled map and of the map ``generate`` writes
+    (after :func:`guidegen.postprocess.clean_label_map`; few-step jumps leave isolated voxels
+    of small organs, which the raw volumes count). ``cleaned`` returns the second; a cached
+    batch of an earlier version, which kept only the first, is then sampled again (same seed)
+    and rewritten with both.
     """
     from benchmarks_common import sampler_tag
 
     from guidegen.evaluation.metrics import case_stats
     from guidegen.io import atomic_write
     from guidegen.pipeline import prompt_findings
+    from guidegen.postprocess import clean_label_map
 
     vols, seconds, missing = [], 0.0, 0
     tag = sampler_tag(gen, steps, guidance)
@@ -69,24 +80,30 @@ def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: 
             done = json.loads(path.read_text())
             if done["prompts"] != chunk:
                 raise SystemExit(f"{path}: cached for other prompts; remove it or use another --cache")
-            vols += [np.asarray(v) for v in done["volumes_ml"]]
-            seconds += done["seconds"]
-            continue
+            key = "cleaned_volumes_ml" if cleaned else "volumes_ml"
+            if key in done:
+                vols += [np.asarray(v) for v in done[key]]
+                seconds += done["seconds"]
+                continue
         if j % shard[1] != shard[0]:
             missing += 1
             continue
+        findings = [prompt_findings(p) for p in chunk]
         t0 = time.perf_counter()
-        maps = gen(chunk, [prompt_findings(p) for p in chunk], seed=seed, steps=steps, guidance=guidance, progress=path is not None)
+        maps = gen(chunk, findings, seed=seed, steps=steps, guidance=guidance, progress=path is not None)
+        took = time.perf_counter() - t0  # the maps are numpy: a GPU run has synced
         # rounded as cached (to the µl), so a resumed run gives the same numbers as one in a go
-        batch_vols = [case_stats(lab, gen.affine(), gen.label_set).volumes_ml.round(3) for lab in maps]  # numpy: synced
-        took = time.perf_counter() - t0
+        raw = [case_stats(lab, gen.affine(), gen.label_set).volumes_ml.round(3) for lab in maps]
+        clean = [case_stats(clean_label_map(lab, gen.affine(), gen.label_set, f.to_dict()["tumors"])[0], gen.affine(),
+                            gen.label_set).volumes_ml.round(3) for lab, f in zip(maps, findings)]
         if path is not None:
             with atomic_write(path) as tmp:
                 tmp.write_text(json.dumps({"prompts": chunk, "seed": seed, "steps": steps, "seconds": took,
                                            "device": str(gen.device), "threads": torch.get_num_threads(),
-                                           "volumes_ml": [v.tolist() for v in batch_vols]}))
+                                           "volumes_ml": [v.tolist() for v in raw],
+                                           "cleaned_volumes_ml": [v.tolist() for v in clean]}))
             print(f"  {path.name}: {took:.0f} s", flush=True)
-        vols += batch_vols
+        vols += clean if cleaned else raw
         seconds += took
     if missing:
         return None, float("nan")
@@ -139,6 +156,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--cache", type=Path, default=None, help="keep each batch's volumes here and reuse them (resumable)")
     ap.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: sample only batches j with j %% N == I")
+    ap.add_argument("--cleaned", action="store_true",
+                    help="compare the maps generate writes (after its cleanup) instead of the sampled ones")
     ap.add_argument("--strided-only", action="store_true",
                     help="sample only the strided arms into --cache (e.g. a variant while other processes build the reference)")
     args = ap.parse_args()
@@ -170,7 +189,8 @@ def main() -> None:
     if args.cache is not None:
         args.cache.mkdir(parents=True, exist_ok=True)
     for name, steps, offset in arms:
-        volumes[name], seconds[name] = sample_volumes(gen, prompts, steps, guidance, args.batch, offset, args.cache, args.shard)
+        volumes[name], seconds[name] = sample_volumes(gen, prompts, steps, guidance, args.batch, offset, args.cache, args.shard,
+                                                      cleaned=args.cleaned)
         print(f"{name}: " + (f"{seconds[name]:.2f} s/sample" if volumes[name] is not None else "batches of other shards missing"),
               flush=True)
     if args.strided_only:
@@ -183,8 +203,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {gen.device}, "
           f"{args.threads} threads, batch {args.batch}")
     print(f"checkpoint {pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps), {args.n} prompts, guidance {guidance}, "
-          f"temperature {gen.temperature}")
-    results = {"n": args.n, "guidance": guidance, "temperature": gen.temperature, "device": str(gen.device),
+          f"temperature {gen.temperature}; volumes of the " + ("cleaned maps (as generate writes them)" if args.cleaned else "sampled maps"))
+    results = {"n": args.n, "cleaned": args.cleaned, "guidance": guidance, "temperature": gen.temperature, "device": str(gen.device),
                "tcss_train_steps": total_train_steps(gen.meta), "reference": ref, "seconds_per_sample": seconds, "w1": {},
                "organs": [ls.name_of(j) for j in ls.organ_ids],
                "volumes_ml": {k: v[:, ls.organ_ids].round(3).tolist() for k, v in volumes.items()}}

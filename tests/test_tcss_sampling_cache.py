@@ -125,3 +125,31 @@ def test_strided_only_caches_the_few_step_arm_and_samples_no_reference(tmp_path,
     tcss_sampling.main()
     assert [c[1:] for c in gen.calls[2:]] == [(0, 1000), (1, 1000)]
     assert "organ-volume relative W1, strided 25 vs ancestral" in capsys.readouterr().out
+
+
+def test_cleaned_volumes_are_cached_beside_the_raw_ones_and_old_batches_are_redrawn(tmp_path):
+    """A lone spleen voxel in the background is what generate's cleanup relabels."""
+    class Speckled(CountingGenerator):
+        def __call__(self, *args, **kwargs):
+            maps = super().__call__(*args, **kwargs)
+            maps[:, 3, 3, 3] = self.label_set.id_of("spleen")
+            return maps
+
+    gen = Speckled()
+    liver, spleen = gen.label_set.id_of("liver"), gen.label_set.id_of("spleen")
+    raw, _ = tcss_sampling.sample_volumes(gen, PROMPTS[:2], 25, 1.0, batch=2, seed_offset=1, cache=tmp_path)
+    np.testing.assert_allclose(raw[:, liver], [10, 11])   # seed 1: 10 and 11 liver voxels in a row
+    np.testing.assert_allclose(raw[:, spleen], [1, 1])
+    clean, _ = tcss_sampling.sample_volumes(gen, PROMPTS[:2], 25, 1.0, batch=2, seed_offset=1, cache=tmp_path, cleaned=True)
+    assert len(gen.calls) == 1                            # read back, not drawn again
+    np.testing.assert_allclose(clean[:, spleen], [0, 0])  # the lone voxel took its neighbours' class
+    np.testing.assert_allclose(clean[:, liver], raw[:, liver])
+
+    (path,) = tmp_path.iterdir()
+    old = json.loads(path.read_text())
+    del old["cleaned_volumes_ml"]                         # a batch cached by the earlier version
+    path.write_text(json.dumps(old))
+    again, _ = tcss_sampling.sample_volumes(gen, PROMPTS[:2], 25, 1.0, batch=2, seed_offset=1, cache=tmp_path, cleaned=True)
+    assert len(gen.calls) == 2
+    np.testing.assert_array_equal(again, clean)
+    assert "cleaned_volumes_ml" in json.loads(path.read_text())
