@@ -94,8 +94,10 @@ def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: 
         took = time.perf_counter() - t0  # the maps are numpy: a GPU run has synced
         # rounded as cached (to the µl), so a resumed run gives the same numbers as one in a go
         raw = [case_stats(lab, gen.affine(), gen.label_set).volumes_ml.round(3) for lab in maps]
-        clean = [case_stats(clean_label_map(lab, gen.affine(), gen.label_set, f.to_dict()["tumors"])[0], gen.affine(),
-                            gen.label_set).volumes_ml.round(3) for lab, f in zip(maps, findings)]
+        clean = None
+        if path is not None or cleaned:  # the cleanup can take longer than a GPU's sampling: only when kept or asked
+            clean = [case_stats(clean_label_map(lab, gen.affine(), gen.label_set, f.to_dict()["tumors"])[0], gen.affine(),
+                                gen.label_set).volumes_ml.round(3) for lab, f in zip(maps, findings)]
         if path is not None:
             with atomic_write(path) as tmp:
                 tmp.write_text(json.dumps({"prompts": chunk, "seed": seed, "steps": steps, "seconds": took,
