@@ -109,9 +109,6 @@ class TCSSConfig(_Strict):
     # resolution (full-resolution 3D conv backward dominates the CPU step time)
     patch_size: int = Field(1, ge=1)
     sample_steps: int = Field(50, ge=1)
-    # few-step sampling only: the visited steps are t_i = T - (T - 1) (i / (steps - 1))^power;
-    # 1 spaces them evenly, > 1 visits more of them near T (diffusion.categorical.strided_timesteps)
-    sample_spacing_power: float = Field(1.0, gt=0)
     guidance: float = Field(1.5, ge=0)
     # sampling only: the predicted x_0 distribution is sharpened to p^(1/temperature) before
     # the findings' constraints and each step's posterior; < 1 trades diversity for organ

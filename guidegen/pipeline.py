@@ -111,7 +111,6 @@ class LabelMapGenerator:
         self.size_guidance = self.cfg.tcss.size_guidance
         self.site_gate_lesion_scale = self.cfg.tcss.site_gate_lesion_scale
         self.temperature = self.cfg.tcss.temperature
-        self.spacing_power = self.cfg.tcss.sample_spacing_power
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], findings: list[Findings], seed: int, steps: int, guidance: float, progress: bool = False) -> np.ndarray:
@@ -125,7 +124,7 @@ class LabelMapGenerator:
                                  guidance=guidance, generator=gen, site_gate=self.site_gate,
                                  size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
                                  site_gate_lesion_scale=self.site_gate_lesion_scale, requests=requests,
-                                 temperature=self.temperature, spacing_power=self.spacing_power, progress=progress)
+                                 temperature=self.temperature, progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:

@@ -214,23 +214,6 @@ def test_strided_timesteps():
         cat.strided_timesteps(10, 11)
 
 
-def test_strided_timesteps_power_spacing():
-    # power 1 is the even grid: 1 + 9 (1 - i/3) for T = 10, 4 steps
-    assert cat.strided_timesteps(10, 4, 1.0) == [10, 7, 4, 1]
-    # power 2: t_i = 10 - 9 (i/3)^2 = 10, 9, 6, 1 (hand-computed)
-    assert cat.strided_timesteps(10, 4, 2.0) == [10, 9, 6, 1]
-    ts = cat.strided_timesteps(1000, 25, 2.0)
-    gaps = [a - b for a, b in zip(ts, ts[1:])]
-    assert len(ts) == 25 and ts[0] == 1000 and ts[-1] == 1 and min(gaps) >= 1
-    assert gaps == sorted(gaps)  # steps grow from T towards 1
-    # dense grids, where rounding repeats steps, stay strictly descending and complete
-    for steps, power in ((999, 2.0), (900, 3.0), (10, 0.2)):
-        ts = cat.strided_timesteps(1000, steps, power)
-        assert len(ts) == steps and ts[0] == 1000 and ts[-1] == 1 and all(a > b for a, b in zip(ts, ts[1:]))
-    with pytest.raises(GuideGenError, match="spacing power"):
-        cat.strided_timesteps(10, 4, 0.0)
-
-
 def _fixed_denoiser(x0: torch.Tensor, calls: list | None = None):
     """A 'perfect' denoiser that always predicts x0 with near-certainty."""
     def fn(xt_oh, t):
@@ -266,14 +249,13 @@ def test_perfect_denoiser_reproduces_forward_marginals():
     """With the true x0 the reverse chain's x_s has the forward marginal q(x_s | x0)."""
     gen = torch.Generator().manual_seed(4)
     x0 = torch.randint(0, K, (2, 16, 16, 16), generator=gen)
-    for sampler, kw in ((cat.sample_ancestral, {}), (cat.sample_strided, {"steps": 4}),
-                        (cat.sample_strided, {"steps": 4, "spacing_power": 2.0})):
+    for sampler, kw in ((cat.sample_ancestral, {}), (cat.sample_strided, {"steps": 4})):
         seen: dict[int, float] = {}
         calls: list[int] = []
         out = sampler(_fixed_denoiser(x0, calls), tuple(x0.shape), K, ABAR, generator=gen,
                       callback=lambda i, s, x: seen.__setitem__(s, float((x == x0).double().mean())), **kw)
         assert torch.equal(out, x0)
-        assert calls == (list(range(T, 0, -1)) if not kw else cat.strided_timesteps(T, **kw))
+        assert calls[0] == T and calls[-1] == 1 and len(calls) == (T if not kw else 4)
         for s, frac in seen.items():
             if s > 0:
                 want = float(ABAR[s] + (1 - ABAR[s]) / K)

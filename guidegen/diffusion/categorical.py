@@ -525,29 +525,15 @@ def gumbel_sample(log_probs: Tensor, generator: torch.Generator | None = None) -
     return (log_probs.float() + gumbel).argmax(dim=1)
 
 
-def strided_timesteps(timesteps: int, steps: int, spacing_power: float = 1.0) -> list[int]:
-    """Descending visit list from T to 1 with ``steps`` entries (all T when steps == T).
-
-    Entry i is t_i = T - (T - 1) u_i^p with u_i = i / (steps - 1) and p = ``spacing_power``,
-    rounded and kept strictly descending. p = 1 spaces the steps evenly; p > 1 puts more of them near T,
-    where the first few voxels that carry signal decide the map's global layout, and fewer near
-    t = 1, where each voxel's class is nearly fixed already.
-    """
+def strided_timesteps(timesteps: int, steps: int) -> list[int]:
+    """Evenly spaced descending visit list from T to 1 (``steps`` entries; all T when steps == T)."""
     if steps < 1 or steps > timesteps:
         raise GuideGenError(f"sample steps must be between 1 and the number of timesteps ({timesteps}), got {steps}")
-    if spacing_power <= 0:
-        raise GuideGenError(f"step spacing power must be positive, got {spacing_power}")
     if steps == timesteps:
         return list(range(timesteps, 0, -1))
     if steps == 1:
         return [timesteps]
-    u = torch.linspace(0, 1, steps, dtype=torch.float64) ** spacing_power
-    ts = [int(v) for v in (timesteps - (timesteps - 1) * u).round().long()]
-    for i in range(1, steps):  # rounding can repeat a step where they are dense: keep one apart,
-        ts[i] = min(ts[i], ts[i - 1] - 1)
-    for i in range(steps - 2, -1, -1):  # and leave room for the ones after it
-        ts[i] = max(ts[i], ts[i + 1] + 1)
-    return ts
+    return [int(v) for v in torch.linspace(timesteps, 1, steps, dtype=torch.float64).round().long()]
 
 
 def _progress(iterable, total: int, progress: bool, desc: str):
@@ -589,7 +575,7 @@ def sample_ancestral(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes:
 @torch.no_grad()
 def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: int, alphas_bar: Tensor,
                    steps: int, generator: torch.Generator | None = None, progress: bool = False,
-                   callback: StepCallback | None = None, spacing_power: float = 1.0) -> Tensor:
+                   callback: StepCallback | None = None) -> Tensor:
     """Few-step sampling: visit :func:`strided_timesteps` and jump t → s with p_theta(x_s | x_t).
 
     With steps == T it visits every t and consumes the same random stream as
@@ -597,7 +583,7 @@ def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: i
     The last visited step decodes x_0 = argmax of the predicted logits.
     """
     device = generator.device if generator is not None else alphas_bar.device
-    ts = strided_timesteps(alphas_bar.shape[0] - 1, steps, spacing_power)
+    ts = strided_timesteps(alphas_bar.shape[0] - 1, steps)
     x = torch.randint(0, num_classes, shape, generator=generator, device=device)
     for i in _progress(range(len(ts)), len(ts), progress, "TCSS strided"):
         t = ts[i]
