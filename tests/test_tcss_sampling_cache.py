@@ -59,8 +59,9 @@ def test_shards_share_the_cache_and_a_final_run_samples_nothing(tmp_path):
     again, seconds = tcss_sampling.sample_volumes(gen, PROMPTS, 1000, 1.0, batch=1, cache=tmp_path)
     assert gen.calls == [] and np.isfinite(seconds)
     np.testing.assert_array_equal(again, vols)
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
     assert names == [f"{benchmarks_common.sampler_tag(gen, 1000, 1.0)}_batch1_seed{j}.json" for j in range(4)]
+    assert sorted(p.name for p in tmp_path.glob("*.maps.npz")) == [n.replace(".json", ".maps.npz") for n in names]
     assert "tcss7_steps1000_g1.0_gate1.0_vol1.0_pool3_temp0.35_lesionscale" in names[0]
 
 
@@ -71,13 +72,13 @@ def test_batches_keep_their_seed_and_other_settings_do_not_share_a_file(tmp_path
     np.testing.assert_allclose(vols[:, liver], [50, 51, 60, 61])  # batch j is seeded offset + j
     gen.temperature = 1.0
     tcss_sampling.sample_volumes(gen, PROMPTS, 25, 1.0, batch=2, seed_offset=5, cache=tmp_path)
-    assert len(gen.calls) == 4 and len(list(tmp_path.iterdir())) == 4
+    assert len(gen.calls) == 4 and len(list(tmp_path.glob("*.json"))) == 4
 
 
 def test_a_cache_of_other_prompts_is_refused_by_name(tmp_path):
     gen = CountingGenerator()
     tcss_sampling.sample_volumes(gen, PROMPTS[:1], 25, 1.0, batch=1, cache=tmp_path)
-    (path,) = tmp_path.iterdir()
+    (path,) = tmp_path.glob("*.json")
     path.write_text(json.dumps(json.loads(path.read_text()) | {"prompts": ["other"]}))
     with pytest.raises(SystemExit, match=f"{path.name}: cached for other prompts"):
         tcss_sampling.sample_volumes(gen, PROMPTS[:1], 25, 1.0, batch=1, cache=tmp_path)
@@ -117,7 +118,7 @@ def test_strided_only_caches_the_few_step_arm_and_samples_no_reference(tmp_path,
     monkeypatch.setattr(sys, "argv", argv + ["--strided-only"])
     tcss_sampling.main()
     assert [c[1:] for c in gen.calls] == [(0, 25), (1, 25)]
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.json")) == [
         f"{benchmarks_common.sampler_tag(gen, 25, 1.0)}_batch2_seed{j}.json" for j in (0, 1)]
     assert "run again without --strided-only" in capsys.readouterr().out
 
@@ -127,12 +128,15 @@ def test_strided_only_caches_the_few_step_arm_and_samples_no_reference(tmp_path,
     assert "organ-volume relative W1, strided 25 vs ancestral" in capsys.readouterr().out
 
 
-def test_cleaned_volumes_are_cached_beside_the_raw_ones_and_old_batches_are_redrawn(tmp_path):
+def test_cleaned_volumes_come_from_the_kept_maps_and_old_batches_are_redrawn(tmp_path, monkeypatch):
     """A lone spleen voxel in the background is what generate's cleanup relabels."""
+    import guidegen.postprocess
+
     class Speckled(CountingGenerator):
         def __call__(self, *args, **kwargs):
             maps = super().__call__(*args, **kwargs)
             maps[:, 3, 3, 3] = self.label_set.id_of("spleen")
+            self.last = maps
             return maps
 
     gen = Speckled()
@@ -140,16 +144,24 @@ def test_cleaned_volumes_are_cached_beside_the_raw_ones_and_old_batches_are_redr
     raw, _ = tcss_sampling.sample_volumes(gen, PROMPTS[:2], 25, 1.0, batch=2, seed_offset=1, cache=tmp_path)
     np.testing.assert_allclose(raw[:, liver], [10, 11])   # seed 1: 10 and 11 liver voxels in a row
     np.testing.assert_allclose(raw[:, spleen], [1, 1])
+    (path,) = tmp_path.glob("*.json")
+    with np.load(tcss_sampling.maps_file(path)) as kept:
+        np.testing.assert_array_equal(kept["maps"], gen.last)
     clean, _ = tcss_sampling.sample_volumes(gen, PROMPTS[:2], 25, 1.0, batch=2, seed_offset=1, cache=tmp_path, cleaned=True)
     assert len(gen.calls) == 1                            # read back, not drawn again
     np.testing.assert_allclose(clean[:, spleen], [0, 0])  # the lone voxel took its neighbours' class
     np.testing.assert_allclose(clean[:, liver], raw[:, liver])
+    np.testing.assert_allclose(json.loads(path.read_text())["cleaned_volumes_ml"], clean)
 
-    (path,) = tmp_path.iterdir()
-    old = json.loads(path.read_text())
-    del old["cleaned_volumes_ml"]                         # a batch cached by the earlier version
-    path.write_text(json.dumps(old))
+    # another cleanup is measured on the kept maps, without sampling again
+    monkeypatch.setattr(guidegen.postprocess, "clean_label_map", lambda lab, *a: (lab.copy(), {}))
+    unchanged, _ = tcss_sampling.sample_volumes(gen, PROMPTS[:2], 25, 1.0, batch=2, seed_offset=1, cache=tmp_path, cleaned=True)
+    assert len(gen.calls) == 1
+    np.testing.assert_array_equal(unchanged, raw)
+    monkeypatch.undo()
+
+    tcss_sampling.maps_file(path).unlink()                # a batch cached by an earlier version
     again, _ = tcss_sampling.sample_volumes(gen, PROMPTS[:2], 25, 1.0, batch=2, seed_offset=1, cache=tmp_path, cleaned=True)
     assert len(gen.calls) == 2
     np.testing.assert_array_equal(again, clean)
-    assert "cleaned_volumes_ml" in json.loads(path.read_text())
+    assert tcss_sampling.maps_file(path).is_file()
