@@ -20,14 +20,15 @@ def sampler_tag(gen, steps: int, guidance: float) -> str:
 
     ``gen`` is a :class:`guidegen.pipeline.LabelMapGenerator`; the tag holds everything that
     changes what it samples for a prompt and seed: checkpoint (its training steps), step count,
-    guidance, findings constraints and temperature. One helper, so the caches of tcss_eval.py,
+    guidance, findings constraints, temperature and (few-step only) churn. One helper, so the caches of tcss_eval.py,
     generate.py and tcss_sampling.py stay in step when a sampler setting is added.
     """
     from guidegen.checkpoints import total_train_steps
 
     return (f"tcss{total_train_steps(gen.meta)}_steps{steps}_g{guidance}_gate{gen.site_gate}"
             f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
-            f"{'_lesionscale' if gen.site_gate_lesion_scale else ''}")
+            f"{'_lesionscale' if gen.site_gate_lesion_scale else ''}"
+            f"{f'_churn{gen.churn}' if gen.churn and steps < gen.cfg.tcss.timesteps else ''}")
 
 
 def phantom_set(root: Path, n: int, grid: tuple[int, int, int], seed: int) -> Path:

@@ -10,7 +10,7 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
 - seconds per sample of each arm and the speed-ups.
 
     python benchmarks/tcss_sampling.py [--checkpoint ROOT] [--n 8] [--steps 25 50] [--guidance G]
-                                       [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T]
+                                       [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T] [--churn C]
                                        [--reference-steps N]  # compare against N strided steps instead
                                        [--cache DIR] [--shard I/N] [--strided-only] [--cleaned]
 
@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[50])
     ap.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's tcss.guidance")
     ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's)")
+    ap.add_argument("--churn", type=float, default=None, help="few-step arms' churn (default: the checkpoint's; 0 = off)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1, help="prompts per sampler call")
@@ -203,6 +204,8 @@ def main() -> None:
     guidance = gen.cfg.tcss.guidance if args.guidance is None else args.guidance
     if args.temperature is not None:
         gen.temperature = args.temperature
+    if args.churn is not None:
+        gen.churn = args.churn
     prompts = prompts_for(args.n)
     volumes, seconds = {}, {}
     ref_steps = T if args.reference_steps is None else args.reference_steps
@@ -233,8 +236,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {gen.device}, "
           f"{args.threads} threads, batch {args.batch}")
     print(f"checkpoint {pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps), {args.n} prompts, guidance {guidance}, "
-          f"temperature {gen.temperature}; volumes of the " + ("cleaned maps (as generate writes them)" if args.cleaned else "sampled maps"))
-    results = {"n": args.n, "cleaned": args.cleaned, "guidance": guidance, "temperature": gen.temperature, "device": str(gen.device),
+          f"temperature {gen.temperature}, few-step churn {gen.churn}; volumes of the " + ("cleaned maps (as generate writes them)" if args.cleaned else "sampled maps"))
+    results = {"n": args.n, "cleaned": args.cleaned, "guidance": guidance, "temperature": gen.temperature, "churn": gen.churn, "device": str(gen.device),
                "tcss_train_steps": total_train_steps(gen.meta), "reference": ref, "seconds_per_sample": seconds, "w1": {},
                "organs": [ls.name_of(j) for j in ls.organ_ids],
                "volumes_ml": {k: v[:, ls.organ_ids].round(3).tolist() for k, v in volumes.items()}}

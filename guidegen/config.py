@@ -109,6 +109,9 @@ class TCSSConfig(_Strict):
     # resolution (full-resolution 3D conv backward dominates the CPU step time)
     patch_size: int = Field(1, ge=1)
     sample_steps: int = Field(50, ge=1)
+    # few-step sampling only, experimental: each jump overshoots by churn × its length and is
+    # re-noised back (diffusion.categorical.sample_strided); 0 = off
+    sample_churn: float = Field(0.0, ge=0)
     guidance: float = Field(1.5, ge=0)
     # sampling only: the predicted x_0 distribution is sharpened to p^(1/temperature) before
     # the findings' constraints and each step's posterior; < 1 trades diversity for organ

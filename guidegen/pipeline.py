@@ -111,6 +111,7 @@ class LabelMapGenerator:
         self.size_guidance = self.cfg.tcss.size_guidance
         self.site_gate_lesion_scale = self.cfg.tcss.site_gate_lesion_scale
         self.temperature = self.cfg.tcss.temperature
+        self.churn = self.cfg.tcss.sample_churn
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], findings: list[Findings], seed: int, steps: int, guidance: float, progress: bool = False) -> np.ndarray:
@@ -124,7 +125,7 @@ class LabelMapGenerator:
                                  guidance=guidance, generator=gen, site_gate=self.site_gate,
                                  size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
                                  site_gate_lesion_scale=self.site_gate_lesion_scale, requests=requests,
-                                 temperature=self.temperature, progress=progress)
+                                 temperature=self.temperature, churn=self.churn, progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:

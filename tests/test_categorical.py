@@ -82,6 +82,24 @@ def test_q_sample_marginals():
     torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
 
 
+def test_q_skip_sample_composes_with_q_sample():
+    """x_s ~ q(x_s | x_0), then x_t ~ q(x_t | x_s): the frequencies of q(x_t | x_0), which for
+    x_0 = 0 is abar_t + (1 - abar_t)/K for class 0 and (1 - abar_t)/K for each other class."""
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.zeros(1, 40_000, dtype=torch.long)
+    s, t = 2, 6
+    xs = cat.q_sample(x0, s, ABAR, K, generator=gen)
+    xt = cat.q_skip_sample(xs, s, t, ABAR, K, generator=gen)
+    freq = torch.bincount(xt.flatten(), minlength=K).double() / xt.numel()
+    a = float(ABAR[t])
+    torch.testing.assert_close(freq, torch.tensor([a + (1 - a) / K] + [(1 - a) / K] * (K - 1), dtype=torch.float64),
+                               atol=0.01, rtol=0)
+    # and it keeps x_s at the rate abar_t / abar_s (a voxel kept or redrawn onto itself)
+    same = float((xt == xs).double().mean())
+    keep = float(ABAR[t] / ABAR[s])
+    assert same == pytest.approx(keep + (1 - keep) / K, abs=0.01)
+
+
 @pytest.mark.parametrize("t", [1, 2, 5, T])
 def test_q_posterior_matches_bayes(t):
     gen = torch.Generator().manual_seed(t)
@@ -249,13 +267,15 @@ def test_perfect_denoiser_reproduces_forward_marginals():
     """With the true x0 the reverse chain's x_s has the forward marginal q(x_s | x0)."""
     gen = torch.Generator().manual_seed(4)
     x0 = torch.randint(0, K, (2, 16, 16, 16), generator=gen)
-    for sampler, kw in ((cat.sample_ancestral, {}), (cat.sample_strided, {"steps": 4})):
+    for sampler, kw in ((cat.sample_ancestral, {}), (cat.sample_strided, {"steps": 4}),
+                        (cat.sample_strided, {"steps": 4, "churn": 0.5})):
         seen: dict[int, float] = {}
         calls: list[int] = []
         out = sampler(_fixed_denoiser(x0, calls), tuple(x0.shape), K, ABAR, generator=gen,
                       callback=lambda i, s, x: seen.__setitem__(s, float((x == x0).double().mean())), **kw)
         assert torch.equal(out, x0)
-        assert calls[0] == T and calls[-1] == 1 and len(calls) == (T if not kw else 4)
+        # churn overshoots and re-noises between the visits: the same calls, the same marginals
+        assert calls == (list(range(T, 0, -1)) if not kw else cat.strided_timesteps(T, 4))
         for s, frac in seen.items():
             if s > 0:
                 want = float(ABAR[s] + (1 - ABAR[s]) / K)
@@ -449,3 +469,15 @@ def test_volume_matched_logits_pools_the_tumour_evidence():
     assert blob.sum() == 27 and blob[1:4, 1:4, 1:4].all()
     with pytest.raises(GuideGenError, match="odd"):
         cat.volume_matched_logits(logits, torch.tensor([2.0]), tumor_id=1, pool=2)
+
+
+def test_churn_is_checked_and_zero_churn_is_the_plain_sampler():
+    x0 = torch.randint(0, K, (1, 6, 6, 6), generator=torch.Generator().manual_seed(8))
+    fn = _learned_like_denoiser()
+    plain = cat.sample_strided(fn, tuple(x0.shape), K, ABAR, 4, generator=torch.Generator().manual_seed(9))
+    zero = cat.sample_strided(fn, tuple(x0.shape), K, ABAR, 4, generator=torch.Generator().manual_seed(9), churn=0.0)
+    assert torch.equal(plain, zero)
+    churned = cat.sample_strided(fn, tuple(x0.shape), K, ABAR, 4, generator=torch.Generator().manual_seed(9), churn=1.0)
+    assert not torch.equal(plain, churned)  # the overshoot and re-noising draw other numbers
+    with pytest.raises(GuideGenError, match="churn"):
+        cat.sample_strided(fn, tuple(x0.shape), K, ABAR, 4, churn=-0.1)

@@ -24,8 +24,9 @@ class CountingGenerator:
     def __init__(self):
         self.label_set = load_label_set()
         self.meta = {"train_steps": 7}
-        self.cfg = SimpleNamespace(tcss=SimpleNamespace(size_guidance_pool=3))
+        self.cfg = SimpleNamespace(tcss=SimpleNamespace(size_guidance_pool=3, timesteps=1000))
         self.site_gate, self.size_guidance, self.temperature, self.site_gate_lesion_scale = 1.0, 1.0, 0.35, True
+        self.churn = 0.0
         self.device = "cpu"
         self.calls: list[tuple[list[str], int, int]] = []
 
@@ -73,6 +74,13 @@ def test_batches_keep_their_seed_and_other_settings_do_not_share_a_file(tmp_path
     gen.temperature = 1.0
     tcss_sampling.sample_volumes(gen, PROMPTS, 25, 1.0, batch=2, seed_offset=5, cache=tmp_path)
     assert len(gen.calls) == 4 and len(list(tmp_path.glob("*.json"))) == 4
+    # churn names the few-step arm's files, not those of the full (every-step) sampler
+    tcss_sampling.sample_volumes(gen, PROMPTS, 1000, 1.0, batch=2, seed_offset=5, cache=tmp_path)
+    gen.churn = 0.3
+    tcss_sampling.sample_volumes(gen, PROMPTS, 1000, 1.0, batch=2, seed_offset=5, cache=tmp_path)
+    assert len(gen.calls) == 6
+    tcss_sampling.sample_volumes(gen, PROMPTS, 25, 1.0, batch=2, seed_offset=5, cache=tmp_path)
+    assert len(gen.calls) == 8 and len(list(tmp_path.glob("*_churn0.3_*.json"))) == 2
 
 
 def test_a_cache_of_other_prompts_is_refused_by_name(tmp_path):

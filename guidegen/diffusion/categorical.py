@@ -134,10 +134,25 @@ def q_sample(x0: Tensor, t: int | Tensor, alphas_bar: Tensor, num_classes: int,
     Args:
         x0: (B, *spatial) long.  Returns: (B, *spatial) long.
     """
-    abar_t = _coef(alphas_bar.to(torch.float64), _as_batch(t, x0.shape[0], x0.device), x0)
-    keep = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64) < abar_t
-    noise = torch.randint(0, num_classes, x0.shape, generator=generator, device=x0.device)
-    return torch.where(keep, x0, noise)
+    return q_skip_sample(x0, 0, t, alphas_bar, num_classes, generator)
+
+
+def q_skip_sample(xs: Tensor, s: int | Tensor, t: int | Tensor, alphas_bar: Tensor, num_classes: int,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Draw x_t ~ q(x_t | x_s) for s < t: keep x_s with probability abar_t / abar_s, else a uniform class.
+
+    The uniform kernel composes: q(x_t | x_s) q(x_s | x_0) summed over x_s is q(x_t | x_0)
+    (abar_0 = 1 makes :func:`q_sample` the case s = 0).
+
+    Args:
+        xs: (B, *spatial) long.  Returns: (B, *spatial) long.
+    """
+    abar = alphas_bar.to(torch.float64)
+    b = xs.shape[0]
+    keep_prob = _coef(abar, _as_batch(t, b, xs.device), xs) / _coef(abar, _as_batch(s, b, xs.device), xs)
+    keep = torch.rand(xs.shape, generator=generator, device=xs.device, dtype=torch.float64) < keep_prob
+    noise = torch.randint(0, num_classes, xs.shape, generator=generator, device=xs.device)
+    return torch.where(keep, xs, noise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,13 +590,22 @@ def sample_ancestral(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes:
 @torch.no_grad()
 def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: int, alphas_bar: Tensor,
                    steps: int, generator: torch.Generator | None = None, progress: bool = False,
-                   callback: StepCallback | None = None) -> Tensor:
+                   callback: StepCallback | None = None, churn: float = 0.0) -> Tensor:
     """Few-step sampling: visit :func:`strided_timesteps` and jump t → s with p_theta(x_s | x_t).
 
     With steps == T it visits every t and consumes the same random stream as
     :func:`sample_ancestral`, so both return identical maps for the same generator state.
     The last visited step decodes x_0 = argmax of the predicted logits.
+
+    ``churn`` γ > 0 (experimental, same network calls): each jump t → s but the one onto the last
+    visit overshoots to l = max(1, round(s - γ (t - s))) and re-noises x_l back to s with the
+    forward kernel (:func:`q_skip_sample`) - the categorical form of EDM's S_churn. With the true
+    x_0 the chain keeps the forward marginals; with a model, more of each visit is drawn fresh,
+    which is meant to give back some of the spread that few large jumps average away
+    (``benchmarks/tcss_sampling.py``). γ = 0 consumes no extra random numbers.
     """
+    if churn < 0:
+        raise GuideGenError(f"churn must be >= 0, got {churn}")
     device = generator.device if generator is not None else alphas_bar.device
     ts = strided_timesteps(alphas_bar.shape[0] - 1, steps)
     x = torch.randint(0, num_classes, shape, generator=generator, device=device)
@@ -594,7 +618,10 @@ def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: i
             x, s = logits.argmax(dim=1), 0
         else:
             s = ts[i + 1]
-            x = gumbel_sample(model_log_skip_posterior(xt_oh, logits, tt, s, alphas_bar), generator)
+            land = s if churn == 0 or i + 2 == len(ts) else max(1, round(s - churn * (t - s)))
+            x = gumbel_sample(model_log_skip_posterior(xt_oh, logits, tt, land, alphas_bar), generator)
+            if land < s:
+                x = q_skip_sample(x, land, s, alphas_bar, num_classes, generator)
         if callback is not None:
             callback(i, s, x)
     return x

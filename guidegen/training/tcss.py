@@ -169,10 +169,11 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
                       label_set: LabelSet, *, steps: int, guidance: float, generator: torch.Generator,
                       site_gate: float = 0.0, size_guidance: float = 0.0, size_guidance_pool: int = 1,
                       site_gate_lesion_scale: bool = False, requests: TumorRequests | None = None, temperature: float = 1.0,
-                      progress: bool = False) -> torch.Tensor:
+                      churn: float = 0.0, progress: bool = False) -> torch.Tensor:
     """Sample label maps ``(B, X, Y, Z)`` long for prepared condition tensors ``cond``.
 
-    ``steps`` == T runs the full ancestral sampler; fewer uses the strided sampler. Guidance
+    ``steps`` == T runs the full ancestral sampler; fewer uses the strided sampler (with
+    ``churn``, :func:`~guidegen.diffusion.categorical.sample_strided`). Guidance
     is classifier-free on the x0 logits with the model's learned null context; the guided
     logits are divided by ``temperature`` (config ``tcss.temperature``); then the findings'
     tumour constraints (:func:`tumor_guidance_fn`) act on them: ``requests`` (from parsed
@@ -193,7 +194,7 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
     timesteps = alphas_bar.shape[0] - 1
     if steps >= timesteps:
         return cat.sample_ancestral(denoise, shape, num_classes, alphas_bar, generator, progress=progress)
-    return cat.sample_strided(denoise, shape, num_classes, alphas_bar, steps, generator, progress=progress)
+    return cat.sample_strided(denoise, shape, num_classes, alphas_bar, steps, generator, progress=progress, churn=churn)
 
 
 class TCSSTask(StageTask):
