@@ -326,6 +326,7 @@ class GuideGenPipeline:
                     "tcss_size_guidance_pool": self.labels.cfg.tcss.size_guidance_pool if labels is None else None,
                     "tcss_site_gate_lesion_scale": self.labels.site_gate_lesion_scale if labels is None else None,
                     "tcss_temperature": self.labels.temperature if labels is None else None,
+                    "tcss_churn": self.labels.churn if labels is None else None,
                     "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"],
                     "organ_part_voxels": cleaned["organ_part_voxels"]}
         ct = None
