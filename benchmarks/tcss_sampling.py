@@ -24,8 +24,8 @@ batches j with j % N == I, so N processes share the work and a final run without
 reads them all and prints the comparison. ``--strided-only`` samples only the strided arms into
 the cache (a sampler variant, while other processes still build the reference). ``--cleaned``
 compares the maps ``generate`` writes (after its cleanup of isolated voxels and stray parts)
-rather than the sampled ones; batches cached before their cleaned volumes were kept are sampled
-again for it.
+rather than the sampled ones, cleaning the maps each cached batch keeps; batches cached before
+their maps were kept are sampled again for it.
 
 Prompts are sampled ``--batch`` at a time, batch j with seed j (``--floor``: 10000 + j), so the
 arms share their prompts and seeds. Both samplers use the same guidance and findings constraints
@@ -58,14 +58,13 @@ def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: 
     other shards (j % N != I for ``shard`` (I, N)) are only read. Returns ``None`` volumes while
     some batch is missing. The seconds are those of the batches' own sampling runs.
 
-    Each batch keeps two volume sets: of the sampled map and of the map ``generate`` writes
-    (after :func:`guidegen.postprocess.clean_label_map`; few-step jumps leave isolated voxels
-    of small organs, which the raw volumes count). ``cleaned`` returns the second. The sampled
-    maps themselves are kept beside the JSON (``<name>.maps.npz``, uint8 (B, X, Y, Z)), and a
-    ``cleaned`` run cleans them again rather than reading the cached cleaned volumes, so a
-    change of the cleanup is measured without sampling anything (the 1000-step arm costs ~20
-    CPU-minutes a map). A cached batch without maps, of an earlier version, is sampled again
-    (same seed) for ``cleaned``.
+    A cached batch keeps the volumes of its sampled maps (JSON) and the maps themselves
+    (``<name>.maps.npz``, uint8 (B, X, Y, Z)). ``cleaned`` returns the volumes of the maps
+    ``generate`` writes instead (after :func:`guidegen.postprocess.clean_label_map`; sampled
+    maps hold isolated voxels of small organs, which the raw volumes count), cleaning the kept
+    maps each time, so a change of the cleanup is measured without sampling anything (the
+    1000-step arm costs ~20 CPU-minutes a map). A cached batch without maps, of an earlier
+    version, is sampled again (same seed) for ``cleaned``.
     """
     from benchmarks_common import sampler_tag
 
@@ -82,28 +81,23 @@ def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: 
             done = json.loads(path.read_text())
             if done["prompts"] != chunk:
                 raise SystemExit(f"{path}: cached for other prompts; remove it or use another --cache")
-            maps_path = maps_file(path)
             if not cleaned:
                 vols += [np.asarray(v) for v in done["volumes_ml"]]
                 seconds += done["seconds"]
                 continue
-            if maps_path.is_file():
-                with np.load(maps_path) as stored:
+            if maps_file(path).is_file():
+                with np.load(maps_file(path)) as stored:
                     vols += cleaned_volumes(gen, stored["maps"], chunk)
                 seconds += done["seconds"]
                 continue
         if j % shard[1] != shard[0]:
             missing += 1
             continue
-        findings = [prompt_findings(p) for p in chunk]
         t0 = time.perf_counter()
-        maps = gen(chunk, findings, seed=seed, steps=steps, guidance=guidance, progress=path is not None)
+        maps = gen(chunk, [prompt_findings(p) for p in chunk], seed=seed, steps=steps, guidance=guidance, progress=path is not None)
         took = time.perf_counter() - t0  # the maps are numpy: a GPU run has synced
         # rounded as cached (to the µl), so a resumed run gives the same numbers as one in a go
         raw = [case_stats(lab, gen.affine(), gen.label_set).volumes_ml.round(3) for lab in maps]
-        clean = None
-        if path is not None or cleaned:  # the cleanup can take longer than a GPU's sampling: only when kept or asked
-            clean = cleaned_volumes(gen, maps, chunk)
         if path is not None:
             # the maps first: a batch whose JSON is there always has its maps
             with atomic_write(maps_file(path)) as tmp:
@@ -111,10 +105,10 @@ def sample_volumes(gen, prompts: list[str], steps: int, guidance: float, batch: 
             with atomic_write(path) as tmp:
                 tmp.write_text(json.dumps({"prompts": chunk, "seed": seed, "steps": steps, "seconds": took,
                                            "device": str(gen.device), "threads": torch.get_num_threads(),
-                                           "volumes_ml": [v.tolist() for v in raw],
-                                           "cleaned_volumes_ml": [v.tolist() for v in clean]}))
+                                           "volumes_ml": [v.tolist() for v in raw]}))
             print(f"  {path.name}: {took:.0f} s", flush=True)
-        vols += clean if cleaned else raw
+        # the cleanup can take longer than a GPU's sampling: only when asked
+        vols += cleaned_volumes(gen, maps, chunk) if cleaned else raw
         seconds += took
     if missing:
         return None, float("nan")

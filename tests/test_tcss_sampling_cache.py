@@ -159,7 +159,6 @@ def test_cleaned_volumes_come_from_the_kept_maps_and_old_batches_are_redrawn(tmp
     assert len(gen.calls) == 1                            # read back, not drawn again
     np.testing.assert_allclose(clean[:, spleen], [0, 0])  # the lone voxel took its neighbours' class
     np.testing.assert_allclose(clean[:, liver], raw[:, liver])
-    np.testing.assert_allclose(json.loads(path.read_text())["cleaned_volumes_ml"], clean)
 
     # another cleanup is measured on the kept maps, without sampling again
     monkeypatch.setattr(guidegen.postprocess, "clean_label_map", lambda lab, *a: (lab.copy(), {}))

@@ -239,6 +239,7 @@ class TCSSTask(StageTask):
         maps = sample_label_maps(model, cond, self.cfg.data.grid, self.alphas_bar.to(device), self.label_set,
                                  steps=min(25, self.cfg.tcss.timesteps), guidance=self.cfg.tcss.guidance, generator=gen,
                                  site_gate=self.cfg.tcss.site_gate, size_guidance=self.cfg.tcss.size_guidance,
-                                 size_guidance_pool=self.cfg.tcss.size_guidance_pool, temperature=self.cfg.tcss.temperature)
+                                 size_guidance_pool=self.cfg.tcss.size_guidance_pool, temperature=self.cfg.tcss.temperature,
+                                 churn=self.cfg.tcss.sample_churn)
         for i, lab in enumerate(maps.cpu().numpy().astype("uint8")):
             save_case_preview(out_dir / f"step{step:07d}_prompt{i}.png", lab, None, self.label_set, title=f"step {step}: {SAMPLE_PROMPTS[i]}")
