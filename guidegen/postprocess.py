@@ -147,26 +147,33 @@ def organ_parts(labels: np.ndarray, class_id: int, tumor_id: int | None) -> tupl
 
 def keep_organ_parts(labels: np.ndarray, label_set) -> tuple[np.ndarray, int]:
     """Keep, for every class with a fixed number of parts (``LabelClass.parts``: 1 liver, 2 kidneys),
-    its that-many largest parts (:func:`organ_parts`); every smaller part takes the majority label
+    its that-many largest parts (:func:`organ_parts`), sized by their voxels that do not touch a
+    lesion (26-neighbourhood; ties by all their voxels); every other part takes the majority label
     of its shell other than the class itself and the tumour (so a removed fragment never grows a
     lesion). Returns ``(cleaned copy, voxels changed)``.
 
     *Why*: a sampled map can hold a detached piece of an organ - a bladder-labelled rim around a
-    large pelvic lesion, a splinter of liver in the chest - that no body has. It moves the
+    large lesion, a splinter of liver in the chest - that no body has. It moves the
     organ's centroid (the anatomical-order checks read centroids), and the CT stage paints it as
     organ tissue where a segmentation model trained on real anatomy sees none. nnU-Net's
-    post-processing keeps the largest component per class for the same reason.
+    post-processing keeps the largest component per class for the same reason. A rim wraps its
+    lesion, so around a 5 cm lesion it can hold more voxels than the real bladder (seen in 3 of
+    50 tcss_eval samples); almost all of them touch the lesion, while a real organ's seldom do.
     """
     out = np.asarray(labels).copy()
     changed = 0
     exclude_tumor = () if label_set.tumor_id is None else (label_set.tumor_id,)
+    # relabelled parts never become tumour, so the lesions stay as they are through the loop
+    near_lesion = (ndimage.binary_dilation(out == label_set.tumor_id, structure=_STRUCT26)
+                   if label_set.tumor_id is not None else np.zeros(out.shape, bool))
     for cls in label_set.classes:
         if cls.parts is None:
             continue
         parts, sizes = organ_parts(out, cls.id, label_set.tumor_id)
         if len(sizes) <= cls.parts:
             continue
-        keep = {int(k) + 1 for k in np.argsort(-sizes, kind="stable")[:cls.parts]}
+        away = np.bincount(parts[(parts > 0) & ~near_lesion], minlength=len(sizes) + 1)[1:]
+        keep = {int(k) + 1 for k in np.lexsort((-sizes, -away))[:cls.parts]}
         out, n = relabel_regions(out, parts, keep, exclude=(cls.id, *exclude_tumor))
         changed += n
     return out, changed

@@ -265,6 +265,24 @@ def test_keep_organ_parts_relabels_detached_pieces_by_their_shell():
     assert n == 0 and np.array_equal(same, out)
 
 
+def test_keep_organ_parts_ranks_parts_by_their_voxels_away_from_lesions():
+    from guidegen.postprocess import keep_organ_parts
+
+    lung, bladder, body, tum = LS.id_of("lung"), LS.id_of("urinary_bladder"), LS.id_of("body"), LS.tumor_id
+    vol = np.full((24, 24, 24), body, np.uint8)
+    vol[10:22, 2:14, 10:22] = lung
+    vol[11:21, 3:13, 11:21] = bladder  # a 2-voxel bladder-labelled rim around a 6³ lesion: 784 voxels,
+    vol[13:19, 5:11, 13:19] = tum  # 296 of them touching it, so 488 away from it
+    vol[2:10, 14:22, 1:9] = bladder  # the bladder itself: 512 voxels, none near a lesion
+    out, changed = keep_organ_parts(vol, LS)
+    assert changed == 784 and (out == bladder).sum() == 512 and (out[2:10, 14:22, 1:9] == bladder).all()
+    assert (out[11:21, 3:13, 11:21][vol[11:21, 3:13, 11:21] == bladder] == lung).all() and (out == tum).sum() == 216
+    # ranked by all their voxels, the rim would have been kept and the bladder removed
+    far = vol.copy()
+    far[far == tum] = bladder  # no lesion: the rim and its core are one 1000-voxel bladder part
+    assert (keep_organ_parts(far, LS)[0][2:10, 14:22, 1:9] == body).all()
+
+
 def test_keep_organ_parts_leaves_real_phantom_maps_almost_untouched():
     from guidegen.postprocess import keep_organ_parts
 
