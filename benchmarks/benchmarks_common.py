@@ -27,6 +27,7 @@ def sampler_tag(gen, steps: int, guidance: float) -> str:
 
     return (f"tcss{total_train_steps(gen.meta)}_steps{steps}_g{guidance}_gate{gen.site_gate}"
             f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
+            f"{'prior' if gen.temper_prior_only and gen.temperature != 1.0 else ''}"
             f"{'_lesionscale' if gen.site_gate_lesion_scale else ''}"
             f"{f'_churn{gen.churn}' if gen.churn and steps < gen.cfg.tcss.timesteps else ''}")
 

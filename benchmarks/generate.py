@@ -16,7 +16,7 @@
    the HU levels of those held-out real CTs encoded and decoded by the autoencoder (what no latent
    generator can beat).
 
-    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T] [--tcss-lesion-scale 0|1]
+    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T] [--tcss-temper prior] [--tcss-lesion-scale 0|1]
                                   [--labels-from tcss|real] [--raw-labels] [--seg-steps N] [--seg-channels C,..] [--work DIR]
 """
 
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--tcss-steps", type=int, default=None, help="label-map sampler steps (default: the checkpoint's)")
     ap.add_argument("--tcss-guidance", type=float, default=None, help="label-map guidance (default: the checkpoint's)")
     ap.add_argument("--tcss-temperature", type=float, default=None, help="label-map sampling temperature (default: the checkpoint's)")
+    ap.add_argument("--tcss-temper", choices=["all", "prior"], default=None,
+                    help="what that temperature divides: all the x_0 logits, or the prior alone (default: the checkpoint's)")
     ap.add_argument("--tcss-lesion-scale", type=int, choices=(0, 1), default=None,
                     help="site gate at the requested lesion's scale, 1 on / 0 off (default: the checkpoint's)")
     ap.add_argument("--labels-from", choices=("tcss", "real"), default="tcss",
@@ -116,6 +118,8 @@ def main() -> None:
         tcss_steps = args.tcss_steps or pipe.labels.cfg.tcss.sample_steps
         if args.tcss_temperature is not None:
             pipe.labels.temperature = args.tcss_temperature
+        if args.tcss_temper is not None:
+            pipe.labels.temper_prior_only = args.tcss_temper == "prior"
         if args.tcss_lesion_scale is not None:
             pipe.labels.site_gate_lesion_scale = bool(args.tcss_lesion_scale)
         # The sampled (raw) maps are cached per sampler setting, so cleanup or CT-stage changes can
@@ -168,10 +172,11 @@ def main() -> None:
                 results[name]["hu_outside"][st].append(hu_outside(ct, lab, st))
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
+    tempered_on = " (on the prior)" if pipe.labels.temper_prior_only else ""
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
           f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.n} label maps from {args.labels_from}"
           f"{' (raw)' if args.raw_labels else ' (with the label-map cleanup)' if args.labels_from == 'tcss' else ''}"
-          f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}, lesion-scale site gate {pipe.labels.site_gate_lesion_scale}' if args.labels_from == 'tcss' else ''}; "
+          f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}{tempered_on}, lesion-scale site gate {pipe.labels.site_gate_lesion_scale}' if args.labels_from == 'tcss' else ''}; "
           f"segmenter: UNet {seg_cfg.channels}, {args.seg_steps} steps on {args.n_real} real phantom cases")
     for name, r in results.items():
         print(f"{name:>5} ({samplers[name]} steps): {np.mean(r['seconds']):6.1f} s/CT | alignment mean organ Dice "

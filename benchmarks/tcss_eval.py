@@ -21,7 +21,7 @@ applies by default (guidegen.postprocess: the tumour regions that match no reque
 detached parts of organs with a fixed number of parts, then isolated voxels). The cleanup selects by the requested site, so after it the two placement
 rows agree by construction: the site-blind row of the raw output is the model's own placement.
 
-    python benchmarks/tcss_eval.py [--checkpoint ROOT] [--n 50] [--steps 50] [--guidance 2.0] [--temperature T]
+    python benchmarks/tcss_eval.py [--checkpoint ROOT] [--n 50] [--steps 50] [--guidance 2.0] [--temperature T] [--temper prior]
                                    [--no-injection]  # ablation: no parsed knowledge (see below)
                                    [--shard I/N --json F]  # prompts i with i % N == I, rows to F
     python benchmarks/tcss_eval.py --merge F1 F2 ...  # the summary of sharded runs
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--site-gate", type=float, default=None, help="tumour-site gate strength (default: the checkpoint's tcss.site_gate)")
     ap.add_argument("--size-guidance", type=float, default=None, help="tumour volume matching strength (default: the checkpoint's tcss.size_guidance)")
     ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's tcss.temperature)")
+    ap.add_argument("--temper", choices=["all", "prior"], default=None,
+                    help="what the temperature divides: all the x_0 logits, or the prior alone (default: the checkpoint's)")
     ap.add_argument("--lesion-scale", type=int, choices=(0, 1), default=None,
                     help="site gate at the requested lesion's scale, 1 on / 0 off (default: the checkpoint's tcss.site_gate_lesion_scale)")
     ap.add_argument("--threads", type=int, default=2)
@@ -157,6 +159,8 @@ def main() -> None:
         gen.size_guidance = args.size_guidance
     if args.temperature is not None:
         gen.temperature = args.temperature
+    if args.temper is not None:
+        gen.temper_prior_only = args.temper == "prior"
     if args.lesion_scale is not None:
         gen.site_gate_lesion_scale = bool(args.lesion_scale)
     rows, reused = [], 0
@@ -212,7 +216,7 @@ def main() -> None:
                 "prompt_seed": args.prompt_seed, "steps": args.steps, "guidance": guidance, "injection": not args.no_injection, "site_gate": gen.site_gate,
                 "size_guidance": gen.size_guidance, "size_guidance_pool": gen.cfg.tcss.size_guidance_pool,
                 "site_gate_lesion_scale": gen.site_gate_lesion_scale,
-                "temperature": gen.temperature,
+                "temperature": gen.temperature, "temper_prior_only": gen.temper_prior_only,
                 "reused_maps": reused, "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
     summarize(settings, rows, secs)
     if args.json:
@@ -235,7 +239,7 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
           f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}"
           f"{' at lesion scale' if settings.get('site_gate_lesion_scale') else ''}, "
           f"size guidance {settings.get('size_guidance', 0.0)} (pool {settings.get('size_guidance_pool', 1)}), "
-          f"temperature {settings.get('temperature', 1.0)}")
+          f"temperature {settings.get('temperature', 1.0)}{' (on the prior)' if settings.get('temper_prior_only') else ''}")
     print(f"{'':<40}" + "".join(f"{name:>10}" for name, _ in cols))
     print(f"{'prompt parsed to the requested site':<40}{np.mean([r['parsed_ok'] for r in rows]):>10.1%}")
     if all("largest_placed" in r for _, rs in cols for r in rs):
@@ -299,7 +303,7 @@ def paired_rows(base_files: list[str], other_files: list[str]) -> tuple[dict, di
 def print_comparison(base_files: list[str], other_files: list[str]) -> None:
     """Site-blind placement of arm B against arm A, raw and cleaned, with the exact McNemar p."""
     set_a, set_b, pairs = paired_rows(base_files, other_files)
-    differ = [k for k in ("guidance", "site_gate", "size_guidance", "temperature", "injection", "steps") if set_a.get(k) != set_b.get(k)]
+    differ = [k for k in ("guidance", "site_gate", "size_guidance", "temperature", "temper_prior_only", "injection", "steps") if set_a.get(k) != set_b.get(k)]
     print(f"{len(pairs)} prompts (prompt seed {set_a.get('prompt_seed', PROMPT_SEED)}), same seeds; "
           f"A vs B: " + ", ".join(f"{k} {set_a.get(k)} vs {set_b.get(k)}" for k in differ))
     for label, pick in (("raw", lambda r: r), ("cleaned", lambda r: r["cleaned"])):

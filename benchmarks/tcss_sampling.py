@@ -10,7 +10,7 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
 - seconds per sample of each arm and the speed-ups.
 
     python benchmarks/tcss_sampling.py [--checkpoint ROOT] [--n 8] [--steps 25 50] [--guidance G]
-                                       [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T] [--churn C]
+                                       [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T] [--temper prior] [--churn C]
                                        [--reference-steps N]  # compare against N strided steps instead
                                        [--cache DIR] [--shard I/N] [--strided-only] [--cleaned]
 
@@ -172,6 +172,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[50])
     ap.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's tcss.guidance")
     ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's)")
+    ap.add_argument("--temper", choices=["all", "prior"], default=None,
+                    help="what the temperature divides: all the x_0 logits, or the prior alone (voxel evidence exact; default: the checkpoint's)")
     ap.add_argument("--churn", type=float, default=None, help="few-step arms' churn (default: the checkpoint's; 0 = off)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -198,6 +200,8 @@ def main() -> None:
     guidance = gen.cfg.tcss.guidance if args.guidance is None else args.guidance
     if args.temperature is not None:
         gen.temperature = args.temperature
+    if args.temper is not None:
+        gen.temper_prior_only = args.temper == "prior"
     if args.churn is not None:
         gen.churn = args.churn
     prompts = prompts_for(args.n)
@@ -230,8 +234,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {gen.device}, "
           f"{args.threads} threads, batch {args.batch}")
     print(f"checkpoint {pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps), {args.n} prompts, guidance {guidance}, "
-          f"temperature {gen.temperature}, few-step churn {gen.churn}; volumes of the " + ("cleaned maps (as generate writes them)" if args.cleaned else "sampled maps"))
-    results = {"n": args.n, "cleaned": args.cleaned, "guidance": guidance, "temperature": gen.temperature, "churn": gen.churn, "device": str(gen.device),
+          f"temperature {gen.temperature} (on {'the prior' if gen.temper_prior_only else 'all logits'}), few-step churn {gen.churn}; volumes of the " + ("cleaned maps (as generate writes them)" if args.cleaned else "sampled maps"))
+    results = {"n": args.n, "cleaned": args.cleaned, "guidance": guidance, "temperature": gen.temperature, "temper_prior_only": gen.temper_prior_only, "churn": gen.churn, "device": str(gen.device),
                "tcss_train_steps": total_train_steps(gen.meta), "reference": ref, "seconds_per_sample": seconds, "w1": {},
                "organs": [ls.name_of(j) for j in ls.organ_ids],
                "volumes_ml": {k: v[:, ls.organ_ids].round(3).tolist() for k, v in volumes.items()}}

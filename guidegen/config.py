@@ -118,6 +118,10 @@ class TCSSConfig(_Strict):
     # shapes closer to the data (an under-trained denoiser's diffuse x_0 beliefs otherwise
     # leave ragged, intermixed organ borders); 1 = the model's own distribution
     temperature: float = Field(1.0, gt=0)
+    # sampling only: the temperature sharpens the network's prior alone and leaves the
+    # voxel-evidence term log q(x_t | x_0) exact (training/tcss.py prior_tempered); false: it
+    # divides both, which overweights the noisy observation by 1/temperature
+    temper_prior_only: bool = False
     train: TrainConfig = TrainConfig()
 
     @field_validator("size_guidance_pool")

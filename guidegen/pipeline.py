@@ -111,6 +111,7 @@ class LabelMapGenerator:
         self.size_guidance = self.cfg.tcss.size_guidance
         self.site_gate_lesion_scale = self.cfg.tcss.site_gate_lesion_scale
         self.temperature = self.cfg.tcss.temperature
+        self.temper_prior_only = self.cfg.tcss.temper_prior_only
         self.churn = self.cfg.tcss.sample_churn
 
     @torch.no_grad()
@@ -125,7 +126,8 @@ class LabelMapGenerator:
                                  guidance=guidance, generator=gen, site_gate=self.site_gate,
                                  size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
                                  site_gate_lesion_scale=self.site_gate_lesion_scale, requests=requests,
-                                 temperature=self.temperature, churn=self.churn, progress=progress)
+                                 temperature=self.temperature, temper_prior_only=self.temper_prior_only,
+                                 churn=self.churn, progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:
@@ -326,6 +328,7 @@ class GuideGenPipeline:
                     "tcss_size_guidance_pool": self.labels.cfg.tcss.size_guidance_pool if labels is None else None,
                     "tcss_site_gate_lesion_scale": self.labels.site_gate_lesion_scale if labels is None else None,
                     "tcss_temperature": self.labels.temperature if labels is None else None,
+                    "tcss_temper_prior_only": self.labels.temper_prior_only if labels is None else None,
                     "tcss_churn": self.labels.churn if labels is None else None,
                     "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"],
                     "organ_part_voxels": cleaned["organ_part_voxels"]}

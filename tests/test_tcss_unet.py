@@ -319,6 +319,31 @@ def test_sampling_temperature_divides_the_logits_before_the_constraints(label_se
         run(_FixedLogitsModel(logits), 0.0)
 
 
+def test_prior_tempering_sharpens_the_prior_and_keeps_the_evidence_exact():
+    """softmax(prior_tempered) = p_prior^(1/T) · q(x_t | x_0) normalised, by hand on a tiny UNet."""
+    from guidegen.training.tcss import prior_tempered
+
+    ab = cat.cosine_schedule(100)
+    with_evidence = tiny_model(alphas_bar=ab)
+    plain = tiny_model()  # same seed, same weights: the logits without the evidence = the prior
+    x, _, ctx = inputs(2, (16, 16, 16))
+    t = torch.tensor([5, 60])
+    with torch.no_grad():
+        prior = plain(x, t, ctx)
+        got = torch.softmax(prior_tempered(with_evidence, 0.4)(x, t, ctx), dim=1)
+        a = ab[t].float().view(-1, 1, 1, 1, 1)
+        want = torch.softmax(prior / 0.4, dim=1) * (a * x + (1 - a) / K)
+        torch.testing.assert_close(got, want / want.sum(1, keepdim=True), rtol=1e-4, atol=1e-6)
+        # temperature 1 is the network itself; without the evidence skip, the plain division
+        torch.testing.assert_close(prior_tempered(with_evidence, 1.0)(x, t, ctx), with_evidence(x, t, ctx))
+        torch.testing.assert_close(prior_tempered(plain, 0.4)(x, t, ctx), prior / 0.4)
+        # dividing everything instead sharpens the noisy observation's likelihood as well
+        all_tempered = torch.softmax(with_evidence(x, t, ctx) / 0.4, dim=1)
+        assert (all_tempered - got).abs().max() > 1e-2
+    with pytest.raises(GuideGenError, match="temperature must be > 0"):
+        prior_tempered(plain, 0.0)
+
+
 def test_temperature_config_must_be_positive():
     from guidegen.config import config_from_dict
 

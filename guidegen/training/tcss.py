@@ -16,7 +16,7 @@ from guidegen.errors import GuideGenError
 from guidegen.evaluation.metrics import sphere_volume_mm3
 from guidegen.labels import LabelSet
 from guidegen.models.conditioned import ConditionedDenoiser
-from guidegen.models.tcss_unet import TCSSUNet
+from guidegen.models.tcss_unet import TCSSUNet, voxel_evidence
 from guidegen.text.findings import Findings
 from guidegen.text.knowledge import TextConditioner, sample_drop_mask
 from guidegen.training.common import batch_condition, class_weight_vector
@@ -164,18 +164,42 @@ def _tempered(then, temperature: float):
     return (lambda logits: logits / temperature) if then is None else (lambda logits: then(logits / temperature))
 
 
+def prior_tempered(net: TCSSUNet, temperature: float):
+    """``(xt_onehot, t, context) -> logits`` of ``net`` with only its prior divided by ``temperature``.
+
+    With the voxel-evidence skip the logits are prior + ``log q(x_t | x_0)``; dividing all of
+    them by a temperature below 1 also raises the exact likelihood of the observed noisy voxel
+    to the power 1/temperature, as if x_t were less noisy than the schedule says, so noise
+    voxels are kept: ``p(x_0 | x_t) ∝ p_prior(x_0)^(1/temperature) · q(x_t | x_0)`` sharpens the
+    belief about the clean map and leaves the observation's likelihood exact. Without the skip
+    (``net.alphas_bar`` None) it is the plain division.
+    """
+    if temperature <= 0:
+        raise GuideGenError(f"temperature must be > 0, got {temperature}")
+
+    def model_fn(xt_onehot: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        logits = net(xt_onehot, t, context)
+        if net.alphas_bar is None:
+            return logits / temperature
+        evidence = voxel_evidence(xt_onehot, net.alphas_bar[t].to(logits.dtype))
+        return evidence + (logits - evidence) / temperature
+
+    return model_fn
+
+
 @torch.no_grad()
 def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, int, int], alphas_bar: torch.Tensor,
                       label_set: LabelSet, *, steps: int, guidance: float, generator: torch.Generator,
                       site_gate: float = 0.0, size_guidance: float = 0.0, size_guidance_pool: int = 1,
                       site_gate_lesion_scale: bool = False, requests: TumorRequests | None = None, temperature: float = 1.0,
-                      churn: float = 0.0, progress: bool = False) -> torch.Tensor:
+                      temper_prior_only: bool = False, churn: float = 0.0, progress: bool = False) -> torch.Tensor:
     """Sample label maps ``(B, X, Y, Z)`` long for prepared condition tensors ``cond``.
 
     ``steps`` == T runs the full ancestral sampler; fewer uses the strided sampler (with
     ``churn``, :func:`~guidegen.diffusion.categorical.sample_strided`). Guidance
     is classifier-free on the x0 logits with the model's learned null context; the guided
-    logits are divided by ``temperature`` (config ``tcss.temperature``); then the findings'
+    logits are divided by ``temperature`` (config ``tcss.temperature``; with ``temper_prior_only``
+    only the network's prior, the voxel evidence stays exact: :func:`prior_tempered`); then the findings'
     tumour constraints (:func:`tumor_guidance_fn`) act on them: ``requests`` (from parsed
     findings: sides and volume) or, when None, the sites of ``cond["findings_vec"]``.
     The constraints come after the temperature so the matched tumour volume is that of the
@@ -187,9 +211,13 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
         requests = TumorRequests.from_vector(cond["findings_vec"], label_set)
     constrain = tumor_guidance_fn(requests.to(cond["tokens"].device), label_set, site_gate, size_guidance,
                                   pool=size_guidance_pool, lesion_scale=site_gate_lesion_scale)
-    if temperature != 1.0:
+    model_fn = model.net
+    if temperature != 1.0 and temper_prior_only:
+        # identical evidence in both passes: tempering each before guidance = tempering the guided prior
+        model_fn = prior_tempered(model.net, temperature)
+    elif temperature != 1.0:
         constrain = _tempered(constrain, temperature)
-    denoise = cat.classifier_free_guidance(model.net, context, model.null_context(1), guidance, constrain)
+    denoise = cat.classifier_free_guidance(model_fn, context, model.null_context(1), guidance, constrain)
     shape = (b, *grid)
     timesteps = alphas_bar.shape[0] - 1
     if steps >= timesteps:
@@ -240,6 +268,6 @@ class TCSSTask(StageTask):
                                  steps=min(25, self.cfg.tcss.timesteps), guidance=self.cfg.tcss.guidance, generator=gen,
                                  site_gate=self.cfg.tcss.site_gate, size_guidance=self.cfg.tcss.size_guidance,
                                  size_guidance_pool=self.cfg.tcss.size_guidance_pool, temperature=self.cfg.tcss.temperature,
-                                 churn=self.cfg.tcss.sample_churn)
+                                 temper_prior_only=self.cfg.tcss.temper_prior_only, churn=self.cfg.tcss.sample_churn)
         for i, lab in enumerate(maps.cpu().numpy().astype("uint8")):
             save_case_preview(out_dir / f"step{step:07d}_prompt{i}.png", lab, None, self.label_set, title=f"step {step}: {SAMPLE_PROMPTS[i]}")
