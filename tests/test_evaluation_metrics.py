@@ -265,22 +265,48 @@ def test_keep_organ_parts_relabels_detached_pieces_by_their_shell():
     assert n == 0 and np.array_equal(same, out)
 
 
+def _bladder_rim_map() -> np.ndarray:
+    """(32, 32, 32): a 3-voxel bladder-labelled rim (1512 voxels, 728 of them farther than 2 voxels
+    from its 6³ lesion) in the lung, and the bladder itself (900 voxels, far from any lesion)."""
+    lung, bladder, body, tum = LS.id_of("lung"), LS.id_of("urinary_bladder"), LS.id_of("body"), LS.tumor_id
+    vol = np.full((32, 32, 32), body, np.uint8)
+    vol[8:22, 1:15, 14:28] = lung
+    vol[9:21, 2:14, 15:27] = bladder
+    vol[12:18, 5:11, 18:24] = tum
+    vol[20:30, 20:30, 1:10] = bladder
+    return vol
+
+
 def test_keep_organ_parts_ranks_parts_by_their_voxels_away_from_lesions():
-    from guidegen.postprocess import keep_organ_parts
+    from guidegen.postprocess import LESION_RIM_VOXELS, keep_organ_parts
 
     lung, bladder, body, tum = LS.id_of("lung"), LS.id_of("urinary_bladder"), LS.id_of("body"), LS.tumor_id
-    vol = np.full((24, 24, 24), body, np.uint8)
-    vol[10:22, 2:14, 10:22] = lung
-    vol[11:21, 3:13, 11:21] = bladder  # a 2-voxel bladder-labelled rim around a 6³ lesion: 784 voxels,
-    vol[13:19, 5:11, 13:19] = tum  # 296 of them touching it, so 488 away from it
-    vol[2:10, 14:22, 1:9] = bladder  # the bladder itself: 512 voxels, none near a lesion
+    vol = _bladder_rim_map()
+    assert LESION_RIM_VOXELS == 2  # the counts in _bladder_rim_map's docstring assume it
     out, changed = keep_organ_parts(vol, LS)
-    assert changed == 784 and (out == bladder).sum() == 512 and (out[2:10, 14:22, 1:9] == bladder).all()
-    assert (out[11:21, 3:13, 11:21][vol[11:21, 3:13, 11:21] == bladder] == lung).all() and (out == tum).sum() == 216
+    assert changed == 1512 and (out == bladder).sum() == 900 and (out[20:30, 20:30, 1:10] == bladder).all()
+    rim = vol == bladder
+    rim[20:30, 20:30, 1:10] = False
+    assert (out[rim] == lung).all() and (out == tum).sum() == 216
     # ranked by all their voxels, the rim would have been kept and the bladder removed
     far = vol.copy()
-    far[far == tum] = bladder  # no lesion: the rim and its core are one 1000-voxel bladder part
-    assert (keep_organ_parts(far, LS)[0][2:10, 14:22, 1:9] == body).all()
+    far[far == tum] = bladder  # no lesion: the rim and its core are one 1728-voxel bladder part
+    assert (keep_organ_parts(far, LS)[0][20:30, 20:30, 1:10] == body).all()
+    # judged against a lesion that is gone from the map (removed as unrequested), the rim still loses
+    out, _ = keep_organ_parts(far, LS, lesions=vol == tum)
+    assert (out[20:30, 20:30, 1:10] == bladder).all() and not (out[rim] == bladder).any()
+
+
+def test_clean_label_map_judges_organ_parts_against_the_sampled_lesions():
+    """A lesion that matches no requested tumour is removed first; its bladder rim must still not
+    outrank the bladder."""
+    from guidegen.postprocess import clean_label_map
+
+    vol = _bladder_rim_map()
+    out, counts = clean_label_map(vol, np.eye(4), LS, [{"site": "liver", "side": None, "size_mm": 30.0}])
+    assert counts["stray_tumor_voxels"] == 216 and (out == LS.tumor_id).sum() == 0
+    assert (out[20:30, 20:30, 1:10] == LS.id_of("urinary_bladder")).all()
+    assert (out == LS.id_of("urinary_bladder")).sum() == 900
 
 
 def test_keep_organ_parts_leaves_real_phantom_maps_almost_untouched():
