@@ -141,3 +141,33 @@ def test_tcss_trains_with_the_site_gate_and_condition_dropout(setup):
     assert "non-finite" not in log
     rows = [json.loads(line) for line in (root / "gated" / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+
+
+def test_tcss_sample_previews_ask_for_the_prompts_tumours_as_generate_does(setup, label_set, monkeypatch, tmp_path):
+    """The training preview samples with the prompts' sides, volumes and lesion boxes on the
+    training grid's spacing, and the config's lesion-scale gate (it once passed sites only)."""
+    import guidegen.training.tcss as tcss_mod
+    from guidegen.config import load_config
+    from guidegen.training.run import _tcss_setup
+
+    root, data, cfg_path = setup
+    cfg = load_config(cfg_path)
+    cfg.tcss.site_gate_lesion_scale = True
+    task, _, meta = _tcss_setup(cfg, label_set, data)
+    seen = {}
+
+    def fake_sampler(model, cond, grid, alphas_bar, ls, **kw):
+        seen.update(kw)
+        return torch.zeros(len(tcss_mod.SAMPLE_PROMPTS), *grid, dtype=torch.long)
+
+    monkeypatch.setattr(tcss_mod, "sample_label_maps", fake_sampler)
+    task.sample({"model": task.modules()["model"]}, 7, tmp_path)
+    req = seen["requests"]
+    voxel_mm3 = float(torch.tensor(meta["spacing_mm"]).prod())
+    want = torch.tensor([tcss_mod.sphere_volume_mm3(40.0), tcss_mod.sphere_volume_mm3(30.0)]) / voxel_mm3
+    torch.testing.assert_close(req.volume_voxels, want.float())
+    kidney = label_set.id_of("kidney")
+    assert req.sites[1, kidney].tolist() == [True, False]  # the left kidney only
+    assert req.lesion_boxes[0, label_set.id_of("liver")].tolist() == tcss_mod.lesion_box(40.0, meta["spacing_mm"])
+    assert seen["site_gate_lesion_scale"] is True
+    assert len(list(tmp_path.glob("step0000007_prompt*.png"))) == 2

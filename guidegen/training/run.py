@@ -174,7 +174,7 @@ def _tcss_setup(cfg: GuideGenConfig, label_set, data):
     dataset.build_cache()
     conditioner = TextConditioner(cfg.text, cache_dir=text_cache_dir(data))
     meta = {"label_set": label_set.name, "text_encoder": conditioner.encoder.encoder_id, **data_geometry(dataset)}
-    return TCSSTask(cfg, label_set, conditioner), dataset, meta
+    return TCSSTask(cfg, label_set, conditioner, spacing_mm=tuple(meta["spacing_mm"])), dataset, meta
 
 
 def _autoencoder_setup(cfg: GuideGenConfig, label_set, data):

@@ -17,7 +17,7 @@ from guidegen.evaluation.metrics import sphere_volume_mm3
 from guidegen.labels import LabelSet
 from guidegen.models.conditioned import ConditionedDenoiser
 from guidegen.models.tcss_unet import TCSSUNet, voxel_evidence
-from guidegen.text.findings import Findings
+from guidegen.text.findings import Findings, parse_findings
 from guidegen.text.knowledge import TextConditioner, sample_drop_mask
 from guidegen.training.common import batch_condition, class_weight_vector
 from guidegen.training.trainer import StageTask, StepContext
@@ -228,8 +228,12 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
 class TCSSTask(StageTask):
     """KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) (+ optional x0 cross-entropy) with t ∝ t^1.5."""
 
-    def __init__(self, cfg: GuideGenConfig, label_set: LabelSet, conditioner: TextConditioner):
+    def __init__(self, cfg: GuideGenConfig, label_set: LabelSet, conditioner: TextConditioner,
+                 spacing_mm: tuple[float, float, float] | None = None):
+        """``spacing_mm``: the training grid's voxel size, so the sample previews ask for the
+        prompts' tumours as ``generate`` does (sides, volume, lesion boxes); None: sites only."""
         self.cfg, self.label_set, self.conditioner = cfg, label_set, conditioner
+        self.spacing_mm = spacing_mm
         self.alphas_bar = cat.cosine_schedule(cfg.tcss.timesteps)
         self.class_weights = class_weight_vector(cfg.tcss.class_weights, label_set)
 
@@ -262,12 +266,17 @@ class TCSSTask(StageTask):
 
         model = modules["model"]
         device = next(model.parameters()).device
-        cond = {k: v.to(device) for k, v in self.conditioner.prepare(list(SAMPLE_PROMPTS)).items()}
+        findings = [parse_findings(p) for p in SAMPLE_PROMPTS]
+        cond = {k: v.to(device) for k, v in self.conditioner.prepare(list(SAMPLE_PROMPTS), findings).items()}
+        requests = (None if self.spacing_mm is None else
+                    TumorRequests.from_findings(findings, self.label_set, self.spacing_mm).to(device))
         gen = torch.Generator(device=device).manual_seed(step)
+        tcss = self.cfg.tcss
         maps = sample_label_maps(model, cond, self.cfg.data.grid, self.alphas_bar.to(device), self.label_set,
-                                 steps=min(25, self.cfg.tcss.timesteps), guidance=self.cfg.tcss.guidance, generator=gen,
-                                 site_gate=self.cfg.tcss.site_gate, size_guidance=self.cfg.tcss.size_guidance,
-                                 size_guidance_pool=self.cfg.tcss.size_guidance_pool, temperature=self.cfg.tcss.temperature,
-                                 temper_prior_only=self.cfg.tcss.temper_prior_only, churn=self.cfg.tcss.sample_churn)
+                                 steps=min(25, tcss.timesteps), guidance=tcss.guidance, generator=gen,
+                                 site_gate=tcss.site_gate, size_guidance=tcss.size_guidance,
+                                 size_guidance_pool=tcss.size_guidance_pool, site_gate_lesion_scale=tcss.site_gate_lesion_scale,
+                                 requests=requests, temperature=tcss.temperature, temper_prior_only=tcss.temper_prior_only,
+                                 churn=tcss.sample_churn)
         for i, lab in enumerate(maps.cpu().numpy().astype("uint8")):
             save_case_preview(out_dir / f"step{step:07d}_prompt{i}.png", lab, None, self.label_set, title=f"step {step}: {SAMPLE_PROMPTS[i]}")
