@@ -160,6 +160,7 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Base seed; sample i uses seed + i."),
     steps: Optional[int] = typer.Option(None, "--steps", help="TCSS sampling steps (network calls; default from the checkpoint)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="TCSS classifier-free guidance scale."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="TCSS x_0 sampling temperature (default from the checkpoint; lower: sharper maps, less variety)."),
     ct_steps: Optional[int] = typer.Option(None, "--ct-steps", help="Latent sampler steps (default from the checkpoint)."),
     ct_guidance: Optional[float] = typer.Option(None, "--ct-guidance", help="Latent classifier-free guidance scale."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint root with tcss/, autoencoder/, ldm/ (default: shipped demo)."),
@@ -173,7 +174,7 @@ def generate(
     from guidegen.pipeline import run_generate_command
 
     run_generate_command(prompt=prompt, out=out, prompts_file=prompts, n=n, seed=seed, steps=steps, guidance=guidance,
-                         ct_steps=ct_steps, ct_guidance=ct_guidance, checkpoint=checkpoint, device=device,
+                         temperature=temperature, ct_steps=ct_steps, ct_guidance=ct_guidance, checkpoint=checkpoint, device=device,
                          labels_only=labels_only, labels_path=labels, qc_retries=qc_retries, raw_labels=raw_labels)
 
 

@@ -451,14 +451,20 @@ def _distributed_rank() -> tuple[int, int]:
 def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | None, n: int, seed: int, steps: int | None,
                          guidance: float | None, ct_steps: int | None, ct_guidance: float | None, checkpoint: Path | None,
                          device: str, labels_only: bool, labels_path: Path | None, qc_retries: int,
-                         raw_labels: bool = False) -> list[str]:
-    """The ``guidegen generate`` command: validate options, load, generate, write."""
+                         raw_labels: bool = False, temperature: float | None = None) -> list[str]:
+    """The ``guidegen generate`` command: validate options, load, generate, write.
+
+    ``temperature`` overrides the checkpoint's TCSS sampling temperature (``tcss.temperature``,
+    applied by its ``tcss.temper_prior_only`` rule); the meta of each sample records it.
+    """
     if n < 1:
         raise GuideGenError(f"--n must be at least 1, got {n}")
     if qc_retries < 0:
         raise GuideGenError(f"--qc-retries must be >= 0, got {qc_retries}")
     if steps is not None and steps < 1:
         raise GuideGenError(f"--steps must be at least 1, got {steps}")
+    if temperature is not None and not temperature > 0:
+        raise GuideGenError(f"--temperature must be > 0, got {temperature}")
     if labels_path is not None and labels_only:
         raise GuideGenError("--labels and --labels-only exclude each other")
     if (prompt is None) == (prompts_file is None) and labels_path is None:
@@ -472,6 +478,8 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
     for it in items:
         prompt_findings(it.prompt)  # fail on an empty prompt before loading any model
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only, clean_labels=not raw_labels)
+    if temperature is not None:
+        pipe.labels.temperature = temperature
     rank, world = _distributed_rank()
     written = generate_dataset(pipe, items, out, n=n, seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps,
                                ct_guidance=ct_guidance, qc_retries=qc_retries, rank=rank, world_size=world)

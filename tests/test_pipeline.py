@@ -108,6 +108,22 @@ def test_batch_prompts_resume_and_labels_only(ckpt_root, tmp_path):
     assert sorted(x["case"] for x in lines) == ["a_s0", "a_s1", "b_s0", "b_s1"]
 
 
+def test_temperature_option_reaches_the_sampler_and_the_meta(ckpt_root, tmp_path):
+    from guidegen.pipeline import GuideGenPipeline, run_generate_command
+
+    default = GuideGenPipeline.from_pretrained(ckpt_root, labels_only=True).labels.temperature
+    written = {}
+    for name, temperature in (("default", None), ("hot", 3.0)):
+        out = tmp_path / name
+        (cid,) = run_generate_command(prompt=PROMPT, out=out, prompts_file=None, n=1, seed=4, steps=None, guidance=None,
+                                      ct_steps=None, ct_guidance=None, checkpoint=ckpt_root, device="cpu",
+                                      labels_only=True, labels_path=None, qc_retries=0, temperature=temperature)
+        meta = json.loads((out / "meta" / f"{cid}.json").read_text())
+        written[name] = (meta["settings"]["tcss_temperature"], load_nifti(DatasetReader(out).labels_path(cid))[0])
+    assert written["default"][0] == default and written["hot"][0] == 3.0
+    assert not np.array_equal(written["default"][1], written["hot"][1])  # same seed, another distribution
+
+
 def test_mask_to_ct_on_the_users_grid(ckpt_root, tmp_path, label_set):
     from guidegen.data.phantom import render_phantom
 
@@ -133,6 +149,7 @@ def test_mask_to_ct_on_the_users_grid(ckpt_root, tmp_path, label_set):
         (["liver mass", "--device", "tpu"], "--device"),
         (["liver mass", "--checkpoint", "/nonexistent/ckpt"], "checkpoint directory not found"),
         (["liver mass", "--n", "0"], "--n"),
+        (["liver mass", "--temperature", "0"], "--temperature must be > 0"),
         ([], "PROMPT"),
     ],
 )
