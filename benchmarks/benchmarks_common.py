@@ -20,7 +20,7 @@ def sampler_tag(gen, steps: int, guidance: float) -> str:
 
     ``gen`` is a :class:`guidegen.pipeline.LabelMapGenerator`; the tag holds everything that
     changes what it samples for a prompt and seed: checkpoint (its training steps), step count,
-    guidance, findings constraints, temperature and (few-step only) churn. One helper, so the caches of tcss_eval.py,
+    guidance, findings constraints, temperature and (few-step only) churn and early window. One helper, so the caches of tcss_eval.py,
     generate.py and tcss_sampling.py stay in step when a sampler setting is added.
     """
     from guidegen.checkpoints import total_train_steps
@@ -29,7 +29,8 @@ def sampler_tag(gen, steps: int, guidance: float) -> str:
             f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
             f"{'prior' if gen.temper_prior_only and gen.temperature != 1.0 else ''}"
             f"{'_lesionscale' if gen.site_gate_lesion_scale else ''}"
-            f"{f'_churn{gen.churn}' if gen.churn and steps < gen.cfg.tcss.timesteps else ''}")
+            f"{f'_churn{gen.churn}' if gen.churn and steps < gen.cfg.tcss.timesteps else ''}"
+            f"{f'_window{gen.window_t}x{gen.window_share}' if gen.window_t and gen.window_share and steps < gen.cfg.tcss.timesteps else ''}")
 
 
 def phantom_set(root: Path, n: int, grid: tuple[int, int, int], seed: int) -> Path:

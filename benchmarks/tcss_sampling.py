@@ -10,7 +10,7 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
 - seconds per sample of each arm and the speed-ups.
 
     python benchmarks/tcss_sampling.py [--checkpoint ROOT] [--n 8] [--steps 25 50] [--guidance G]
-                                       [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T] [--temper prior] [--churn C]
+                                       [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T] [--temper prior] [--churn C] [--window-t 850 --window-share 0.6]
                                        [--reference-steps N]  # compare against N strided steps instead
                                        [--cache DIR] [--shard I/N] [--strided-only] [--cleaned]
 
@@ -175,6 +175,10 @@ def main() -> None:
     ap.add_argument("--temper", choices=["all", "prior"], default=None,
                     help="what the temperature divides: all the x_0 logits, or the prior alone (voxel evidence exact; default: the checkpoint's)")
     ap.add_argument("--churn", type=float, default=None, help="few-step arms' churn (default: the checkpoint's; 0 = off)")
+    ap.add_argument("--window-t", type=int, default=None,
+                    help="few-step arms: the early window's lower end (default: the checkpoint's tcss.sample_window_t; 0 = even grid)")
+    ap.add_argument("--window-share", type=float, default=None,
+                    help="few-step arms: the share of the visits in the early window (default: the checkpoint's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1, help="prompts per sampler call")
@@ -204,6 +208,10 @@ def main() -> None:
         gen.temper_prior_only = args.temper == "prior"
     if args.churn is not None:
         gen.churn = args.churn
+    if args.window_t is not None:
+        gen.window_t = args.window_t
+    if args.window_share is not None:
+        gen.window_share = args.window_share
     prompts = prompts_for(args.n)
     volumes, seconds = {}, {}
     ref_steps = T if args.reference_steps is None else args.reference_steps
@@ -234,8 +242,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {gen.device}, "
           f"{args.threads} threads, batch {args.batch}")
     print(f"checkpoint {pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps), {args.n} prompts, guidance {guidance}, "
-          f"temperature {gen.temperature} (on {'the prior' if gen.temper_prior_only else 'all logits'}), few-step churn {gen.churn}; volumes of the " + ("cleaned maps (as generate writes them)" if args.cleaned else "sampled maps"))
-    results = {"n": args.n, "cleaned": args.cleaned, "guidance": guidance, "temperature": gen.temperature, "temper_prior_only": gen.temper_prior_only, "churn": gen.churn, "device": str(gen.device),
+          f"temperature {gen.temperature} (on {'the prior' if gen.temper_prior_only else 'all logits'}), few-step churn {gen.churn}, early window {gen.window_share:.0%} of the visits above t = {gen.window_t}; volumes of the " + ("cleaned maps (as generate writes them)" if args.cleaned else "sampled maps"))
+    results = {"n": args.n, "cleaned": args.cleaned, "guidance": guidance, "temperature": gen.temperature, "temper_prior_only": gen.temper_prior_only, "churn": gen.churn, "window_t": gen.window_t, "window_share": gen.window_share, "device": str(gen.device),
                "tcss_train_steps": total_train_steps(gen.meta), "reference": ref, "seconds_per_sample": seconds, "w1": {},
                "organs": [ls.name_of(j) for j in ls.organ_ids],
                "volumes_ml": {k: v[:, ls.organ_ids].round(3).tolist() for k, v in volumes.items()}}

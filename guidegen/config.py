@@ -112,6 +112,11 @@ class TCSSConfig(_Strict):
     # few-step sampling only, experimental: each jump overshoots by churn × its length and is
     # re-noised back (diffusion.categorical.sample_strided); 0 = off
     sample_churn: float = Field(0.0, ge=0)
+    # few-step sampling only: this share of the visits lies evenly above sample_window_t, the
+    # rest evenly below (diffusion.categorical.strided_timesteps): small early jumps, where the
+    # organs' sizes are decided, keep their spread; 0 = an even grid
+    sample_window_t: int = Field(0, ge=0)
+    sample_window_share: float = Field(0.0, ge=0, lt=1)
     guidance: float = Field(1.5, ge=0)
     # sampling only: the predicted x_0 distribution is sharpened to p^(1/temperature) before
     # the findings' constraints and each step's posterior; < 1 trades diversity for organ

@@ -113,6 +113,7 @@ class LabelMapGenerator:
         self.temperature = self.cfg.tcss.temperature
         self.temper_prior_only = self.cfg.tcss.temper_prior_only
         self.churn = self.cfg.tcss.sample_churn
+        self.window_t, self.window_share = self.cfg.tcss.sample_window_t, self.cfg.tcss.sample_window_share
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], findings: list[Findings], seed: int, steps: int, guidance: float, progress: bool = False) -> np.ndarray:
@@ -127,7 +128,8 @@ class LabelMapGenerator:
                                  size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
                                  site_gate_lesion_scale=self.site_gate_lesion_scale, requests=requests,
                                  temperature=self.temperature, temper_prior_only=self.temper_prior_only,
-                                 churn=self.churn, progress=progress)
+                                 churn=self.churn, window_t=self.window_t, window_share=self.window_share,
+                                 progress=progress)
         return maps.cpu().numpy().astype(np.uint8)
 
     def affine(self) -> np.ndarray:
@@ -330,6 +332,8 @@ class GuideGenPipeline:
                     "tcss_temperature": self.labels.temperature if labels is None else None,
                     "tcss_temper_prior_only": self.labels.temper_prior_only if labels is None else None,
                     "tcss_churn": self.labels.churn if labels is None else None,
+                    "tcss_window_t": self.labels.window_t if labels is None else None,
+                    "tcss_window_share": self.labels.window_share if labels is None else None,
                     "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"],
                     "organ_part_voxels": cleaned["organ_part_voxels"]}
         ct = None

@@ -232,6 +232,23 @@ def test_strided_timesteps():
         cat.strided_timesteps(10, 11)
 
 
+def test_windowed_timesteps_put_the_share_above_the_window_by_hand():
+    # round(3/7 * 7) = 3 visits evenly in (10, 19]: 19, 15, 11; the other 4 evenly in [1, 10]: 10, 7, 4, 1
+    assert cat.strided_timesteps(19, 7, window_t=10, window_share=3 / 7) == [19, 15, 11, 10, 7, 4, 1]
+    ts = cat.strided_timesteps(1000, 50, window_t=850, window_share=0.6)
+    assert len(ts) == 50 and ts[0] == 1000 and ts[-1] == 1 and all(a > b for a, b in zip(ts, ts[1:]))
+    assert sum(t > 850 for t in ts) == 30 and ts[30] == 850
+    # off (either knob 0) is the even grid; the window never takes the last two visits below it
+    assert cat.strided_timesteps(1000, 25, 850, 0.0) == cat.strided_timesteps(1000, 25, 0, 0.6) == cat.strided_timesteps(1000, 25)
+    assert cat.strided_timesteps(1000, 5, 799, 0.99) == [1000, 900, 800, 799, 1]  # 3 above, 2 below
+    # the window cannot hold more visits than it has timesteps: both of (17, 19], the other 4 below
+    assert cat.strided_timesteps(19, 6, window_t=17, window_share=0.9) == [19, 18, 17, 12, 6, 1]
+    with pytest.raises(GuideGenError, match="window must start"):
+        cat.strided_timesteps(10, 5, window_t=10, window_share=0.5)
+    with pytest.raises(GuideGenError, match="share"):
+        cat.strided_timesteps(10, 5, window_t=5, window_share=1.0)
+
+
 def _fixed_denoiser(x0: torch.Tensor, calls: list | None = None):
     """A 'perfect' denoiser that always predicts x0 with near-certainty."""
     def fn(xt_oh, t):
@@ -268,14 +285,16 @@ def test_perfect_denoiser_reproduces_forward_marginals():
     gen = torch.Generator().manual_seed(4)
     x0 = torch.randint(0, K, (2, 16, 16, 16), generator=gen)
     for sampler, kw in ((cat.sample_ancestral, {}), (cat.sample_strided, {"steps": 4}),
-                        (cat.sample_strided, {"steps": 4, "churn": 0.5})):
+                        (cat.sample_strided, {"steps": 4, "churn": 0.5}),
+                        (cat.sample_strided, {"steps": 4, "window_t": T // 2, "window_share": 0.5})):
         seen: dict[int, float] = {}
         calls: list[int] = []
         out = sampler(_fixed_denoiser(x0, calls), tuple(x0.shape), K, ABAR, generator=gen,
                       callback=lambda i, s, x: seen.__setitem__(s, float((x == x0).double().mean())), **kw)
         assert torch.equal(out, x0)
         # churn overshoots and re-noises between the visits: the same calls, the same marginals
-        assert calls == (list(range(T, 0, -1)) if not kw else cat.strided_timesteps(T, 4))
+        assert calls == (list(range(T, 0, -1)) if not kw else
+                         cat.strided_timesteps(T, 4, kw.get("window_t", 0), kw.get("window_share", 0.0)))
         for s, frac in seen.items():
             if s > 0:
                 want = float(ABAR[s] + (1 - ABAR[s]) / K)

@@ -45,6 +45,7 @@ def test_generate_writes_a_paired_sample(ckpt_root, tmp_path, label_set):
     assert meta["settings"]["tcss_size_guidance"] == 1.0 and meta["settings"]["tcss_size_guidance_pool"] == 3
     assert meta["settings"]["tcss_temperature"] == 0.5 and meta["settings"]["tcss_site_gate_lesion_scale"] is True
     assert meta["settings"]["tcss_churn"] == 0.0  # the default: off
+    assert (meta["settings"]["tcss_window_t"], meta["settings"]["tcss_window_share"]) == (0, 0.0)  # default: even grid
     assert meta["settings"]["tcss_temper_prior_only"] is False  # the tiny config's default
     assert set(meta["models"]) == {"tcss", "autoencoder", "ldm"}
     assert "passed" in meta["qc"] and meta["qc"]["hu"]["statistic"] == "trimmed_mean_10" and "air" in meta["qc"]["hu"]["levels"]

@@ -27,6 +27,7 @@ class CountingGenerator:
         self.cfg = SimpleNamespace(tcss=SimpleNamespace(size_guidance_pool=3, timesteps=1000))
         self.site_gate, self.size_guidance, self.temperature, self.site_gate_lesion_scale = 1.0, 1.0, 0.35, True
         self.churn, self.temper_prior_only = 0.0, False
+        self.window_t, self.window_share = 0, 0.0
         self.device = "cpu"
         self.calls: list[tuple[list[str], int, int]] = []
 
@@ -81,13 +82,20 @@ def test_batches_keep_their_seed_and_other_settings_do_not_share_a_file(tmp_path
     assert len(gen.calls) == 6
     tcss_sampling.sample_volumes(gen, PROMPTS, 25, 1.0, batch=2, seed_offset=5, cache=tmp_path)
     assert len(gen.calls) == 8 and len(list(tmp_path.glob("*_churn0.3_*.json"))) == 2
+    # so does the early window of the visit list
+    gen.churn, gen.window_t, gen.window_share = 0.0, 850, 0.6
+    tcss_sampling.sample_volumes(gen, PROMPTS, 1000, 1.0, batch=2, seed_offset=5, cache=tmp_path)
+    assert len(gen.calls) == 8
+    tcss_sampling.sample_volumes(gen, PROMPTS, 25, 1.0, batch=2, seed_offset=5, cache=tmp_path)
+    assert len(gen.calls) == 10 and len(list(tmp_path.glob("*_window850x0.6_*.json"))) == 2
+    gen.window_t, gen.window_share = 0, 0.0
     # tempering the prior alone is another sampler (at temperature 1 the same one)
     gen.temper_prior_only = True
     tcss_sampling.sample_volumes(gen, PROMPTS, 1000, 1.0, batch=2, seed_offset=5, cache=tmp_path)
-    assert len(gen.calls) == 8  # temperature 1.0 here: nothing to temper
+    assert len(gen.calls) == 10  # temperature 1.0 here: nothing to temper
     gen.temperature = 0.35
     tcss_sampling.sample_volumes(gen, PROMPTS, 1000, 1.0, batch=2, seed_offset=5, cache=tmp_path)
-    assert len(gen.calls) == 10 and len(list(tmp_path.glob("*_temp0.35prior_*.json"))) == 2
+    assert len(gen.calls) == 12 and len(list(tmp_path.glob("*_temp0.35prior_*.json"))) == 2
 
 
 def test_a_cache_of_other_prompts_is_refused_by_name(tmp_path):

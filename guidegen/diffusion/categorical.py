@@ -540,15 +540,36 @@ def gumbel_sample(log_probs: Tensor, generator: torch.Generator | None = None) -
     return (log_probs.float() + gumbel).argmax(dim=1)
 
 
-def strided_timesteps(timesteps: int, steps: int) -> list[int]:
-    """Evenly spaced descending visit list from T to 1 (``steps`` entries; all T when steps == T)."""
+def strided_timesteps(timesteps: int, steps: int, window_t: int = 0, window_share: float = 0.0) -> list[int]:
+    """Descending visit list from T to 1 (``steps`` entries; all T when steps == T).
+
+    By default the visits are evenly spaced. With ``window_t`` > 0 and ``window_share`` > 0,
+    round(window_share · steps) of them lie evenly in (window_t, T] and the rest evenly in
+    [1, window_t]: small jumps early, where the organs' sizes are decided. A jump draws every
+    voxel independently given x_t, so a large early jump commits a blurred, average-sized
+    organ at once; many small ones let each step's draw feed the next prediction, which is how
+    the full sampler spreads the sizes (measured on the demo checkpoint, docs/measurements.md).
+    At least one visit stays on each side and two below (the last visit is t = 1).
+    """
     if steps < 1 or steps > timesteps:
         raise GuideGenError(f"sample steps must be between 1 and the number of timesteps ({timesteps}), got {steps}")
+    if not 0 <= window_t < timesteps:
+        raise GuideGenError(f"the sampling window must start below the number of timesteps ({timesteps}), got {window_t}")
+    if not 0.0 <= window_share < 1.0:
+        raise GuideGenError(f"the sampling window's share of the steps must be in [0, 1), got {window_share}")
     if steps == timesteps:
         return list(range(timesteps, 0, -1))
     if steps == 1:
         return [timesteps]
-    return [int(v) for v in torch.linspace(timesteps, 1, steps, dtype=torch.float64).round().long()]
+
+    def even(start: int, stop: int, n: int) -> list[int]:
+        return [int(v) for v in torch.linspace(start, stop, n, dtype=torch.float64).round().long()]
+
+    if window_t == 0 or window_share == 0.0 or steps < 3:
+        return even(timesteps, 1, steps)
+    above = min(max(round(window_share * steps), 1), steps - 2, timesteps - window_t)
+    below = min(steps - above, window_t)
+    return even(timesteps, window_t + 1, above) + even(window_t, 1, below)
 
 
 def _progress(iterable, total: int, progress: bool, desc: str):
@@ -590,8 +611,12 @@ def sample_ancestral(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes:
 @torch.no_grad()
 def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: int, alphas_bar: Tensor,
                    steps: int, generator: torch.Generator | None = None, progress: bool = False,
-                   callback: StepCallback | None = None, churn: float = 0.0) -> Tensor:
+                   callback: StepCallback | None = None, churn: float = 0.0, window_t: int = 0,
+                   window_share: float = 0.0) -> Tensor:
     """Few-step sampling: visit :func:`strided_timesteps` and jump t → s with p_theta(x_s | x_t).
+
+    ``window_t`` / ``window_share``: the visit list's early window (:func:`strided_timesteps`;
+    0 = an even grid).
 
     With steps == T it visits every t and consumes the same random stream as
     :func:`sample_ancestral`, so both return identical maps for the same generator state.
@@ -610,7 +635,7 @@ def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: i
     if churn < 0:
         raise GuideGenError(f"churn must be >= 0, got {churn}")
     device = generator.device if generator is not None else alphas_bar.device
-    ts = strided_timesteps(alphas_bar.shape[0] - 1, steps)
+    ts = strided_timesteps(alphas_bar.shape[0] - 1, steps, window_t, window_share)
     x = torch.randint(0, num_classes, shape, generator=generator, device=device)
     for i in _progress(range(len(ts)), len(ts), progress, "TCSS strided"):
         t = ts[i]

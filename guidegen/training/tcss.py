@@ -192,11 +192,13 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
                       label_set: LabelSet, *, steps: int, guidance: float, generator: torch.Generator,
                       site_gate: float = 0.0, size_guidance: float = 0.0, size_guidance_pool: int = 1,
                       site_gate_lesion_scale: bool = False, requests: TumorRequests | None = None, temperature: float = 1.0,
-                      temper_prior_only: bool = False, churn: float = 0.0, progress: bool = False) -> torch.Tensor:
+                      temper_prior_only: bool = False, churn: float = 0.0, window_t: int = 0, window_share: float = 0.0,
+                      progress: bool = False) -> torch.Tensor:
     """Sample label maps ``(B, X, Y, Z)`` long for prepared condition tensors ``cond``.
 
     ``steps`` == T runs the full ancestral sampler; fewer uses the strided sampler (with
-    ``churn``, :func:`~guidegen.diffusion.categorical.sample_strided`). Guidance
+    ``churn`` and the visit list's early window ``window_t`` / ``window_share``,
+    :func:`~guidegen.diffusion.categorical.sample_strided`). Guidance
     is classifier-free on the x0 logits with the model's learned null context; the guided
     logits are divided by ``temperature`` (config ``tcss.temperature``; with ``temper_prior_only``
     only the network's prior, the voxel evidence stays exact: :func:`prior_tempered`); then the findings'
@@ -222,7 +224,8 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
     timesteps = alphas_bar.shape[0] - 1
     if steps >= timesteps:
         return cat.sample_ancestral(denoise, shape, num_classes, alphas_bar, generator, progress=progress)
-    return cat.sample_strided(denoise, shape, num_classes, alphas_bar, steps, generator, progress=progress, churn=churn)
+    return cat.sample_strided(denoise, shape, num_classes, alphas_bar, steps, generator, progress=progress, churn=churn,
+                              window_t=window_t, window_share=window_share)
 
 
 class TCSSTask(StageTask):
@@ -277,6 +280,7 @@ class TCSSTask(StageTask):
                                  site_gate=tcss.site_gate, size_guidance=tcss.size_guidance,
                                  size_guidance_pool=tcss.size_guidance_pool, site_gate_lesion_scale=tcss.site_gate_lesion_scale,
                                  requests=requests, temperature=tcss.temperature, temper_prior_only=tcss.temper_prior_only,
-                                 churn=tcss.sample_churn)
+                                 churn=tcss.sample_churn, window_t=tcss.sample_window_t,
+                                 window_share=tcss.sample_window_share)
         for i, lab in enumerate(maps.cpu().numpy().astype("uint8")):
             save_case_preview(out_dir / f"step{step:07d}_prompt{i}.png", lab, None, self.label_set, title=f"step {step}: {SAMPLE_PROMPTS[i]}")
