@@ -16,7 +16,7 @@
    the HU levels of those held-out real CTs encoded and decoded by the autoencoder (what no latent
    generator can beat).
 
-    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T] [--tcss-temper prior] [--tcss-lesion-scale 0|1]
+    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T] [--tcss-temper prior] [--tcss-lesion-scale 0|1] [--tcss-window-t 850 --tcss-window-share 0.6]
                                   [--labels-from tcss|real] [--raw-labels] [--seg-steps N] [--seg-channels C,..] [--work DIR]
 """
 
@@ -54,6 +54,8 @@ def main() -> None:
                     help="what that temperature divides: all the x_0 logits, or the prior alone (default: the checkpoint's)")
     ap.add_argument("--tcss-lesion-scale", type=int, choices=(0, 1), default=None,
                     help="site gate at the requested lesion's scale, 1 on / 0 off (default: the checkpoint's)")
+    ap.add_argument("--tcss-window-t", type=int, default=None, help="label-map sampler's early window (default: the checkpoint's)")
+    ap.add_argument("--tcss-window-share", type=float, default=None, help="share of the visits in that window (default: the checkpoint's)")
     ap.add_argument("--labels-from", choices=("tcss", "real"), default="tcss",
                     help="label maps sampled by TCSS from the prompts, or held-out real phantom cases with their reports")
     ap.add_argument("--raw-labels", action="store_true", help="skip generate's cleanup (stray lesions, detached organ parts, isolated voxels) of sampled label maps")
@@ -122,6 +124,10 @@ def main() -> None:
             pipe.labels.temper_prior_only = args.tcss_temper == "prior"
         if args.tcss_lesion_scale is not None:
             pipe.labels.site_gate_lesion_scale = bool(args.tcss_lesion_scale)
+        if args.tcss_window_t is not None:
+            pipe.labels.window_t = args.tcss_window_t
+        if args.tcss_window_share is not None:
+            pipe.labels.window_share = args.tcss_window_share
         # The sampled (raw) maps are cached per sampler setting, so cleanup or CT-stage changes can
         # be measured again without the label-map sampling, which is most of this benchmark's time.
         cache = Path(args.maps) if args.maps else work / "labelmaps" / f"{sampler_tag(pipe.labels, tcss_steps, tcss_guidance)}.npz"
@@ -176,7 +182,7 @@ def main() -> None:
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
           f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.n} label maps from {args.labels_from}"
           f"{' (raw)' if args.raw_labels else ' (with the label-map cleanup)' if args.labels_from == 'tcss' else ''}"
-          f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}{tempered_on}, lesion-scale site gate {pipe.labels.site_gate_lesion_scale}' if args.labels_from == 'tcss' else ''}; "
+          f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}{tempered_on}, lesion-scale site gate {pipe.labels.site_gate_lesion_scale}, early window {pipe.labels.window_share:.0%} above t = {pipe.labels.window_t}' if args.labels_from == 'tcss' else ''}; "
           f"segmenter: UNet {seg_cfg.channels}, {args.seg_steps} steps on {args.n_real} real phantom cases")
     for name, r in results.items():
         print(f"{name:>5} ({samplers[name]} steps): {np.mean(r['seconds']):6.1f} s/CT | alignment mean organ Dice "

@@ -106,6 +106,8 @@ def main() -> None:
                     help="what the temperature divides: all the x_0 logits, or the prior alone (default: the checkpoint's)")
     ap.add_argument("--lesion-scale", type=int, choices=(0, 1), default=None,
                     help="site gate at the requested lesion's scale, 1 on / 0 off (default: the checkpoint's tcss.site_gate_lesion_scale)")
+    ap.add_argument("--window-t", type=int, default=None, help="few-step visit list's early window (default: the checkpoint's tcss.sample_window_t)")
+    ap.add_argument("--window-share", type=float, default=None, help="share of the visits in that window (default: the checkpoint's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the maps are scored on the CPU)")
     ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
@@ -163,6 +165,10 @@ def main() -> None:
         gen.temper_prior_only = args.temper == "prior"
     if args.lesion_scale is not None:
         gen.site_gate_lesion_scale = bool(args.lesion_scale)
+    if args.window_t is not None:
+        gen.window_t = args.window_t
+    if args.window_share is not None:
+        gen.window_share = args.window_share
     rows, reused = [], 0
     maps = None
     if args.maps:
@@ -217,6 +223,7 @@ def main() -> None:
                 "size_guidance": gen.size_guidance, "size_guidance_pool": gen.cfg.tcss.size_guidance_pool,
                 "site_gate_lesion_scale": gen.site_gate_lesion_scale,
                 "temperature": gen.temperature, "temper_prior_only": gen.temper_prior_only,
+                "window_t": gen.window_t, "window_share": gen.window_share,
                 "reused_maps": reused, "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
     summarize(settings, rows, secs)
     if args.json:
@@ -239,7 +246,9 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
           f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}"
           f"{' at lesion scale' if settings.get('site_gate_lesion_scale') else ''}, "
           f"size guidance {settings.get('size_guidance', 0.0)} (pool {settings.get('size_guidance_pool', 1)}), "
-          f"temperature {settings.get('temperature', 1.0)}{' (on the prior)' if settings.get('temper_prior_only') else ''}")
+          f"temperature {settings.get('temperature', 1.0)}{' (on the prior)' if settings.get('temper_prior_only') else ''}"
+          + (f", early window {settings['window_share']:.0%} of the visits above t = {settings['window_t']}"
+             if settings.get("window_t") and settings.get("window_share") else ""))
     print(f"{'':<40}" + "".join(f"{name:>10}" for name, _ in cols))
     print(f"{'prompt parsed to the requested site':<40}{np.mean([r['parsed_ok'] for r in rows]):>10.1%}")
     if all("largest_placed" in r for _, rs in cols for r in rs):
@@ -303,7 +312,10 @@ def paired_rows(base_files: list[str], other_files: list[str]) -> tuple[dict, di
 def print_comparison(base_files: list[str], other_files: list[str]) -> None:
     """Site-blind placement of arm B against arm A, raw and cleaned, with the exact McNemar p."""
     set_a, set_b, pairs = paired_rows(base_files, other_files)
-    differ = [k for k in ("guidance", "site_gate", "size_guidance", "temperature", "temper_prior_only", "injection", "steps") if set_a.get(k) != set_b.get(k)]
+    # files written before a setting existed ran with its off value
+    off = {"window_t": 0, "window_share": 0.0}
+    differ = [k for k in ("guidance", "site_gate", "size_guidance", "temperature", "temper_prior_only", "window_t", "window_share",
+                          "injection", "steps") if set_a.get(k, off.get(k)) != set_b.get(k, off.get(k))]
     print(f"{len(pairs)} prompts (prompt seed {set_a.get('prompt_seed', PROMPT_SEED)}), same seeds; "
           f"A vs B: " + ", ".join(f"{k} {set_a.get(k)} vs {set_b.get(k)}" for k in differ))
     for label, pick in (("raw", lambda r: r), ("cleaned", lambda r: r["cleaned"])):
