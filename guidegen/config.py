@@ -136,6 +136,12 @@ class TCSSConfig(_Strict):
             raise ValueError(f"must be an odd number of voxels, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _window_inside_schedule(self) -> "TCSSConfig":
+        if self.sample_window_t >= self.timesteps:
+            raise ValueError(f"sample_window_t must be below timesteps ({self.timesteps}), got {self.sample_window_t}")
+        return self
+
 
 class AutoencoderConfig(_Strict):
     """Stage 2: anatomy-aware HDR KL autoencoder (DESIGN §6)."""

@@ -77,6 +77,15 @@ def test_size_guidance_pool_must_be_odd():
     assert config_from_dict({"tcss": {"size_guidance_pool": 5}}, "x.yaml").tcss.size_guidance_pool == 5
 
 
+def test_sampling_window_must_lie_inside_the_schedule():
+    with pytest.raises(GuideGenError, match=r"x\.yaml: .*sample_window_t must be below timesteps \(1000\), got 1000"):
+        config_from_dict({"tcss": {"sample_window_t": 1000, "sample_window_share": 0.6}}, "x.yaml")
+    with pytest.raises(GuideGenError, match=r"x\.yaml: tcss\.sample_window_share"):
+        config_from_dict({"tcss": {"sample_window_share": 1.0}}, "x.yaml")
+    cfg = config_from_dict({"tcss": {"sample_window_t": 850, "sample_window_share": 0.6}}, "x.yaml").tcss
+    assert (cfg.sample_window_t, cfg.sample_window_share) == (850, 0.6)
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("data:\n  grid: [48, 48\n  label_set: x\n")

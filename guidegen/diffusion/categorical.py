@@ -541,7 +541,8 @@ def gumbel_sample(log_probs: Tensor, generator: torch.Generator | None = None) -
 
 
 def strided_timesteps(timesteps: int, steps: int, window_t: int = 0, window_share: float = 0.0) -> list[int]:
-    """Descending visit list from T to 1 (``steps`` entries; all T when steps == T).
+    """Descending visit list from T to 1 (``steps`` entries; all T when steps == T; fewer only
+    when the window's side has fewer timesteps than its share of the visits).
 
     By default the visits are evenly spaced. With ``window_t`` > 0 and ``window_share`` > 0,
     round(window_share · steps) of them lie evenly in (window_t, T] and the rest evenly in
@@ -629,8 +630,7 @@ def sample_strided(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_classes: i
     Measured on the demo checkpoint against 1000-step sampling (``benchmarks/tcss_sampling.py``,
     n = 26, the all-logit temperature 0.35 then shipped): γ = 1 brings the bladder's volume under
     10 % relative W1 and shrinks the adrenal's shift, but draws the ribs 11 % smaller, so it is
-    off by default. γ = 0 consumes no extra
-    random numbers.
+    off by default. γ = 0 consumes no extra random numbers.
     """
     if churn < 0:
         raise GuideGenError(f"churn must be >= 0, got {churn}")
