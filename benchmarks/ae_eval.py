@@ -7,9 +7,12 @@ checkpoint's grid, reconstructs each through the autoencoder and prints, average
   and, per case, the lesion voxels and that error (a few small lesions carry most of the mean)
 - |mean HU error| of vertebrae and of ribs                                    (target <= 60 HU)
 - |mean HU error| of lung parenchyma                                          (target <= 40 HU)
-and the whole-volume MAE per window.
+and the whole-volume MAE per window; and, as the decoder's ceiling for issue 8's HU target, the
+share of per-organ HU levels (medians and QC's 10 % trimmed means) of the reconstructions inside
+the range of N_REAL real phantom cases (the reference set benchmarks/generate.py uses), next to
+the same share for the unseen real cases themselves (the range's own coverage).
 
-    python benchmarks/ae_eval.py [--checkpoint DIR] [--n 20]
+    python benchmarks/ae_eval.py [--checkpoint DIR] [--n 20] [--n-real 96]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,11 +32,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None, help="autoencoder checkpoint dir (default: shipped demo)")
     ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--n-real", type=int, default=96, help="real phantom cases whose HU range the levels are held to")
+    ap.add_argument("--work", default="runs/bench_generate", help="where the real set is kept (shared with generate.py)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from benchmarks_common import hu_lines, hu_outside, phantom_set
+
     from guidegen.checkpoints import shipped_root
+    from guidegen.evaluation.sets import load_eval_set
+    from guidegen.qc import HU_STATISTIC, hu_reference
     from guidegen.data.latents import load_autoencoder
     from guidegen.data.phantom import render_phantom
     from guidegen.labels import load_label_set
@@ -44,6 +54,12 @@ def main() -> None:
     organ_ids = np.array(ls.organ_ids)
     rows = {k: [] for k in ("organ_mae", "tumor", "vertebrae", "rib", "lung", *WINDOWS_HU)}
     tumor_cases = []  # (seed, tumour voxels, |mean HU error|): where the mean error comes from
+    grid = tuple(cfg.data.grid)
+    real = load_eval_set(phantom_set(Path(args.work) / f"real_{args.n_real}_{'x'.join(map(str, grid))}",
+                                     args.n_real, grid, seed=500000), grid)
+    stats = (HU_STATISTIC, "median")
+    refs = {st: hu_reference(zip(real.ct, real.labels), ls, st) for st in stats}
+    outside = {(src, st): [] for src in ("recon", "real") for st in stats}
     t0 = time.perf_counter()
     for seed in range(args.n):
         case = render_phantom(seed, tuple(cfg.data.grid))
@@ -58,6 +74,9 @@ def main() -> None:
                     tumor_cases.append((seed, int(m.sum()), rows[name][-1]))
         for w, win in WINDOWS_HU.items():
             rows[w].append(windowed_mae(ct, rec, win))
+        for st in stats:
+            outside["recon", st].append(hu_outside(rec, lab, ls, refs[st], st))
+            outside["real", st].append(hu_outside(ct, lab, ls, refs[st], st))
     secs = time.perf_counter() - t0
     mean = lambda k: float(np.mean(rows[k])) if rows[k] else float("nan")  # noqa: E731
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
@@ -69,6 +88,11 @@ def main() -> None:
     print(f"vertebrae / rib |mean HU error|:       {mean('vertebrae'):6.1f} / {mean('rib'):.1f} HU   (target <= 60)")
     print(f"lung |mean HU error|:                  {mean('lung'):6.1f} HU   (target <= 40)")
     print("whole-volume MAE by window: " + ", ".join(f"{w} {mean(w):.1f} HU" for w in WINDOWS_HU))
+    print(f"organ HU levels against the range of {args.n_real} real phantom cases (seeds 500000..):")
+    for src, what in (("recon", "reconstructions (the decoder's ceiling)"), ("real", "the real cases themselves")):
+        print(f"  {what}:")
+        for st in stats:
+            print(hu_lines(outside[src, st], st, indent="    "))
     print(f"time: {secs:.0f} s")
 
 

@@ -37,7 +37,13 @@ from guidegen.checkpoints import total_train_steps
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+# the TCSS sampler settings this script can override (benchmarks_common.SAMPLER_OPTIONS)
+SAMPLER_ARGS = ["temperature", "temper", "lesion-scale", "window-t", "window-share"]
+
+
 def main() -> None:
+    from benchmarks_common import add_sampler_options, apply_sampler_options
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--n", type=int, default=20)
@@ -49,13 +55,7 @@ def main() -> None:
     ap.add_argument("--seg-channels", default="8,16,32,64", help="segmenter UNet channels per level")
     ap.add_argument("--tcss-steps", type=int, default=None, help="label-map sampler steps (default: the checkpoint's)")
     ap.add_argument("--tcss-guidance", type=float, default=None, help="label-map guidance (default: the checkpoint's)")
-    ap.add_argument("--tcss-temperature", type=float, default=None, help="label-map sampling temperature (default: the checkpoint's)")
-    ap.add_argument("--tcss-temper", choices=["all", "prior"], default=None,
-                    help="what that temperature divides: all the x_0 logits, or the prior alone (default: the checkpoint's)")
-    ap.add_argument("--tcss-lesion-scale", type=int, choices=(0, 1), default=None,
-                    help="site gate at the requested lesion's scale, 1 on / 0 off (default: the checkpoint's)")
-    ap.add_argument("--tcss-window-t", type=int, default=None, help="label-map sampler's early window (default: the checkpoint's)")
-    ap.add_argument("--tcss-window-share", type=float, default=None, help="share of the visits in that window (default: the checkpoint's)")
+    add_sampler_options(ap, SAMPLER_ARGS, prefix="tcss-")
     ap.add_argument("--labels-from", choices=("tcss", "real"), default="tcss",
                     help="label maps sampled by TCSS from the prompts, or held-out real phantom cases with their reports")
     ap.add_argument("--raw-labels", action="store_true", help="skip generate's cleanup (stray lesions, detached organ parts, isolated voxels) of sampled label maps")
@@ -66,7 +66,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from benchmarks_common import phantom_set, sampler_tag
+    from benchmarks_common import hu_lines, phantom_set, sampler_tag
+    from benchmarks_common import hu_outside as hu_outside_range
     from tcss_eval import make_prompts
 
     from guidegen.evaluation.metrics import dice_per_class
@@ -75,7 +76,7 @@ def main() -> None:
     from guidegen.models.segmenter import SegmenterConfig, segment
     from guidegen.pipeline import GuideGenPipeline, prompt_findings
     from guidegen.postprocess import clean_label_map
-    from guidegen.qc import HU_MARGIN, HU_STATISTIC, hu_levels, hu_reference
+    from guidegen.qc import HU_STATISTIC, hu_reference
     from guidegen.reconstruct import reconstruct_volume
     from guidegen.text.findings import Findings
 
@@ -118,16 +119,7 @@ def main() -> None:
         cases = []
         tcss_guidance = pipe.labels.cfg.tcss.guidance if args.tcss_guidance is None else args.tcss_guidance
         tcss_steps = args.tcss_steps or pipe.labels.cfg.tcss.sample_steps
-        if args.tcss_temperature is not None:
-            pipe.labels.temperature = args.tcss_temperature
-        if args.tcss_temper is not None:
-            pipe.labels.temper_prior_only = args.tcss_temper == "prior"
-        if args.tcss_lesion_scale is not None:
-            pipe.labels.site_gate_lesion_scale = bool(args.tcss_lesion_scale)
-        if args.tcss_window_t is not None:
-            pipe.labels.window_t = args.tcss_window_t
-        if args.tcss_window_share is not None:
-            pipe.labels.window_share = args.tcss_window_share
+        apply_sampler_options(pipe.labels, args, SAMPLER_ARGS, prefix="tcss-")
         # The sampled (raw) maps are cached per sampler setting, so cleanup or CT-stage changes can
         # be measured again without the label-map sampling, which is most of this benchmark's time.
         cache = Path(args.maps) if args.maps else work / "labelmaps" / f"{sampler_tag(pipe.labels, tcss_steps, tcss_guidance)}.npz"
@@ -144,25 +136,7 @@ def main() -> None:
             cases.append((text, f, lab if args.raw_labels else clean_label_map(lab, pipe.labels.affine(), ls, f.to_dict()["tumors"])[0]))
 
     def hu_outside(ct: np.ndarray, lab: np.ndarray, st: str) -> dict[str, float]:
-        """Signed HU by which each organ's level (statistic ``st``) lies outside the real range (0 inside)."""
-        levels, ref = hu_levels(ct.astype(np.float32), lab, ls, st), refs[st]
-        return {n: float(levels[n] - np.clip(levels[n], *ref[n]))
-                for n in levels if n in ref and n in ls.names and ls.id_of(n) in ls.organ_ids}
-
-    def hu_lines(outsides: list[dict[str, float]], st: str, indent: str = "      ") -> str:
-        """Two report lines for one statistic over samples: share inside the real range (the issue
-        asks for inside) with the misses (organ: samples, farthest HU), and share within QC's ± HU_MARGIN."""
-        inside = np.nanmean([np.mean([d == 0 for d in o.values()]) if o else np.nan for o in outsides])
-        margin = np.nanmean([np.mean([abs(d) <= HU_MARGIN for d in o.values()]) if o else np.nan for o in outsides])
-        misses: dict[str, list[float]] = {}
-        for o in outsides:
-            for n, d in o.items():
-                if d != 0:
-                    misses.setdefault(n, []).append(d)
-        ranked = sorted(misses.items(), key=lambda kv: -len(kv[1]))
-        return (f"{indent}organ HU {st} within the real range: {inside:.0%}; outside (organ: samples, farthest HU): "
-                + (", ".join(f"{n}: {len(d)} ({max(d, key=abs):+.0f})" for n, d in ranked) or "none")
-                + f"\n{indent}... within ± {HU_MARGIN:.0f} HU of the real range (QC's tolerance): {margin:.1%}")
+        return hu_outside_range(ct, lab, ls, refs[st], st)
 
     samplers = {"ddim": pipe.ct.cfg.ldm.sample_steps} | ({"ddpm": pipe.ct.cfg.ldm.timesteps} if args.ddpm else {})
     results = {name: {"dice": [], "seconds": [], "hu_outside": {st: [] for st in stats}, "per_class": []} for name in samplers}

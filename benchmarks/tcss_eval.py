@@ -89,7 +89,13 @@ def make_prompts(n: int, seed: int = PROMPT_SEED) -> list[tuple[str, dict]]:
     return out
 
 
+# the TCSS sampler settings this script can override (benchmarks_common.SAMPLER_OPTIONS)
+SAMPLER_ARGS = ["temperature", "temper", "lesion-scale", "window-t", "window-share"]
+
+
 def main() -> None:
+    from benchmarks_common import add_sampler_options, apply_sampler_options
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--n", type=int, default=50)
@@ -101,13 +107,7 @@ def main() -> None:
     ap.add_argument("--no-injection", action="store_true", help="knowledge-injection ablation: raw report only, findings vector zeroed")
     ap.add_argument("--site-gate", type=float, default=None, help="tumour-site gate strength (default: the checkpoint's tcss.site_gate)")
     ap.add_argument("--size-guidance", type=float, default=None, help="tumour volume matching strength (default: the checkpoint's tcss.size_guidance)")
-    ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's tcss.temperature)")
-    ap.add_argument("--temper", choices=["all", "prior"], default=None,
-                    help="what the temperature divides: all the x_0 logits, or the prior alone (default: the checkpoint's)")
-    ap.add_argument("--lesion-scale", type=int, choices=(0, 1), default=None,
-                    help="site gate at the requested lesion's scale, 1 on / 0 off (default: the checkpoint's tcss.site_gate_lesion_scale)")
-    ap.add_argument("--window-t", type=int, default=None, help="few-step visit list's early window (default: the checkpoint's tcss.sample_window_t)")
-    ap.add_argument("--window-share", type=float, default=None, help="share of the visits in that window (default: the checkpoint's)")
+    add_sampler_options(ap, SAMPLER_ARGS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the maps are scored on the CPU)")
     ap.add_argument("--json", default=None, help="also write the settings and per-sample results here")
@@ -159,16 +159,7 @@ def main() -> None:
         gen.site_gate = args.site_gate
     if args.size_guidance is not None:
         gen.size_guidance = args.size_guidance
-    if args.temperature is not None:
-        gen.temperature = args.temperature
-    if args.temper is not None:
-        gen.temper_prior_only = args.temper == "prior"
-    if args.lesion_scale is not None:
-        gen.site_gate_lesion_scale = bool(args.lesion_scale)
-    if args.window_t is not None:
-        gen.window_t = args.window_t
-    if args.window_share is not None:
-        gen.window_share = args.window_share
+    apply_sampler_options(gen, args, SAMPLER_ARGS)
     rows, reused = [], 0
     maps = None
     if args.maps:

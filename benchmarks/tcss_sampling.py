@@ -165,20 +165,19 @@ def organ_w1(reference: np.ndarray, other: np.ndarray, label_set) -> dict[str, f
     return {k: v for k, v in w1.items() if np.isfinite(v)}
 
 
+# the TCSS sampler settings this script can override (benchmarks_common.SAMPLER_OPTIONS)
+SAMPLER_ARGS = ["temperature", "temper", "churn", "window-t", "window-share"]
+
+
 def main() -> None:
+    from benchmarks_common import add_sampler_options, apply_sampler_options
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--steps", type=int, nargs="+", default=[50])
     ap.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's tcss.guidance")
-    ap.add_argument("--temperature", type=float, default=None, help="x_0 sampling temperature (default: the checkpoint's)")
-    ap.add_argument("--temper", choices=["all", "prior"], default=None,
-                    help="what the temperature divides: all the x_0 logits, or the prior alone (voxel evidence exact; default: the checkpoint's)")
-    ap.add_argument("--churn", type=float, default=None, help="few-step arms' churn (default: the checkpoint's; 0 = off)")
-    ap.add_argument("--window-t", type=int, default=None,
-                    help="few-step arms: the early window's lower end (default: the checkpoint's tcss.sample_window_t; 0 = even grid)")
-    ap.add_argument("--window-share", type=float, default=None,
-                    help="few-step arms: the share of the visits in the early window (default: the checkpoint's)")
+    add_sampler_options(ap, SAMPLER_ARGS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1, help="prompts per sampler call")
@@ -202,16 +201,7 @@ def main() -> None:
     gen, ls = pipe.labels, pipe.label_set
     T = gen.cfg.tcss.timesteps
     guidance = gen.cfg.tcss.guidance if args.guidance is None else args.guidance
-    if args.temperature is not None:
-        gen.temperature = args.temperature
-    if args.temper is not None:
-        gen.temper_prior_only = args.temper == "prior"
-    if args.churn is not None:
-        gen.churn = args.churn
-    if args.window_t is not None:
-        gen.window_t = args.window_t
-    if args.window_share is not None:
-        gen.window_share = args.window_share
+    apply_sampler_options(gen, args, SAMPLER_ARGS)
     prompts = prompts_for(args.n)
     volumes, seconds = {}, {}
     ref_steps = T if args.reference_steps is None else args.reference_steps
