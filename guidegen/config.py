@@ -157,10 +157,11 @@ class AutoencoderConfig(_Strict):
     # sharp as the label map. Zero-initialised, so it can be added to a trained AE by --init-from
     # (with freeze_encoder the latent space, and so the LDM, stays valid).
     label_readout: bool = False
-    # depth of each voxel inside its own structure, up to this many voxels, added to the decoder's
-    # label features (models.autoencoder.LabelDepth): layered structures (heart chambers inside the
-    # myocardium, kidney medulla, vertebral marrow) get their layers from the label map instead of
-    # being blurred. Zero-initialised, decoder only: addable by a freeze_encoder --init-from run.
+    # the readout also reads each voxel's depth inside its own structure, up to this many voxels
+    # (models.autoencoder.LabelReadout, one more map per class and depth): layered structures (heart
+    # chambers inside the myocardium, kidney medulla, vertebral marrow) get their layers from the
+    # label map instead of blurred. Zero-initialised, decoder only: addable by a freeze_encoder
+    # --init-from run, which keeps the latent space and the LDM.
     label_depth: int = Field(0, ge=0, le=8)
     p_random_window: float = Field(0.25, ge=0, le=1)  # share of fully random HU windows in the loss
     kl_weight: float = Field(1e-6, ge=0)
@@ -206,8 +207,8 @@ class AutoencoderConfig(_Strict):
     def _readout_reads_labels(self) -> AutoencoderConfig:
         if self.label_readout and not self.inject_labels:
             raise ValueError("label_readout needs inject_labels: true (the readout reads the label map)")
-        if self.label_depth and not self.inject_labels:
-            raise ValueError("label_depth needs inject_labels: true (the depth joins the label features)")
+        if self.label_depth and not self.label_readout:
+            raise ValueError("label_depth needs label_readout: true (the depth maps are part of the readout)")
         return self
 
 

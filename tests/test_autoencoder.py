@@ -154,45 +154,51 @@ def test_label_readout_starts_neutral_and_reads_each_class_with_its_own_weights(
         tiny_model(label_readout=True, inject_labels=False)
 
 
-def test_label_depth_inside_is_a_chebyshev_erosion_hand_case():
-    from guidegen.models.autoencoder import LabelDepth
+def test_structure_depth_is_a_chebyshev_erosion_count_hand_case():
+    from guidegen.models.autoencoder import structure_depth
 
     # 1-D: five voxels of 0 then four of 1; the volume's own ends are not borders
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1]).view(1, 9, 1, 1)
-    inside = LabelDepth.inside(labels, 3)[0, :, :, 0, 0]
-    assert inside.tolist() == [[1, 1, 1, 1, 0, 0, 1, 1, 1],
-                               [1, 1, 1, 0, 0, 0, 0, 1, 1],
-                               [1, 1, 0, 0, 0, 0, 0, 0, 1]]
-    # 3-D: one voxel of class 2 inside a 7³ block of class 1 is a border in every direction,
-    # diagonals included: its 26 neighbours are not inside at depth 1, the next shell is
-    labels = torch.ones(1, 7, 7, 7, dtype=torch.long)
-    labels[0, 3, 3, 3] = 2
-    inside = LabelDepth.inside(labels, 2)[0]
-    cheb = torch.stack(torch.meshgrid(*[torch.arange(7) - 3] * 3, indexing="ij")).abs().amax(0)
-    assert torch.equal(inside[0].bool(), cheb >= 2)
-    assert torch.equal(inside[1].bool(), cheb >= 3)
+    assert structure_depth(labels, 3)[0, :, 0, 0].tolist() == [3, 3, 2, 1, 0, 0, 1, 2, 3]
+    assert structure_depth(labels, 1)[0, :, 0, 0].tolist() == [1, 1, 1, 1, 0, 0, 1, 1, 1]
+    # 3-D: one voxel of class 2 inside a 9³ block of class 1 is a border in every direction,
+    # diagonals included: depth = Chebyshev distance to it minus 1, clipped at R
+    labels = torch.ones(1, 9, 9, 9, dtype=torch.long)
+    labels[0, 4, 4, 4] = 2
+    cheb = torch.stack(torch.meshgrid(*[torch.arange(9) - 4] * 3, indexing="ij")).abs().amax(0)
+    expected = (cheb - 1).clamp(0, 2)
+    assert torch.equal(structure_depth(labels, 2)[0], expected)
 
 
-def test_label_depth_starts_neutral_and_acts_only_where_its_class_has_an_inside():
+def test_label_depth_starts_neutral_and_reads_one_map_per_class_and_depth():
     ct, _ = rand_case()
     labels = torch.full((1, 16, 16, 24), 1, dtype=torch.long)
-    labels[:, 4:12, 4:12, 6:18] = 7  # a block of class 7 with a 4-voxel-deep inside
-    labels[:, 0, 0, 0] = 5  # a lone voxel of class 5: no inside at any depth
-    plain, deep = tiny_model(seed=3), tiny_model(seed=3, label_depth=3)
-    assert set(deep.state_dict()) - set(plain.state_dict()) == {"decoder.depth.embed.weight"}
+    labels[:, 4:12, 4:12, 6:18] = 7  # a block of class 7, 4 voxels deep
+    plain, deep = tiny_model(seed=3, label_readout=True), tiny_model(seed=3, label_readout=True, label_depth=3)
+    assert set(deep.state_dict()) - set(plain.state_dict()) == {"decoder.readout.depth_weight", "decoder.readout.depth_bias"}
+    torch.nn.init.normal_(plain.decoder.readout.proj.weight, std=0.5)  # a trained readout
     deep.load_state_dict(plain.state_dict(), strict=False)
+    feats = {}
+    deep.decoder.norm_out.register_forward_hook(lambda mod, inp, o: feats.__setitem__("h", torch.nn.functional.silu(o)))
     with torch.no_grad():
         z = plain.encode(ct, labels).mode()
         base = plain.decode(z, labels)
         assert torch.equal(deep.decode(z, labels), base)  # zero-initialised: output unchanged
-        deep.decoder.depth.embed.weight[5] = 1.0  # class 5 has no inside: still unchanged
-        assert torch.equal(deep.decode(z, labels), base)
-        deep.decoder.depth.embed.weight[7] = 1.0  # class 7 has one: the output moves
-        assert (deep.decode(z, labels) - base).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="inject_labels"):
-        tiny_model(label_depth=2, inject_labels=False)
-    with pytest.raises(Exception, match="label_depth needs inject_labels"):
-        AutoencoderConfig(label_depth=2, inject_labels=False)
+        # class 7 at depth 2: bias 0.5 and weight w on the features; every other voxel unchanged
+        w = torch.arange(1.0, 5.0)
+        deep.decoder.readout.depth_bias[7 * 3 + 1] = 0.5
+        deep.decoder.readout.depth_weight[7 * 3 + 1] = w
+        out = deep.decode(z, labels)
+    from guidegen.models.autoencoder import structure_depth
+
+    mask = ((labels == 7) & (structure_depth(labels, 3) == 2)).unsqueeze(1)
+    assert 0 < mask.sum() < (labels == 7).sum()
+    expected = base + mask * (0.5 + (feats["h"] * w.view(1, 4, 1, 1, 1)).sum(1, keepdim=True))
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="label_readout"):
+        tiny_model(label_depth=2)
+    with pytest.raises(Exception, match="label_depth needs label_readout"):
+        AutoencoderConfig(label_depth=2)
 
 
 def test_label_readout_config_needs_label_injection():
@@ -217,7 +223,7 @@ def test_loading_an_earlier_checkpoint_may_lack_only_the_declared_new_modules(tm
     assert not readout.decoder.readout.proj.weight.any()
     deep = tiny_model(seed=2, label_readout=True, label_depth=2)  # both additions at once
     load_model_weights(deep, tmp_path, may_lack=deep.INIT_MAY_LACK)
-    assert not deep.decoder.depth.embed.weight.any()
+    assert not deep.decoder.readout.depth_weight.any()
     partial = {k: v.contiguous() for k, v in plain.state_dict().items() if k != "decoder.conv_out.bias"}
     save_file(partial, str(tmp_path / "model.safetensors"))
     with pytest.raises(GuideGenError, match="missing.*decoder.conv_out.bias"):  # other gaps still fail
@@ -513,8 +519,8 @@ def test_tiled_decode_is_exact_when_margin_covers_receptive_field(label_readout,
     m = tiny_model(label_readout=label_readout, label_depth=label_depth).eval()
     if label_readout:  # a trained (non-zero) per-class readout is exactly local too
         torch.nn.init.normal_(m.decoder.readout.proj.weight, std=0.5)
-    if label_depth:  # and so are trained depth features
-        torch.nn.init.normal_(m.decoder.depth.embed.weight, std=0.5)
+    if label_depth:  # and so are trained maps per depth
+        torch.nn.init.normal_(m.decoder.readout.depth_weight, std=0.5)
     radius = receptive_radius(m)
     assert 12 + label_depth <= radius <= 24 + label_depth
     overlap = 4 * -(-int(np.ceil(radius * 8 / 3)) // 4)  # 3/8 of the overlap ≥ radius

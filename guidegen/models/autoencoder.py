@@ -187,6 +187,25 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def structure_depth(labels: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """How deep each voxel lies inside its own structure: (B, X, Y, Z) ids → (B, X, Y, Z) long in [0, R].
+
+    Depth d means the (2d+1)³ cube around the voxel holds only its label and the next larger
+    cube does not (a Chebyshev erosion count, clipped at ``max_depth`` R): 0 on a structure's
+    border, diagonal neighbours included. The volume's own border is not a structure border.
+    Local (reach R voxels), so tiles that overlap by more than that agree.
+    """
+    hi = labels.unsqueeze(1).float()
+    lo = hi
+    depth = torch.zeros_like(hi)
+    for _ in range(max_depth):
+        # max and min of the ids over a growing cube are equal exactly when the cube is uniform
+        hi = F.max_pool3d(hi, 3, stride=1, padding=1)
+        lo = -F.max_pool3d(-lo, 3, stride=1, padding=1)
+        depth += (hi == lo).float()
+    return depth.squeeze(1).long()
+
+
 class LabelReadout(nn.Module):
     """Per-class 1×1 readout: features (B, C, X, Y, Z) + labels (B, X, Y, Z) → (B, 1, X, Y, Z).
 
@@ -198,71 +217,49 @@ class LabelReadout(nn.Module):
     features can carry one smooth field per tissue and the label picks which one a voxel shows,
     so borders are as sharp as the label map. Zero-initialised: adding it to a trained decoder
     leaves the output unchanged until it is fine-tuned. Exactly local, so tiling is unaffected.
+
+    With ``max_depth`` R > 0 a voxel at depth d ≥ 1 inside its structure (:func:`structure_depth`)
+    adds ``u_{k,d} · h(v) + c_{k,d}``: one more linear map per class and depth, also
+    zero-initialised. Why: the phantom's layered structures are layered by depth — contrast-filled
+    heart chambers inside the myocardium (in a contrast-phase case the shipped decoder drew the
+    heart's border voxels 25 HU too bright and the layers inside ~30 HU too dark), the kidney's
+    medulla inside its cortex, vertebral marrow inside cortex — while the label map gives one id
+    for the whole structure. The same features read by a map per depth give a sharp step where
+    the layers meet; how bright each layer is (the contrast phase) still comes from the latent.
     """
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+    def __init__(self, channels: int, num_classes: int, max_depth: int = 0) -> None:
         super().__init__()
         self.proj = nn.Conv3d(channels, num_classes, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        self.max_depth = max_depth
+        if max_depth:
+            # row k·R + d - 1: the map of class k at depth d (1..R)
+            self.depth_weight = nn.Parameter(torch.zeros(num_classes * max_depth, channels))
+            self.depth_bias = nn.Parameter(torch.zeros(num_classes * max_depth))
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.gather(self.proj(h), 1, labels.long().unsqueeze(1))
-
-
-class LabelDepth(nn.Module):
-    """How deep each voxel lies inside its own structure: labels (B, X, Y, Z) → (B, E, X, Y, Z).
-
-    ``inside_r(v)`` is 1 when the (2r+1)³ cube around v holds only v's label (r = 1..R, a
-    Chebyshev erosion; the volume's own border does not count as a structure border), and the
-    feature is ``Σ_r inside_r(v) · e_r[label(v)]``, one learned vector per class and depth.
-
-    Why: the phantom's two-tissue structures are layered by depth — the heart is myocardium
-    around contrast-filled chambers (inner 55 % of its radius), the kidney cortex around the
-    medulla, the vertebral body cortex around marrow — and the label map gives one id for the
-    whole structure. The decoder's features come from a ×4 coarser latent, so without the depth
-    it blurs the chambers into the wall (generated heart medians ~30 HU high, docs/measurements.md).
-    Depth is a function of the label map alone, so it costs the latent nothing, and it is local
-    (reach R voxels), so tiled decoding stays exact. Zero-initialised like :class:`LabelReadout`.
-    """
-
-    def __init__(self, num_classes: int, embed_dim: int, max_depth: int) -> None:
-        super().__init__()
-        self.max_depth = max_depth
-        self.embed_dim = embed_dim
-        self.embed = nn.Embedding(num_classes, max_depth * embed_dim)
-        nn.init.zeros_(self.embed.weight)
-
-    @staticmethod
-    def inside(labels: torch.Tensor, max_depth: int) -> torch.Tensor:
-        """(B, X, Y, Z) label ids → (B, R, X, Y, Z) float, channel r-1 = ``inside_r``."""
-        hi = labels.unsqueeze(1).float()
-        lo = hi
-        out = []
-        for _ in range(max_depth):
-            # max / min of the label ids over a growing cube: equal exactly when the cube is uniform
-            hi = F.max_pool3d(hi, 3, stride=1, padding=1)
-            lo = -F.max_pool3d(-lo, 3, stride=1, padding=1)
-            out.append((hi == lo).float())
-        return torch.cat(out, dim=1)
-
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        inside = self.inside(labels, self.max_depth)  # (B, R, X, Y, Z)
-        e = self.embed(labels.long()).unflatten(-1, (self.max_depth, self.embed_dim))  # (B, X, Y, Z, R, E)
-        return torch.einsum("brxyz,bxyzre->bexyz", inside, e).contiguous()
+        labels = labels.long()
+        out = torch.gather(self.proj(h), 1, labels.unsqueeze(1))
+        if self.max_depth:
+            depth = structure_depth(labels, self.max_depth)
+            row = (labels * self.max_depth + depth - 1).clamp_min(0)  # depth 0 reads no row
+            w = F.embedding(row, self.depth_weight)  # (B, X, Y, Z, C)
+            extra = (w * h.movedim(1, -1)).sum(-1) + F.embedding(row, self.depth_bias.unsqueeze(1)).squeeze(-1)
+            out = out + (extra * (depth > 0)).unsqueeze(1)
+        return out
 
 
 class Decoder(nn.Module):
     """z (B, latent, X/f, Y/f, Z/f) + label pyramid → ct_norm (B, 1, X, Y, Z) (unbounded, ≈ [-1, 1]).
 
-    With ``readout_classes`` K > 0 a :class:`LabelReadout` over K classes is added to the output,
-    and with ``depth_classes`` K > 0 and ``max_depth`` R > 0 a :class:`LabelDepth` joins the
-    label features of every level (``forward`` then needs the full-resolution label map).
+    With ``readout_classes`` K > 0 a :class:`LabelReadout` over K classes (and ``max_depth``
+    R depths) is added to the output (``forward`` then needs the full-resolution label map).
     """
 
     def __init__(self, channels: tuple[int, ...], latent_channels: int, num_res_blocks: int,
-                 label_dim: int, norm: NormKind, readout_classes: int = 0, depth_classes: int = 0,
-                 max_depth: int = 0) -> None:
+                 label_dim: int, norm: NormKind, readout_classes: int = 0, max_depth: int = 0) -> None:
         super().__init__()
         top = channels[-1]
         self.conv_in = nn.Conv3d(latent_channels, top, 3, padding=1)
@@ -282,17 +279,10 @@ class Decoder(nn.Module):
                 self.ups.append(nn.Conv3d(ch, prev, 1))
         self.norm_out = make_norm(norm, prev)
         self.conv_out = nn.Conv3d(prev, 1, 3, padding=1)
-        self.readout = LabelReadout(prev, readout_classes) if readout_classes else None
-        self.depth = LabelDepth(depth_classes, label_dim, max_depth) if depth_classes and max_depth else None
+        self.readout = LabelReadout(prev, readout_classes, max_depth) if readout_classes else None
 
     def forward(self, z: torch.Tensor, pyramid: list[torch.Tensor | None],
                 labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.readout is not None or self.depth is not None:
-            if labels is None:
-                raise ValueError("this decoder reads the label map (per-class readout or depth): "
-                                 "pass it (B, X, Y, Z)")
-        if self.depth is not None:
-            pyramid = self._add_depth(pyramid, self.depth(labels))
         h = self.conv_in(z)
         levels = len(self.blocks)
         for i, blocks in enumerate(self.blocks):
@@ -304,17 +294,9 @@ class Decoder(nn.Module):
         h = F.silu(self.norm_out(h))
         out = self.conv_out(h)
         if self.readout is not None:
+            if labels is None:
+                raise ValueError("this decoder has a per-class readout: pass the label map (B, X, Y, Z)")
             out = out + self.readout(h, labels)
-        return out
-
-    @staticmethod
-    def _add_depth(pyramid: list[torch.Tensor | None], depth: torch.Tensor) -> list[torch.Tensor | None]:
-        """Add the depth features, area-resampled like the label embedding, to every level."""
-        out = []
-        for level, lab in enumerate(pyramid):
-            if level > 0:
-                depth = F.avg_pool3d(depth, 2)
-            out.append(lab + depth)
         return out
 
 
@@ -340,13 +322,13 @@ class AnatomyAwareAutoencoder(nn.Module):
             model then ignores ``labels``.
         label_readout: add the decoder's per-class output readout (:class:`LabelReadout`;
             needs ``inject_labels``).
-        label_depth: R > 0 adds the depth of each voxel inside its structure, up to R voxels,
-            to the decoder's label features (:class:`LabelDepth`; needs ``inject_labels``).
+        label_depth: R > 0 gives the readout one more map per class and depth inside the
+            structure, 1..R voxels (:class:`LabelReadout`; needs ``label_readout``).
         norm: ``"channel"`` (tiling-exact, default) or ``"group"`` (for comparison only).
     """
 
     # output-neutral additions a checkpoint of an earlier design may lack (``--init-from``)
-    INIT_MAY_LACK = ("decoder.readout.", "decoder.depth.")
+    INIT_MAY_LACK = ("decoder.readout.",)
 
     def __init__(self, num_classes: int, channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4,
                  num_res_blocks: int = 1, label_embed_dim: int = 8, inject_labels: bool = True,
@@ -356,8 +338,8 @@ class AnatomyAwareAutoencoder(nn.Module):
             raise ValueError("channels must name at least one level")
         if label_readout and not inject_labels:
             raise ValueError("label_readout needs inject_labels (the readout reads the label map)")
-        if label_depth and not inject_labels:
-            raise ValueError("label_depth needs inject_labels (the depth features join the label pyramid)")
+        if label_depth and not label_readout:
+            raise ValueError("label_depth needs label_readout (the depth maps are part of the readout)")
         self.num_classes = num_classes
         self.latent_channels = latent_channels
         self.inject_labels = inject_labels
@@ -366,8 +348,7 @@ class AnatomyAwareAutoencoder(nn.Module):
         self.labels = LabelPyramid(num_classes, label_embed_dim, len(channels)) if inject_labels else None
         self.encoder = Encoder(tuple(channels), latent_channels, num_res_blocks, label_dim, norm)
         self.decoder = Decoder(tuple(channels), latent_channels, num_res_blocks, label_dim, norm,
-                               readout_classes=num_classes if label_readout else 0,
-                               depth_classes=num_classes, max_depth=label_depth if inject_labels else 0)
+                               readout_classes=num_classes if label_readout else 0, max_depth=label_depth)
         # z_scaled = z * latent_scale has about unit variance over the data (the LDM's input);
         # stored with the weights so a checkpoint carries it (see measure_latent_scale).
         self.register_buffer("latent_scale", torch.tensor(1.0))

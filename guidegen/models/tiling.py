@@ -90,9 +90,9 @@ def receptive_radius(model: AnatomyAwareAutoencoder, part: str = "decoder") -> i
                 touched = (z.grad.abs().sum((0, 1, 3, 4)) > 0).nonzero().flatten()
                 radius = int(max(n // 2 - touched.min().item(), touched.max().item() - n // 2 + 1) * f)
                 # The label map reaches no farther than z (it joins the same blocks, z one conv
-                # earlier), except through the depth features, which look R voxels farther.
-                depth = model.decoder.depth
-                return radius + (depth.max_depth if depth is not None else 0)
+                # earlier), except through the readout's depths, which look R voxels around.
+                readout = model.decoder.readout
+                return radius + (readout.max_depth if readout is not None else 0)
             if part == "encoder":
                 x = torch.full((1, 1, n * f, f, f), 0.1, requires_grad=True)
                 post = model.encode(x, lab if model.inject_labels else None)
