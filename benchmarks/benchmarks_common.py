@@ -29,6 +29,7 @@ def sampler_tag(gen, steps: int, guidance: float) -> str:
             f"_vol{gen.size_guidance}_pool{gen.cfg.tcss.size_guidance_pool}_temp{gen.temperature}"
             f"{'prior' if gen.temper_prior_only and gen.temperature != 1.0 else ''}"
             f"{'_lesionscale' if gen.site_gate_lesion_scale else ''}"
+            f"{'_hostrefill' if gen.host_refill else ''}"
             f"{f'_churn{gen.churn}' if gen.churn and steps < gen.cfg.tcss.timesteps else ''}"
             f"{f'_window{gen.window_t}x{gen.window_share}' if gen.window_t and gen.window_share and steps < gen.cfg.tcss.timesteps else ''}")
 
@@ -41,6 +42,8 @@ SAMPLER_OPTIONS: dict[str, tuple[str, dict, object, str]] = {
                "what the temperature divides: all the x_0 logits, or the prior alone (voxel evidence exact)"),
     "lesion-scale": ("site_gate_lesion_scale", {"type": int, "choices": (0, 1)}, bool,
                      "site gate at the requested lesion's scale, 1 on / 0 off"),
+    "host-refill": ("host_refill", {"type": int, "choices": (0, 1)}, bool,
+                    "volume matching gives what it takes off the tumour to the requested organ, 1 on / 0 off"),
     "churn": ("churn", {"type": float}, float, "few-step sampling's churn (0 = off)"),
     "window-t": ("window_t", {"type": int}, int, "few-step visit list: the early window's lower end (0 = even grid)"),
     "window-share": ("window_share", {"type": float}, float, "few-step visit list: the share of the visits in that window"),

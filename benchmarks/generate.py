@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 # the TCSS sampler settings this script can override (benchmarks_common.SAMPLER_OPTIONS)
-SAMPLER_ARGS = ["temperature", "temper", "lesion-scale", "window-t", "window-share"]
+SAMPLER_ARGS = ["temperature", "temper", "lesion-scale", "host-refill", "window-t", "window-share"]
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ def make_prompts(n: int, seed: int = PROMPT_SEED) -> list[tuple[str, dict]]:
 
 
 # the TCSS sampler settings this script can override (benchmarks_common.SAMPLER_OPTIONS)
-SAMPLER_ARGS = ["temperature", "temper", "lesion-scale", "window-t", "window-share"]
+SAMPLER_ARGS = ["temperature", "temper", "lesion-scale", "host-refill", "window-t", "window-share"]
 
 
 def main() -> None:

@@ -110,6 +110,7 @@ class LabelMapGenerator:
         self.site_gate = self.cfg.tcss.site_gate
         self.size_guidance = self.cfg.tcss.size_guidance
         self.site_gate_lesion_scale = self.cfg.tcss.site_gate_lesion_scale
+        self.host_refill = self.cfg.tcss.size_guidance_host_refill
         self.temperature = self.cfg.tcss.temperature
         self.temper_prior_only = self.cfg.tcss.temper_prior_only
         self.churn = self.cfg.tcss.sample_churn
@@ -126,7 +127,8 @@ class LabelMapGenerator:
         maps = sample_label_maps(self.model, cond, self.grid, self.alphas_bar, self.label_set, steps=steps,
                                  guidance=guidance, generator=gen, site_gate=self.site_gate,
                                  size_guidance=self.size_guidance, size_guidance_pool=self.cfg.tcss.size_guidance_pool,
-                                 site_gate_lesion_scale=self.site_gate_lesion_scale, requests=requests,
+                                 site_gate_lesion_scale=self.site_gate_lesion_scale, host_refill=self.host_refill,
+                                 requests=requests,
                                  temperature=self.temperature, temper_prior_only=self.temper_prior_only,
                                  churn=self.churn, window_t=self.window_t, window_share=self.window_share,
                                  progress=progress)
@@ -329,6 +331,7 @@ class GuideGenPipeline:
                     "tcss_size_guidance": self.labels.size_guidance if labels is None else None,
                     "tcss_size_guidance_pool": self.labels.cfg.tcss.size_guidance_pool if labels is None else None,
                     "tcss_site_gate_lesion_scale": self.labels.site_gate_lesion_scale if labels is None else None,
+                    "tcss_host_refill": self.labels.host_refill if labels is None else None,
                     "tcss_temperature": self.labels.temperature if labels is None else None,
                     "tcss_temper_prior_only": self.labels.temper_prior_only if labels is None else None,
                     "tcss_churn": self.labels.churn if labels is None else None,

@@ -450,6 +450,26 @@ def test_site_gated_logits_at_lesion_scale():
     torch.testing.assert_close(both[1], flat[0])
 
 
+def test_host_refilled_logits_hand_computed():
+    # K = 4: 0 fat, 1 kidney (the host), 2 bladder, 3 tumour; one voxel where matching shrank
+    # the tumour from 0.5 to 0.2, one where it grew it
+    before = torch.log(torch.tensor([[0.2, 0.1, 0.2, 0.5], [0.3, 0.3, 0.3, 0.1]])).T[None]  # (1, 4, 2)
+    matched = before.clone()
+    matched[0, 3] = torch.log(torch.tensor([0.2 / 0.8 * 0.5, 0.5 / 0.5 * 0.9]))  # tumour odds lowered / raised
+    p_matched = torch.softmax(matched, 1)
+    assert torch.allclose(p_matched[0, 3], torch.tensor([0.2, 0.5]))  # 0.9 against the others 0.9
+    out = cat.host_refilled_logits(before, matched, torch.tensor([[False, True, False, False]]), tumor_id=3).exp()
+    # voxel 0: the freed 0.3 goes to the kidney alone: fat 0.2, kidney 0.1 + 0.3, bladder 0.2, tumour 0.2
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([0.2, 0.4, 0.2, 0.2]))
+    # voxel 1: the tumour grew, so matching's own distribution stands
+    torch.testing.assert_close(out[0, :, 1], p_matched[0, :, 1])
+    # plain matching would have given the bladder a share of the freed probability
+    assert p_matched[0, 2, 0] > 0.2 + 1e-3
+    # no host class (no requested organ): matching's output
+    none = cat.host_refilled_logits(before, matched, torch.zeros(1, 4, dtype=torch.bool), tumor_id=3).exp()
+    torch.testing.assert_close(none, p_matched)
+
+
 def test_volume_matched_logits_hand_computed():
     # K = 2 (0 background, 1 tumour) so d = logit_tumour - logit_background; 4 voxels
     d = torch.tensor([2.0, 0.0, -1.0, -3.0])

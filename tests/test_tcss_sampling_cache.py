@@ -26,7 +26,7 @@ class CountingGenerator:
         self.meta = {"train_steps": 7}
         self.cfg = SimpleNamespace(tcss=SimpleNamespace(size_guidance_pool=3, timesteps=1000))
         self.site_gate, self.size_guidance, self.temperature, self.site_gate_lesion_scale = 1.0, 1.0, 0.35, True
-        self.churn, self.temper_prior_only = 0.0, False
+        self.churn, self.temper_prior_only, self.host_refill = 0.0, False, False
         self.window_t, self.window_share = 0, 0.0
         self.device = "cpu"
         self.calls: list[tuple[list[str], int, int]] = []

@@ -126,14 +126,17 @@ class TumorRequests:
 
 
 def tumor_guidance_fn(requests: TumorRequests, label_set: LabelSet, site_gate: float, size_guidance: float = 0.0,
-                      drop: torch.Tensor | None = None, pool: int = 1, lesion_scale: bool = False):
+                      drop: torch.Tensor | None = None, pool: int = 1, lesion_scale: bool = False,
+                      host_refill: bool = False):
     """``logits -> logits`` applying the findings' tumour constraints, or None when all are off.
 
     Site gate (:func:`~guidegen.diffusion.categorical.site_gated_logits`, strength ``site_gate``;
     at the requested lesions' scale with ``lesion_scale`` and requests that carry lesion boxes),
     then volume matching (:func:`~guidegen.diffusion.categorical.volume_matched_logits`, strength
     ``size_guidance``, tumour evidence pooled over ``pool`` voxels; sampling only: training
-    leaves it at 0). Rows in ``drop`` (B,) bool are left alone.
+    leaves it at 0), with ``host_refill`` the probability it takes off the tumour going to the
+    requested organs (:func:`~guidegen.diffusion.categorical.host_refilled_logits`).
+    Rows in ``drop`` (B,) bool are left alone.
     """
     tid = label_set.tumor_id
     if tid is None or (site_gate == 0 and size_guidance == 0):
@@ -152,7 +155,11 @@ def tumor_guidance_fn(requests: TumorRequests, label_set: LabelSet, site_gate: f
     def constrain(logits: torch.Tensor) -> torch.Tensor:
         logits = cat.site_gated_logits(logits, sites, tid, site_gate, midline_class=midline,
                                        lesion_boxes=boxes, bulge_classes=bulge)
-        return cat.volume_matched_logits(logits, volume, tid, size_guidance, pool=pool)
+        matched = cat.volume_matched_logits(logits, volume, tid, size_guidance, pool=pool)
+        if host_refill and size_guidance > 0:
+            hosts = sites.any(-1) if sites.dim() == 3 else sites
+            return cat.host_refilled_logits(logits, matched, hosts, tid).to(logits.dtype)
+        return matched
 
     return constrain
 
@@ -191,7 +198,8 @@ def prior_tempered(net: TCSSUNet, temperature: float):
 def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, int, int], alphas_bar: torch.Tensor,
                       label_set: LabelSet, *, steps: int, guidance: float, generator: torch.Generator,
                       site_gate: float = 0.0, size_guidance: float = 0.0, size_guidance_pool: int = 1,
-                      site_gate_lesion_scale: bool = False, requests: TumorRequests | None = None, temperature: float = 1.0,
+                      site_gate_lesion_scale: bool = False, host_refill: bool = False,
+                      requests: TumorRequests | None = None, temperature: float = 1.0,
                       temper_prior_only: bool = False, churn: float = 0.0, window_t: int = 0, window_share: float = 0.0,
                       progress: bool = False) -> torch.Tensor:
     """Sample label maps ``(B, X, Y, Z)`` long for prepared condition tensors ``cond``.
@@ -212,7 +220,7 @@ def sample_label_maps(model: ConditionedDenoiser, cond: dict, grid: tuple[int, i
     if requests is None:
         requests = TumorRequests.from_vector(cond["findings_vec"], label_set)
     constrain = tumor_guidance_fn(requests.to(cond["tokens"].device), label_set, site_gate, size_guidance,
-                                  pool=size_guidance_pool, lesion_scale=site_gate_lesion_scale)
+                                  pool=size_guidance_pool, lesion_scale=site_gate_lesion_scale, host_refill=host_refill)
     model_fn = model.net
     if temperature != 1.0 and temper_prior_only:
         # identical evidence in both passes: tempering each before guidance = tempering the guided prior
@@ -279,7 +287,7 @@ class TCSSTask(StageTask):
                                  steps=min(25, tcss.timesteps), guidance=tcss.guidance, generator=gen,
                                  site_gate=tcss.site_gate, size_guidance=tcss.size_guidance,
                                  size_guidance_pool=tcss.size_guidance_pool, site_gate_lesion_scale=tcss.site_gate_lesion_scale,
-                                 requests=requests, temperature=tcss.temperature, temper_prior_only=tcss.temper_prior_only,
+                                 host_refill=tcss.size_guidance_host_refill, requests=requests, temperature=tcss.temperature, temper_prior_only=tcss.temper_prior_only,
                                  churn=tcss.sample_churn, window_t=tcss.sample_window_t,
                                  window_share=tcss.sample_window_share)
         for i, lab in enumerate(maps.cpu().numpy().astype("uint8")):
