@@ -41,11 +41,11 @@ def main() -> None:
     from benchmarks_common import hu_lines, hu_outside, phantom_set
 
     from guidegen.checkpoints import shipped_root
-    from guidegen.evaluation.sets import load_eval_set
-    from guidegen.qc import HU_STATISTIC, hu_reference
     from guidegen.data.latents import load_autoencoder
     from guidegen.data.phantom import render_phantom
+    from guidegen.evaluation.sets import load_eval_set
     from guidegen.labels import load_label_set
+    from guidegen.qc import HU_STATISTIC, hu_reference
     from guidegen.reconstruct import WINDOWS_HU, reconstruct_volume, windowed_mae
 
     ckpt = args.checkpoint or shipped_root() / "demo" / "autoencoder"
@@ -62,7 +62,7 @@ def main() -> None:
     outside = {(src, st): [] for src in ("recon", "real") for st in stats}
     t0 = time.perf_counter()
     for seed in range(args.n):
-        case = render_phantom(seed, tuple(cfg.data.grid))
+        case = render_phantom(seed, grid)
         ct, lab = case.ct.astype(np.float32), case.labels
         rec = reconstruct_volume(ae, ct, lab, tuple(cfg.autoencoder.hu_range))
         rows["organ_mae"].append(windowed_mae(ct, rec, WINDOWS_HU["soft_tissue"], np.isin(lab, organ_ids)))

@@ -16,7 +16,7 @@
    the HU levels of those held-out real CTs encoded and decoded by the autoencoder (what no latent
    generator can beat).
 
-    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T] [--tcss-temper prior] [--tcss-lesion-scale 0|1] [--tcss-window-t 850 --tcss-window-share 0.6]
+    python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T] [--tcss-temper prior] [--tcss-lesion-scale 0|1] [--tcss-host-refill 0|1] [--tcss-window-t 850 --tcss-window-share 0.6]
                                   [--labels-from tcss|real] [--raw-labels] [--seg-steps N] [--seg-channels C,..] [--work DIR]
 """
 
@@ -156,7 +156,7 @@ def main() -> None:
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
           f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.n} label maps from {args.labels_from}"
           f"{' (raw)' if args.raw_labels else ' (with the label-map cleanup)' if args.labels_from == 'tcss' else ''}"
-          f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}{tempered_on}, lesion-scale site gate {pipe.labels.site_gate_lesion_scale}, early window {pipe.labels.window_share:.0%} above t = {pipe.labels.window_t}' if args.labels_from == 'tcss' else ''}; "
+          f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}{tempered_on}, lesion-scale site gate {pipe.labels.site_gate_lesion_scale}, host refill {pipe.labels.host_refill}, early window {pipe.labels.window_share:.0%} above t = {pipe.labels.window_t}' if args.labels_from == 'tcss' else ''}; "
           f"segmenter: UNet {seg_cfg.channels}, {args.seg_steps} steps on {args.n_real} real phantom cases")
     for name, r in results.items():
         print(f"{name:>5} ({samplers[name]} steps): {np.mean(r['seconds']):6.1f} s/CT | alignment mean organ Dice "

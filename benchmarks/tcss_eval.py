@@ -212,7 +212,7 @@ def main() -> None:
                 "checkpoint": f"{pipe.checkpoint_root} (TCSS {total_train_steps(gen.meta)} steps)", "prompts": args.n,
                 "prompt_seed": args.prompt_seed, "steps": args.steps, "guidance": guidance, "injection": not args.no_injection, "site_gate": gen.site_gate,
                 "size_guidance": gen.size_guidance, "size_guidance_pool": gen.cfg.tcss.size_guidance_pool,
-                "site_gate_lesion_scale": gen.site_gate_lesion_scale,
+                "site_gate_lesion_scale": gen.site_gate_lesion_scale, "host_refill": gen.host_refill,
                 "temperature": gen.temperature, "temper_prior_only": gen.temper_prior_only,
                 "window_t": gen.window_t, "window_share": gen.window_share,
                 "reused_maps": reused, "isolated_real": float(np.mean([isolated_fraction(render_phantom(s, gen.grid).labels) for s in range(5)]))}
@@ -236,7 +236,8 @@ def summarize(settings: dict, rows: list[dict], secs: float) -> None:
           f"sampler steps {settings['steps']}, guidance {settings['guidance']}, "
           f"knowledge injection {'on' if settings['injection'] else 'off'}, site gate {settings.get('site_gate', 0.0)}"
           f"{' at lesion scale' if settings.get('site_gate_lesion_scale') else ''}, "
-          f"size guidance {settings.get('size_guidance', 0.0)} (pool {settings.get('size_guidance_pool', 1)}), "
+          f"size guidance {settings.get('size_guidance', 0.0)} (pool {settings.get('size_guidance_pool', 1)}"
+          f"{', host refill' if settings.get('host_refill') else ''}), "
           f"temperature {settings.get('temperature', 1.0)}{' (on the prior)' if settings.get('temper_prior_only') else ''}"
           + (f", early window {settings['window_share']:.0%} of the visits above t = {settings['window_t']}"
              if settings.get("window_t") and settings.get("window_share") else ""))
