@@ -10,7 +10,7 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
 - seconds per sample of each arm and the speed-ups.
 
     python benchmarks/tcss_sampling.py [--checkpoint ROOT] [--n 8] [--steps 25 50] [--guidance G]
-                                       [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T] [--temper prior] [--churn C] [--window-t 850 --window-share 0.6]
+                                       [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T] [--temper prior] [--host-refill 1] [--churn C] [--window-t 850 --window-share 0.6]
                                        [--reference-steps N]  # compare against N strided steps instead
                                        [--cache DIR] [--shard I/N] [--strided-only] [--cleaned]
 
@@ -166,7 +166,7 @@ def organ_w1(reference: np.ndarray, other: np.ndarray, label_set) -> dict[str, f
 
 
 # the TCSS sampler settings this script can override (benchmarks_common.SAMPLER_OPTIONS)
-SAMPLER_ARGS = ["temperature", "temper", "churn", "window-t", "window-share"]
+SAMPLER_ARGS = ["temperature", "temper", "host-refill", "churn", "window-t", "window-share"]
 
 
 def main() -> None:
