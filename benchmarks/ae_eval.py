@@ -10,7 +10,10 @@ checkpoint's grid, reconstructs each through the autoencoder and prints, average
 and the whole-volume MAE per window; and, as the decoder's ceiling for issue 8's HU target, the
 share of per-organ HU levels (medians and QC's 10 % trimmed means) of the reconstructions inside
 the range of N_REAL real phantom cases (the reference set benchmarks/generate.py uses), next to
-the same share for the unseen real cases themselves (the range's own coverage).
+the same share for the unseen real cases themselves (the range's own coverage). With texture
+tables in the checkpoint (``autoencoder.texture_bins``) the same shares are printed for the
+reconstructions with one texture draw per voxel (seeded by the case), which is what ``generate``
+renders; the error rows above stay those of the deterministic decoder.
 
     python benchmarks/ae_eval.py [--checkpoint DIR] [--n 20] [--n-real 96]
 """
@@ -59,7 +62,8 @@ def main() -> None:
                                      args.n_real, grid, seed=500000), grid)
     stats = (HU_STATISTIC, "median")
     refs = {st: hu_reference(zip(real.ct, real.labels), ls, st) for st in stats}
-    outside = {(src, st): [] for src in ("recon", "real") for st in stats}
+    sources = ("recon", "textured", "real") if ae.has_texture else ("recon", "real")
+    outside = {(src, st): [] for src in sources for st in stats}
     t0 = time.perf_counter()
     for seed in range(args.n):
         case = render_phantom(seed, grid)
@@ -74,9 +78,12 @@ def main() -> None:
                     tumor_cases.append((seed, int(m.sum()), rows[name][-1]))
         for w, win in WINDOWS_HU.items():
             rows[w].append(windowed_mae(ct, rec, win))
-        for st in stats:
-            outside["recon", st].append(hu_outside(rec, lab, ls, refs[st], st))
-            outside["real", st].append(hu_outside(ct, lab, ls, refs[st], st))
+        levels = {"recon": rec, "real": ct}
+        if ae.has_texture:
+            levels["textured"] = textured(ae, rec, lab, tuple(cfg.autoencoder.hu_range), seed)
+        for src in sources:
+            for st in stats:
+                outside[src, st].append(hu_outside(levels[src], lab, ls, refs[st], st))
     secs = time.perf_counter() - t0
     mean = lambda k: float(np.mean(rows[k])) if rows[k] else float("nan")  # noqa: E731
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
@@ -89,11 +96,23 @@ def main() -> None:
     print(f"lung |mean HU error|:                  {mean('lung'):6.1f} HU   (target <= 40)")
     print("whole-volume MAE by window: " + ", ".join(f"{w} {mean(w):.1f} HU" for w in WINDOWS_HU))
     print(f"organ HU levels against the range of {args.n_real} real phantom cases (seeds 500000..):")
-    for src, what in (("recon", "reconstructions (the decoder's ceiling)"), ("real", "the real cases themselves")):
-        print(f"  {what}:")
+    what = {"recon": "reconstructions (the deterministic decoder's ceiling)",
+            "textured": "reconstructions with a texture draw per voxel (what generate renders: its ceiling)",
+            "real": "the real cases themselves"}
+    for src in sources:
+        print(f"  {what[src]}:")
         for st in stats:
             print(hu_lines(outside[src, st], st, indent="    "))
     print(f"time: {secs:.0f} s")
+
+
+def textured(ae, rec_hu: np.ndarray, labels: np.ndarray, hu_range: tuple[float, float], seed: int) -> np.ndarray:
+    """``rec_hu`` (X, Y, Z) HU with one draw of the autoencoder's texture per voxel (seeded)."""
+    from guidegen.models.autoencoder import hu_to_norm, norm_to_hu
+
+    x = hu_to_norm(torch.from_numpy(rec_hu)[None, None], hu_range)
+    lab = torch.from_numpy(labels.astype(np.int64))[None]
+    return norm_to_hu(ae.add_texture(x, lab, torch.Generator().manual_seed(seed)), hu_range)[0, 0].numpy()
 
 
 if __name__ == "__main__":

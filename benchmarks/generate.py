@@ -17,7 +17,10 @@
    generator can beat).
 
     python benchmarks/generate.py [--checkpoint ROOT] [--n 20] [--n-real 96] [--ddpm] [--tcss-steps N] [--tcss-guidance G] [--tcss-temperature T] [--tcss-temper prior] [--tcss-lesion-scale 0|1] [--tcss-host-refill 0|1] [--tcss-window-t 850 --tcss-window-share 0.6]
-                                  [--labels-from tcss|real] [--raw-labels] [--seg-steps N] [--seg-channels C,..] [--work DIR]
+                                  [--labels-from tcss|real] [--raw-labels] [--texture 0|1] [--seg-steps N] [--seg-channels C,..] [--work DIR]
+
+``--texture 0`` renders the decoder's deterministic output even when the autoencoder has texture
+tables (``autoencoder.texture_bins``; ``generate`` then draws each voxel's residual from them).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def main() -> None:
     ap.add_argument("--raw-labels", action="store_true", help="skip generate's cleanup (stray lesions, detached organ parts, isolated voxels) of sampled label maps")
     ap.add_argument("--maps", default=None, help="raw label maps (.npz, keys seed0..seedN-1) to use instead of sampling "
                                                   "(the cache this script writes under WORK/labelmaps, or a sampler experiment's)")
+    ap.add_argument("--texture", type=int, choices=(0, 1), default=None,
+                    help="1: draw each voxel's residual from the autoencoder's texture tables, 0: the deterministic decoder (default: on when it has tables)")
     ap.add_argument("--work", default="runs/bench_generate")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -81,6 +86,10 @@ def main() -> None:
     from guidegen.text.findings import Findings
 
     pipe = GuideGenPipeline.from_pretrained(args.checkpoint)
+    if args.texture is not None:
+        if args.texture and not pipe.ct.ae.has_texture:
+            raise SystemExit("--texture 1: this autoencoder has no texture tables (autoencoder.texture_bins)")
+        pipe.ct.texture = bool(args.texture)
     ls, grid = pipe.label_set, pipe.labels.grid
     work = Path(args.work)
     real_dir = work / f"real_{args.n_real}_{'x'.join(map(str, grid))}"
@@ -154,7 +163,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
     tempered_on = " (on the prior)" if pipe.labels.temper_prior_only else ""
     print(f"checkpoints: TCSS {total_train_steps(pipe.labels.meta)} steps, LDM {total_train_steps(pipe.ct.meta)} steps, "
-          f"AE {total_train_steps(pipe.ct.ae_meta)} steps; {args.n} label maps from {args.labels_from}"
+          f"AE {total_train_steps(pipe.ct.ae_meta)} steps, texture {'on' if pipe.ct.texture else 'off'}; {args.n} label maps from {args.labels_from}"
           f"{' (raw)' if args.raw_labels else ' (with the label-map cleanup)' if args.labels_from == 'tcss' else ''}"
           f"{f', TCSS guidance {tcss_guidance}, temperature {pipe.labels.temperature}{tempered_on}, lesion-scale site gate {pipe.labels.site_gate_lesion_scale}, host refill {pipe.labels.host_refill}, early window {pipe.labels.window_share:.0%} above t = {pipe.labels.window_t}' if args.labels_from == 'tcss' else ''}; "
           f"segmenter: UNet {seg_cfg.channels}, {args.seg_steps} steps on {args.n_real} real phantom cases")

@@ -169,13 +169,15 @@ def generate(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Generate CT for this label map (NIfTI) instead of sampling one."),
     qc_retries: int = typer.Option(0, "--qc-retries", help="Re-sample a sample that fails QC up to K times with new seeds."),
     raw_labels: bool = typer.Option(False, "--raw-labels", help="Keep the sampled label map as the model gave it (no isolated-voxel or stray-lesion cleanup)."),
+    no_texture: bool = typer.Option(False, "--no-texture", help="Render the decoder's deterministic CT: no per-voxel texture draw from the autoencoder's tables."),
 ) -> None:
     """Generate paired label maps and CT volumes from text (DESIGN §1)."""
     from guidegen.pipeline import run_generate_command
 
     run_generate_command(prompt=prompt, out=out, prompts_file=prompts, n=n, seed=seed, steps=steps, guidance=guidance,
                          temperature=temperature, ct_steps=ct_steps, ct_guidance=ct_guidance, checkpoint=checkpoint, device=device,
-                         labels_only=labels_only, labels_path=labels, qc_retries=qc_retries, raw_labels=raw_labels)
+                         labels_only=labels_only, labels_path=labels, qc_retries=qc_retries, raw_labels=raw_labels,
+                         texture=not no_texture)
 
 
 # --------------------------------------------------------------------------- reconstruct
@@ -202,8 +204,12 @@ def _train(stage: str, config: Optional[Path], data: Path, out: Path, max_steps:
            threads: Optional[int] = None) -> None:
     from guidegen.training.run import run_training
 
-    if max_steps is not None and max_steps < 1:
-        raise GuideGenError(f"--max-steps must be at least 1, got {max_steps}")
+    if max_steps is not None and max_steps < 0:
+        raise GuideGenError(f"--max-steps must be at least 0, got {max_steps}")
+    if max_steps == 0 and init_from is None:
+        # 0 steps re-exports a checkpoint: its weights as they are, the export-time measurements
+        # (an autoencoder's latent scale and texture tables) redone on --data
+        raise GuideGenError("--max-steps 0 re-exports the checkpoint given by --init-from; pass --init-from CHECKPOINT")
     if threads is not None:
         if threads < 1:
             raise GuideGenError(f"--threads must be at least 1, got {threads}")
@@ -224,7 +230,7 @@ def train_tcss(
     data: Path = typer.Option(..., "--data", help="Dataset directory (labels + reports)."),
     out: Path = typer.Option(..., "--out", help="Run directory; resumes when it holds a checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 with --init-from: re-export it)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from this exported checkpoint's weights."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice; 1 on a shared CPU)."),
 ) -> None:
@@ -237,7 +243,7 @@ def train_autoencoder(
     data: Path = typer.Option(..., "--data", help="Dataset directory (CT + labels)."),
     out: Path = typer.Option(..., "--out", help="Run directory; resumes when it holds a checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 with --init-from: re-export it)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from this exported checkpoint's weights."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice; 1 on a shared CPU)."),
 ) -> None:
@@ -250,7 +256,7 @@ def train_ldm(
     data: Path = typer.Option(..., "--data", help="Dataset directory (CT + labels + reports)."),
     out: Path = typer.Option(..., "--out", help="Run directory; resumes when it holds a checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 with --init-from: re-export it)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from this exported checkpoint's weights."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice; 1 on a shared CPU)."),
 ) -> None:

@@ -172,6 +172,14 @@ class AutoencoderConfig(_Strict):
     # steps at depth 5 left the heart medians of 20 reconstructions where they were (17 outside the
     # real range, +31 HU; the maps barely moved from zero), docs/measurements.md.
     label_depth: int = Field(0, ge=0, le=8)
+    # Voxel texture (models.texture): per class, the decoded level cut into this many ranges, and
+    # for each the residuals (target - decoded) of training reconstructions kept as
+    # texture_quantiles quantiles; generate draws every voxel's residual from its table. The
+    # latent cannot say whether a rib voxel is cortex or marrow, so a deterministic decoder keeps
+    # either the ribs' mean or their median, never both. Measured at export (no training);
+    # 0 = off (no tables, deterministic CT).
+    texture_bins: int = Field(0, ge=0, le=64)
+    texture_quantiles: int = Field(32, ge=2, le=256)
     p_random_window: float = Field(0.25, ge=0, le=1)  # share of fully random HU windows in the loss
     kl_weight: float = Field(1e-6, ge=0)
     window_weight: float = Field(1.0, ge=0)
@@ -218,6 +226,8 @@ class AutoencoderConfig(_Strict):
             raise ValueError("label_readout needs inject_labels: true (the readout reads the label map)")
         if self.label_depth and not self.label_readout:
             raise ValueError("label_depth needs label_readout: true (the depth maps are part of the readout)")
+        if self.texture_bins and not self.inject_labels:
+            raise ValueError("texture_bins needs inject_labels: true (the texture tables are per class)")
         return self
 
 

@@ -169,6 +169,9 @@ class CTGenerator:
         self.device = device
         self.grid = tuple(self.meta.get("grid", self.cfg.data.grid))
         self.hu_range = tuple(self.ae_cfg.autoencoder.hu_range)
+        # draw each voxel's residual from the autoencoder's texture tables (models/texture.py)
+        # when it has them; False gives the decoder's deterministic output
+        self.texture = self.ae.has_texture
 
     def versions(self) -> dict:
         return {
@@ -191,6 +194,8 @@ class CTGenerator:
                            sampler=self.cfg.ldm.sampler if steps < self.cfg.ldm.timesteps else "ddpm", steps=steps,
                            guidance=guidance, generator=gen, progress=progress)
         ct_norm = self.ae.decode_latent(z, lab)
+        if self.texture:
+            ct_norm = self.ae.add_texture(ct_norm, lab, gen)
         return norm_to_hu(ct_norm, self.hu_range)[0, 0].float().cpu().numpy()
 
     def __call__(self, labels: np.ndarray, prompt: str, findings: Findings, *, seed: int, steps: int | None = None,
@@ -200,7 +205,8 @@ class CTGenerator:
 
         steps = steps or self.cfg.ldm.sample_steps
         guidance = self.cfg.ldm.guidance if guidance is None else guidance
-        settings = {"ct_sampler": self.cfg.ldm.sampler if steps < self.cfg.ldm.timesteps else "ddpm", "ct_steps": steps, "ct_guidance": guidance}
+        settings = {"ct_sampler": self.cfg.ldm.sampler if steps < self.cfg.ldm.timesteps else "ddpm", "ct_steps": steps, "ct_guidance": guidance,
+                    "ct_texture": bool(self.texture)}
         if tuple(labels.shape) == self.grid:
             ct = self.on_grid(labels, prompt, findings, seed, steps, guidance, progress)
         else:  # a user's label map: crop to the torso, resize to the model grid, paste the CT back
@@ -458,11 +464,13 @@ def _distributed_rank() -> tuple[int, int]:
 def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | None, n: int, seed: int, steps: int | None,
                          guidance: float | None, ct_steps: int | None, ct_guidance: float | None, checkpoint: Path | None,
                          device: str, labels_only: bool, labels_path: Path | None, qc_retries: int,
-                         raw_labels: bool = False, temperature: float | None = None) -> list[str]:
+                         raw_labels: bool = False, temperature: float | None = None, texture: bool = True) -> list[str]:
     """The ``guidegen generate`` command: validate options, load, generate, write.
 
     ``temperature`` overrides the checkpoint's TCSS sampling temperature (``tcss.temperature``,
     applied by its ``tcss.temper_prior_only`` rule); the meta of each sample records it.
+    ``texture`` False renders the decoder's deterministic CT even when the autoencoder has texture
+    tables (``settings.ct_texture`` in the meta says which).
     """
     if n < 1:
         raise GuideGenError(f"--n must be at least 1, got {n}")
@@ -480,13 +488,15 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
         raise GuideGenError("give either a PROMPT argument or --prompts FILE, not both")
     resolve_device(device)
     if labels_path is not None:
-        return [_generate_for_labels(labels_path, prompt or "", out, checkpoint, device, seed, ct_steps, ct_guidance)]
+        return [_generate_for_labels(labels_path, prompt or "", out, checkpoint, device, seed, ct_steps, ct_guidance, texture)]
     items = read_prompts(prompts_file) if prompts_file is not None else [PromptItem(single_prompt_id(prompt or "", seed), prompt or "")]
     for it in items:
         prompt_findings(it.prompt)  # fail on an empty prompt before loading any model
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only, clean_labels=not raw_labels)
     if temperature is not None:
         pipe.labels.temperature = temperature
+    if pipe.ct is not None and not texture:
+        pipe.ct.texture = False
     rank, world = _distributed_rank()
     written = generate_dataset(pipe, items, out, n=n, seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps,
                                ct_guidance=ct_guidance, qc_retries=qc_retries, rank=rank, world_size=world)
@@ -496,7 +506,7 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
 
 
 def _generate_for_labels(labels_path: Path, prompt: str, out: Path, checkpoint: Path | None, device: str, seed: int,
-                         ct_steps: int | None, ct_guidance: float | None) -> str:
+                         ct_steps: int | None, ct_guidance: float | None, texture: bool = True) -> str:
     """Mask → CT: generate a CT for a user's label map, returned on the user's own grid and affine."""
     from guidegen.data.layout import CaseRecord, DatasetWriter
     from guidegen.io import load_nifti, strip_nifti_suffix
@@ -508,6 +518,7 @@ def _generate_for_labels(labels_path: Path, prompt: str, out: Path, checkpoint: 
             raise GuideGenError(f"{labels_path}: label map must hold integer class ids, found non-integer values")
     lab = np.rint(lab).astype(np.int64)
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device)
+    pipe.ct.texture = pipe.ct.texture and texture
     k = pipe.label_set.num_classes
     if lab.min() < 0 or lab.max() >= k:
         bad = sorted(set(np.unique(lab[(lab < 0) | (lab >= k)]).tolist()))[:5]

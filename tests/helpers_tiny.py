@@ -22,7 +22,7 @@ TINY = {
     "tcss": {"timesteps": 20, "channels": [8, 16], "attention_levels": [False, True], "num_head_channels": 8, "sample_steps": 4,
              "site_gate": 1.0, "site_gate_lesion_scale": True, "size_guidance": 1.0, "temperature": 0.5,
              "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
-    "autoencoder": {"channels": [4, 4, 8], "label_embed_dim": 2, "disc_start": 1000,
+    "autoencoder": {"channels": [4, 4, 8], "label_embed_dim": 2, "disc_start": 1000, "texture_bins": 2, "texture_quantiles": 8,
                     "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},
     "ldm": {"timesteps": 20, "channels": [16, 32], "attention_levels": [False, True], "num_head_channels": 16, "sample_steps": 3,
             "train": {"max_steps": 2, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000}},

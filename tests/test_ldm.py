@@ -262,6 +262,42 @@ def test_decoder_only_finetune_keeps_the_latent_space(trained, workspace, label_
         CTGenerator(other, trained["export"], torch.device("cpu"), label_set)
 
 
+def test_zero_step_reexport_adds_texture_tables_that_generate_draws(trained, workspace, label_set):
+    """``--max-steps 0 --init-from AE``: the weights stay bit-identical, the export measures the
+    texture tables (autoencoder.texture_bins) on --data, and the CT stage then draws them: seeded,
+    and the drawn CT differs from the deterministic decoder's."""
+    from safetensors.torch import load_file
+
+    from guidegen.data.latents import LatentDataset
+    from guidegen.pipeline import CTGenerator
+    from guidegen.text.findings import Findings
+    from guidegen.training.run import run_training
+
+    raw = json.loads(json.dumps(TINY))
+    raw["autoencoder"].update(freeze_encoder=True, texture_bins=2, texture_quantiles=8)
+    cfg_path = workspace["root"] / "tiny_texture.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    child = run_training("autoencoder", cfg_path, workspace["data"], workspace["root"] / "tex", max_steps=0,
+                         progress=False, init_from=workspace["ae"])
+    parent_w, child_w = load_file(str(workspace["ae"] / "model.safetensors")), load_file(str(child / "model.safetensors"))
+    assert set(child_w) - set(parent_w) == {"texture.edges", "texture.table"}
+    assert all(torch.equal(parent_w[k], child_w[k]) for k in parent_w)
+    assert child_w["texture.table"].abs().sum() > 0
+    meta = json.loads((child / "meta.json").read_text())
+    assert meta["texture_cases"] == 2 and meta["train_steps"] == 0 and meta["latent_scale_kept"]
+    assert meta["hu_reference_median"]["air"][1] < -500  # the real medians' ranges, for generate's QC
+
+    gen = CTGenerator(child, trained["export"], torch.device("cpu"), label_set)
+    assert gen.texture
+    lab = LatentDataset(workspace["data"], GRID, workspace["ae"], progress=False)[0]["labels"].numpy()
+    f = Findings()
+    a, settings = gen(lab, "a torso", f, seed=3, steps=2)
+    b, _ = gen(lab, "a torso", f, seed=3, steps=2)
+    gen.texture = False
+    smooth, smooth_settings = gen(lab, "a torso", f, seed=3, steps=2)
+    assert settings["ct_texture"] and not smooth_settings["ct_texture"]
+    assert np.array_equal(a, b) and not np.array_equal(a, smooth)
+
 def test_ddim_sampling_deterministic_and_cfg1_is_conditional(trained, workspace, label_set):
     from guidegen.data.latents import LatentDataset
     from guidegen.diffusion import gaussian

@@ -47,8 +47,12 @@ def test_generate_writes_a_paired_sample(ckpt_root, tmp_path, label_set):
     assert meta["settings"]["tcss_churn"] == 0.0  # the default: off
     assert (meta["settings"]["tcss_window_t"], meta["settings"]["tcss_window_share"]) == (0, 0.0)  # default: even grid
     assert meta["settings"]["tcss_temper_prior_only"] is False  # the tiny config's default
+    assert meta["settings"]["ct_texture"] is True  # the tiny AE's export measured texture tables
     assert set(meta["models"]) == {"tcss", "autoencoder", "ldm"}
-    assert "passed" in meta["qc"] and meta["qc"]["hu"]["statistic"] == "trimmed_mean_10" and "air" in meta["qc"]["hu"]["levels"]
+    # a textured CT is checked as medians, against the ranges the AE's export recorded (qc.py)
+    assert "passed" in meta["qc"] and meta["qc"]["hu"]["statistic"] == "median" and "air" in meta["qc"]["hu"]["levels"]
+    ae_meta = json.loads((ckpt_root / "autoencoder" / "meta.json").read_text())
+    assert ae_meta["texture_cases"] >= 1 and "liver" in ae_meta["hu_reference_median"]
     reference = json.loads((ckpt_root / "ldm" / "meta.json").read_text())["hu_reference"]  # QC compares against it
     assert reference["air"][0] <= reference["air"][1] < -500 and "liver" in reference
     assert (out / "previews" / f"{case}.png").is_file()
@@ -66,6 +70,24 @@ def test_same_prompt_and_seed_is_bitwise_identical(ckpt_root, tmp_path):
     c = pipe(PROMPT, seed=12)
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.ct, b.ct)
     assert not (np.array_equal(a.labels, c.labels) and np.array_equal(a.ct, c.ct))
+    assert pipe.ct.texture  # the texture draw is seeded too: part of the bitwise check above
+
+
+def test_no_texture_renders_the_deterministic_decoder(ckpt_root, tmp_path):
+    from guidegen.pipeline import run_generate_command
+
+    cts = {}
+    for texture in (True, False):
+        out = tmp_path / str(texture)
+        (cid,) = run_generate_command(prompt=PROMPT, out=out, prompts_file=None, n=1, seed=5, steps=None, guidance=None,
+                                      ct_steps=None, ct_guidance=None, checkpoint=ckpt_root, device="cpu", labels_only=False,
+                                      labels_path=None, qc_retries=0, texture=texture)
+        meta = json.loads((out / "meta" / f"{cid}.json").read_text())
+        reader = DatasetReader(out)
+        cts[texture] = (meta["settings"]["ct_texture"], reader.load_case(cid))
+    assert cts[True][0] is True and cts[False][0] is False
+    assert np.array_equal(cts[True][1].labels, cts[False][1].labels)  # the same map, the same latent
+    assert not np.array_equal(cts[True][1].ct, cts[False][1].ct)
 
 
 def test_sampled_maps_get_the_cleanup_unless_raw(ckpt_root):

@@ -73,3 +73,27 @@ def test_label_checks_name_the_failures(label_set):
     _, failures = qc.label_checks(lab, case.affine, {"tumors": [{"site": "gallbladder", "side": None, "size_mm": 30}]}, label_set)
     assert failures[0] == "only 17 organ groups present (missing spleen, heart)"
     assert "requested gallbladder tumour not placed" in failures
+
+
+def test_quality_check_holds_a_textured_ct_to_the_median_reference(label_set):
+    """``settings.ct_texture``: organ medians against the autoencoder's ``hu_reference_median``;
+    otherwise (or without that reference) the LDM's trimmed-mean reference."""
+    from types import SimpleNamespace
+
+    from guidegen.text.findings import Findings
+
+    ct, labels = _bone_case(label_set, 0.8, blur=False)  # a thin rib: mostly cortex, trimmed mean 857, median 920
+    ldm_meta = {"hu_reference": {"rib": [700.0, 760.0]}, "hu_reference_statistic": "trimmed_mean_10"}
+    ae_meta = {"hu_reference_median": {"rib": [910.0, 930.0]}}
+    pipe = SimpleNamespace(label_set=label_set, ct=SimpleNamespace(meta=ldm_meta, ae_meta=ae_meta))
+
+    def hu_qc(texture: bool, pipe=pipe) -> dict:
+        sample = SimpleNamespace(labels=labels, ct=ct, affine=np.eye(4), findings=Findings(),
+                                 settings={"ct_texture": texture})
+        return qc.quality_check(sample, pipe)["hu"]
+
+    textured, smooth = hu_qc(True), hu_qc(False)
+    assert textured["statistic"] == "median" and textured["levels"]["rib"] == 920.0
+    assert smooth["statistic"] == "trimmed_mean_10" and smooth["levels"]["rib"] > 785  # beyond 760 + 25
+    no_median = SimpleNamespace(label_set=label_set, ct=SimpleNamespace(meta=ldm_meta, ae_meta={}))
+    assert hu_qc(True, no_median)["statistic"] == "trimmed_mean_10"  # an AE exported without it

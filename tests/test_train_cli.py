@@ -107,6 +107,16 @@ def test_missing_data_is_one_line(tmp_path, stage):
     assert res.returncode == 2 and "dataset directory not found" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("steps,message", [("0", "--max-steps 0 re-exports the checkpoint given by --init-from"),
+                                           ("-1", "--max-steps must be at least 0")])
+def test_zero_steps_needs_init_from_and_negative_steps_are_refused(setup, steps, message):
+    root, data, cfg = setup
+    res = subprocess.run([sys.executable, "-m", "guidegen", "train", "autoencoder", "--data", data, "--out", root / "zero",
+                          "--config", cfg, "--max-steps", steps], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    assert not (root / "zero").exists()
+
+
 def test_autoencoder_trains_on_crops_and_samples_whole_volumes(setup):
     """Crops for the loss, whole volumes for the sample montage (they once disagreed)."""
     from guidegen.training.run import run_training

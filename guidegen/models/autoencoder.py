@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from guidegen.errors import GuideGenError
+from guidegen.models.texture import VoxelTexture
 
 if TYPE_CHECKING:
     from guidegen.config import AutoencoderConfig
@@ -325,14 +326,18 @@ class AnatomyAwareAutoencoder(nn.Module):
         label_depth: R > 0 gives the readout one more map per class and depth inside the
             structure, 1..R voxels (:class:`LabelReadout`; needs ``label_readout``).
         norm: ``"channel"`` (tiling-exact, default) or ``"group"`` (for comparison only).
+        texture_bins: B > 0 adds :class:`~guidegen.models.texture.VoxelTexture` tables (B ranges
+            of the decoded level per class, ``texture_quantiles`` residual quantiles each) that
+            :meth:`add_texture` samples from; measured at export, not trained (needs ``inject_labels``).
     """
 
     # output-neutral additions a checkpoint of an earlier design may lack (``--init-from``)
-    INIT_MAY_LACK = ("decoder.readout.",)
+    INIT_MAY_LACK = ("decoder.readout.", "texture.")
 
     def __init__(self, num_classes: int, channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4,
                  num_res_blocks: int = 1, label_embed_dim: int = 8, inject_labels: bool = True,
-                 norm: NormKind = "channel", label_readout: bool = False, label_depth: int = 0) -> None:
+                 norm: NormKind = "channel", label_readout: bool = False, label_depth: int = 0,
+                 texture_bins: int = 0, texture_quantiles: int = 32) -> None:
         super().__init__()
         if len(channels) < 1:
             raise ValueError("channels must name at least one level")
@@ -340,6 +345,8 @@ class AnatomyAwareAutoencoder(nn.Module):
             raise ValueError("label_readout needs inject_labels (the readout reads the label map)")
         if label_depth and not label_readout:
             raise ValueError("label_depth needs label_readout (the depth maps are part of the readout)")
+        if texture_bins and not inject_labels:
+            raise ValueError("texture_bins needs inject_labels (the texture tables are per class)")
         self.num_classes = num_classes
         self.latent_channels = latent_channels
         self.inject_labels = inject_labels
@@ -352,13 +359,14 @@ class AnatomyAwareAutoencoder(nn.Module):
         # z_scaled = z * latent_scale has about unit variance over the data (the LDM's input);
         # stored with the weights so a checkpoint carries it (see measure_latent_scale).
         self.register_buffer("latent_scale", torch.tensor(1.0))
+        self.texture = VoxelTexture(num_classes, texture_bins, texture_quantiles) if texture_bins else None
 
     @classmethod
     def from_config(cls, cfg: AutoencoderConfig, num_classes: int) -> AnatomyAwareAutoencoder:
         return cls(num_classes=num_classes, channels=tuple(cfg.channels), latent_channels=cfg.latent_channels,
                    num_res_blocks=cfg.num_res_blocks, label_embed_dim=cfg.label_embed_dim,
                    inject_labels=cfg.inject_labels, norm=cfg.norm, label_readout=cfg.label_readout,
-                   label_depth=cfg.label_depth)
+                   label_depth=cfg.label_depth, texture_bins=cfg.texture_bins, texture_quantiles=cfg.texture_quantiles)
 
     # -- helpers
     def _pyramid(self, labels: torch.Tensor | None, spatial: tuple[int, ...]) -> list[torch.Tensor | None]:
@@ -419,6 +427,19 @@ class AnatomyAwareAutoencoder(nn.Module):
     def decode_latent(self, z_scaled: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Inverse of :meth:`encode_latent`'s scaling, then :meth:`decode`."""
         return self.decode(z_scaled / self.latent_scale, labels)
+
+    @property
+    def has_texture(self) -> bool:
+        """Whether :meth:`add_texture` draws anything (the model has texture tables and they are measured)."""
+        return self.texture is not None and self.texture.fitted
+
+    def add_texture(self, decoded: torch.Tensor, labels: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """``decoded`` (B, 1, X, Y, Z) normalised + one residual draw per voxel from the texture
+        tables (:mod:`guidegen.models.texture`); ``decoded`` itself when there are none."""
+        if not self.has_texture:
+            return decoded
+        return decoded + self.texture.sample(decoded, labels, generator)
 
 
 @torch.no_grad()

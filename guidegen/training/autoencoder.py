@@ -103,16 +103,16 @@ class AutoencoderTask(StageTask):
                                         recon[i, 0].float().cpu().numpy(), title=f"step {step}")
 
     def export_meta(self, trainer) -> dict:
-        """Measure the latent scale with the exported (EMA) weights and store it in both copies.
+        """Measure the latent scale, then the texture tables, with the exported (EMA) weights and
+        store them in both copies.
 
         A decoder-only fine-tune (``freeze_encoder``) keeps the scale it started from instead:
-        re-measuring would move the latent space its latent generators were trained in.
+        re-measuring would move the latent space its latent generators were trained in. The
+        texture tables (``autoencoder.texture_bins`` > 0) describe this decoder's residuals, so
+        they are measured at every export.
         """
         model = trainer.ema["model"].module if "model" in trainer.ema else trainer.modules["model"]
-        common = {"hu_range": list(self.hu_range), "latent_channels": model.latent_channels,
-                  "latent_factor": model.downsample_factor}
-        if self.ae_cfg.freeze_encoder:
-            return {"latent_scale": float(model.latent_scale), "latent_scale_kept": True, **common}
+        copies = {id(model): model, id(trainer.modules["model"]): trainer.modules["model"]}.values()
         device = next(model.parameters()).device
         dataset = trainer.dataset
         n = min(len(dataset), LATENT_SCALE_CASES)
@@ -123,10 +123,47 @@ class AutoencoderTask(StageTask):
                 yield (hu_to_norm(item["ct"][None].float(), self.hu_range).to(device),
                        item["labels"][None].long().to(device))
 
-        scale = measure_latent_scale(model, batches())
-        for m in {id(model): model, id(trainer.modules["model"]): trainer.modules["model"]}.values():
-            m.latent_scale.fill_(scale)
-        return {"latent_scale": scale, "latent_scale_cases": n, **common}
+        meta = {"hu_range": list(self.hu_range), "latent_channels": model.latent_channels,
+                "latent_factor": model.downsample_factor}
+        if self.ae_cfg.freeze_encoder:
+            meta.update({"latent_scale": float(model.latent_scale), "latent_scale_kept": True})
+        else:
+            scale = measure_latent_scale(model, batches())
+            for m in copies:
+                m.latent_scale.fill_(scale)
+            meta.update({"latent_scale": scale, "latent_scale_cases": n})
+        if model.texture is not None:
+            from guidegen.training.run import training_hu_reference
+
+            edges, table = measure_texture(model, batches(), self.ae_cfg.texture_bins, self.ae_cfg.texture_quantiles)
+            for m in copies:
+                m.texture.edges.copy_(edges)
+                m.texture.table.copy_(table)
+            # A textured CT keeps each class's tissue mix (a rib's cortex and marrow modes), so
+            # generate's QC checks its organ *medians* (issue 8's statistic) against these ranges.
+            meta.update({"texture_cases": n, "hu_reference_median": training_hu_reference(dataset, self.label_set, n, "median")})
+        return meta
+
+
+@torch.no_grad()
+def measure_texture(model: AnatomyAwareAutoencoder, batches, bins: int, quantiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texture tables (:func:`guidegen.models.texture.fit_texture_tables`) of ``model``'s
+    reconstructions (posterior mode) of ``batches`` of (ct_norm (B, 1, X, Y, Z), labels (B, X, Y, Z))."""
+    from guidegen.models.texture import fit_texture_tables
+
+    was_training = model.training
+    model.eval()
+
+    def cases():
+        for ct_norm, labels in batches:
+            decoded = model(ct_norm, labels, sample=False)[0]
+            for b in range(ct_norm.shape[0]):
+                yield decoded[b, 0].float().cpu().numpy(), ct_norm[b, 0].float().cpu().numpy(), labels[b].cpu().numpy()
+
+    try:
+        return fit_texture_tables(cases(), model.num_classes, bins, quantiles)
+    finally:
+        model.train(was_training)
 
 
 def random_crop(ct: torch.Tensor, labels: torch.Tensor, size: tuple[int, int, int], focus_prob: float = 0.0,

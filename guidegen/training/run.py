@@ -104,13 +104,14 @@ def lineage_meta(lineage: dict, steps: int) -> dict:
     return {"init_from": lineage, "total_train_steps": int(lineage["train_steps"]) + int(steps)}
 
 
-def training_hu_reference(ct_dataset, label_set, max_cases: int = 64) -> dict:
-    """Per-class ranges of HU levels (``qc.HU_STATISTIC``) over (up to ``max_cases``) training cases, for generate's QC."""
-    from guidegen.qc import hu_reference
+def training_hu_reference(ct_dataset, label_set, max_cases: int = 64, statistic: str | None = None) -> dict:
+    """Per-class ranges of HU levels (``statistic``, default ``qc.HU_STATISTIC``) over (up to
+    ``max_cases``) training cases, for generate's QC."""
+    from guidegen.qc import HU_STATISTIC, hu_reference
 
     n = min(len(ct_dataset), max_cases)
     pairs = ((ct_dataset[i]["ct"][0].numpy(), ct_dataset[i]["labels"].numpy()) for i in range(n))
-    return hu_reference(pairs, label_set)
+    return hu_reference(pairs, label_set, statistic or HU_STATISTIC)
 
 
 def run_training(stage: str, config: str | Path | None, data: str | Path, out: str | Path, *, max_steps: int | None = None,

@@ -633,8 +633,8 @@ class Trainer:
         """
         cfg = self.cfg
         total = int(max_steps if max_steps is not None else cfg.max_steps)
-        if total < 1:
-            raise GuideGenError(f"--max-steps must be >= 1, got {total}")
+        if total < 0:
+            raise GuideGenError(f"--max-steps must be >= 0, got {total}")
         if self.step >= total:
             self._note(f"checkpoint is at step {self.step} >= max_steps {total}: nothing to train")
             return FitResult(self.step, False, self.resumed_from)

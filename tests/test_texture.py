@@ -1,0 +1,99 @@
+"""The decoder's voxel texture tables (models/texture.py): fitting, inversion, sampling, wiring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guidegen.config import AutoencoderConfig
+from guidegen.models.autoencoder import AnatomyAwareAutoencoder
+from guidegen.models.texture import VoxelTexture, fit_texture_tables
+
+
+def test_quantile_inverts_the_table_linearly_between_its_levels_hand_case():
+    tex = VoxelTexture(num_classes=2, bins=1, quantiles=4)
+    tex.table[1, 0] = torch.tensor([0.0, 1.0, 2.0, 3.0])  # at levels 0.125, 0.375, 0.625, 0.875
+    labels = torch.ones(5, dtype=torch.long)
+    u = torch.tensor([0.0, 0.125, 0.25, 0.5, 1.0])
+    got = tex.quantile(labels, torch.zeros_like(labels), u)
+    # u = 0 and 1 clamp to the end entries; 0.25 lies halfway between the first two levels
+    assert got.tolist() == pytest.approx([0.0, 0.0, 0.5, 1.5, 3.0])
+    assert tex.quantile(torch.zeros_like(labels), torch.zeros_like(labels), u).abs().sum() == 0  # class 0: no table
+
+
+def test_bins_count_the_class_edges_strictly_below_like_searchsorted_left():
+    tex = VoxelTexture(num_classes=2, bins=3, quantiles=2)
+    tex.edges[0] = torch.tensor([-0.5, 0.5])
+    tex.edges[1] = torch.tensor([0.0, 0.1])
+    decoded = torch.tensor([-1.0, -0.5, 0.0, 0.5, 0.7, 0.05]).view(1, 1, 6, 1, 1)
+    labels = torch.tensor([0, 0, 0, 0, 0, 1]).view(1, 6, 1, 1)
+    got = tex.bins_of(decoded, labels).flatten().tolist()
+    want = [int(np.searchsorted(tex.edges[k].numpy(), v, side="left"))
+            for k, v in zip(labels.flatten().tolist(), decoded.flatten().tolist())]
+    assert got == want == [0, 0, 1, 1, 2, 1]
+
+
+def test_fit_tables_per_class_and_level_with_pooled_fallback_and_unseen_classes():
+    n = 400
+    decoded = np.concatenate([np.full(n, -0.5), np.full(n, 0.5), np.zeros(10)])
+    resid = np.concatenate([np.full(n, 0.1), np.full(n, -0.2), np.linspace(-1, 1, 10)])
+    labels = np.concatenate([np.ones(2 * n, int), np.full(10, 3)])
+    target = decoded + resid
+    edges, table = fit_texture_tables([(decoded, target, labels)], num_classes=5, bins=2, quantiles=8, min_count=20)
+    assert edges.shape == (5, 1) and table.shape == (5, 2, 8)
+    assert float(edges[1, 0]) == pytest.approx(0.0)  # the class's median level
+    assert torch.allclose(table[1, 0], torch.full((8,), 0.1)) and torch.allclose(table[1, 1], torch.full((8,), -0.2))
+    # class 3: 10 voxels all at one level, fewer than min_count in each range → the pooled quantiles
+    pooled = np.quantile(np.linspace(-1, 1, 10), (np.arange(8) + 0.5) / 8)
+    assert np.allclose(table[3, 0].numpy(), pooled) and np.allclose(table[3, 1].numpy(), pooled)
+    assert not table[[0, 2, 4]].any() and not edges[[0, 2, 4]].any()  # never seen: no texture
+
+
+def test_fit_keeps_at_most_per_class_case_voxels_of_a_class_per_case():
+    rng = np.random.default_rng(0)
+    decoded = np.zeros(5000)
+    target = rng.normal(0, 1, 5000)
+    labels = np.ones(5000, int)
+    _, full = fit_texture_tables([(decoded, target, labels)], 2, 1, 4, per_class_case=5000)
+    _, sub = fit_texture_tables([(decoded, target, labels)], 2, 1, 4, per_class_case=500)
+    _, sub2 = fit_texture_tables([(decoded, target, labels)], 2, 1, 4, per_class_case=500)
+    assert torch.equal(sub, sub2)  # the subset is seeded
+    assert not torch.equal(full, sub) and torch.allclose(full, sub, atol=0.2)
+
+
+def test_sampling_is_seeded_and_draws_the_tables_distribution():
+    tex = VoxelTexture(num_classes=2, bins=2, quantiles=64)
+    rng = np.random.default_rng(1)
+    # class 1: two tissues below the edge (residual -0.4 or +0.2, 30 / 70 %), one above (+0.05)
+    lo = np.where(rng.random(20000) < 0.3, -0.4, 0.2)
+    dec = np.concatenate([np.full(20000, -0.3), np.full(20000, 0.3)])
+    tgt = dec + np.concatenate([lo, np.full(20000, 0.05)])
+    edges, table = fit_texture_tables([(dec, tgt, np.ones(40000, int))], 2, 2, 64)
+    tex.edges.copy_(edges)
+    tex.table.copy_(table)
+    decoded = torch.tensor([-0.3] * 5000 + [0.3] * 5000).view(1, 1, 10000, 1, 1)
+    labels = torch.ones(1, 10000, 1, 1, dtype=torch.long)
+    a = tex.sample(decoded, labels, torch.Generator().manual_seed(0))
+    b = tex.sample(decoded, labels, torch.Generator().manual_seed(0))
+    c = tex.sample(decoded, labels, torch.Generator().manual_seed(1))
+    assert a.shape == decoded.shape and torch.equal(a, b) and not torch.equal(a, c)
+    low, high = a.flatten()[:5000], a.flatten()[5000:]
+    assert float((low < -0.1).float().mean()) == pytest.approx(0.3, abs=0.03)
+    assert float(low.median()) == pytest.approx(0.2, abs=1e-4) and float(high.median()) == pytest.approx(0.05, abs=1e-4)
+
+
+def test_autoencoder_texture_is_a_no_op_until_fitted_and_adds_draws_after():
+    torch.manual_seed(0)
+    ae = AnatomyAwareAutoencoder(4, channels=(4, 8), label_embed_dim=2, texture_bins=2, texture_quantiles=4)
+    assert {"texture.edges", "texture.table"} <= set(ae.state_dict())
+    decoded = torch.zeros(1, 1, 4, 4, 4)
+    labels = torch.full((1, 4, 4, 4), 2)
+    assert not ae.has_texture and torch.equal(ae.add_texture(decoded, labels), decoded)
+    ae.texture.table[2] = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    assert ae.has_texture and torch.allclose(ae.add_texture(decoded, labels), torch.ones_like(decoded))
+    assert AnatomyAwareAutoencoder(4, channels=(4, 8), label_embed_dim=2).texture is None
+    with pytest.raises(ValueError, match="texture_bins needs inject_labels"):
+        AnatomyAwareAutoencoder(4, channels=(4, 8), inject_labels=False, texture_bins=2)
+    with pytest.raises(Exception, match="texture_bins needs inject_labels"):
+        AutoencoderConfig(texture_bins=2, inject_labels=False)
