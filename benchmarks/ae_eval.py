@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from benchmarks_common import hu_lines, hu_outside, phantom_set
+    from benchmarks_common import hu_lines, hu_outside, phantom_set, textured
 
     from guidegen.checkpoints import shipped_root
     from guidegen.data.latents import load_autoencoder
@@ -104,15 +104,6 @@ def main() -> None:
         for st in stats:
             print(hu_lines(outside[src, st], st, indent="    "))
     print(f"time: {secs:.0f} s")
-
-
-def textured(ae, rec_hu: np.ndarray, labels: np.ndarray, hu_range: tuple[float, float], seed: int) -> np.ndarray:
-    """``rec_hu`` (X, Y, Z) HU with one draw of the autoencoder's texture per voxel (seeded)."""
-    from guidegen.models.autoencoder import hu_to_norm, norm_to_hu
-
-    x = hu_to_norm(torch.from_numpy(rec_hu)[None, None], hu_range)
-    lab = torch.from_numpy(labels.astype(np.int64))[None]
-    return norm_to_hu(ae.add_texture(x, lab, torch.Generator().manual_seed(seed)), hu_range)[0, 0].numpy()
 
 
 if __name__ == "__main__":

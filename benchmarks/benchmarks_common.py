@@ -122,3 +122,15 @@ def hu_lines(outsides: list[dict[str, float]], statistic: str, indent: str = "  
     return (f"{indent}organ HU {statistic} within the real range: {inside:.0%}; outside (organ: samples, farthest HU): "
             + (", ".join(f"{n}: {len(d)} ({max(d, key=abs):+.0f})" for n, d in ranked) or "none")
             + f"\n{indent}... within ± {HU_MARGIN:.0f} HU of the real range (QC's tolerance): {margin:.1%}")
+
+
+def textured(ae, rec_hu, labels, hu_range: tuple[float, float], seed: int):
+    """``rec_hu`` (X, Y, Z) HU with one draw of the autoencoder's texture per voxel (seeded by ``seed``)."""
+    import numpy as np
+    import torch
+
+    from guidegen.models.autoencoder import hu_to_norm, norm_to_hu
+
+    x = hu_to_norm(torch.from_numpy(rec_hu)[None, None], hu_range)
+    lab = torch.from_numpy(labels.astype(np.int64))[None]
+    return norm_to_hu(ae.add_texture(x, lab, torch.Generator().manual_seed(seed)), hu_range)[0, 0].numpy()

@@ -49,3 +49,19 @@ def test_hu_outside_is_signed_distance_to_the_real_range_and_lines_count_misses(
     text = benchmarks_common.hu_lines([out, {"liver": -3.0, "spleen": 0.0}], "median")
     assert "within the real range: 50%" in text and "spleen: 1 (+20)" in text and "liver: 1 (-3)" in text
     assert "(QC's tolerance): 100.0%" in text
+
+
+def test_textured_adds_one_seeded_draw_in_hu_and_nothing_without_tables():
+    import torch
+
+    from guidegen.models.autoencoder import AnatomyAwareAutoencoder
+
+    ae = AnatomyAwareAutoencoder(3, channels=(4, 8), label_embed_dim=2, texture_bins=1, texture_quantiles=2)
+    rec = np.full((4, 4, 4), 100.0, np.float32)
+    labels = np.full((4, 4, 4), 1)
+    assert np.allclose(benchmarks_common.textured(ae, rec, labels, (-1024.0, 2048.0), 0), 100.0)  # tables not measured
+    ae.texture.table[1, 0] = torch.tensor([-0.1, 0.1])  # ±153.6 HU at the 25 % / 75 % levels
+    a = benchmarks_common.textured(ae, rec, labels, (-1024.0, 2048.0), 0)
+    assert np.array_equal(a, benchmarks_common.textured(ae, rec, labels, (-1024.0, 2048.0), 0))
+    assert not np.array_equal(a, benchmarks_common.textured(ae, rec, labels, (-1024.0, 2048.0), 1))
+    assert a.min() >= 100 - 153.6 - 1e-3 and a.max() <= 100 + 153.6 + 1e-3 and a.std() > 10
