@@ -518,7 +518,8 @@ def _generate_for_labels(labels_path: Path, prompt: str, out: Path, checkpoint: 
             raise GuideGenError(f"{labels_path}: label map must hold integer class ids, found non-integer values")
     lab = np.rint(lab).astype(np.int64)
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device)
-    pipe.ct.texture = pipe.ct.texture and texture
+    if not texture:
+        pipe.ct.texture = False
     k = pipe.label_set.num_classes
     if lab.min() < 0 or lab.max() >= k:
         bad = sorted(set(np.unique(lab[(lab < 0) | (lab >= k)]).tolist()))[:5]

@@ -52,6 +52,7 @@ class VoxelTexture(nn.Module):
 
     @property
     def fitted(self) -> bool:
+        """Whether the tables were measured (an unfitted table is all zeros)."""
         return bool(self.table.abs().sum() > 0)
 
     def bins_of(self, decoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,7 @@ def fit_texture_tables(cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]
     table = np.zeros((num_classes, bins, quantiles), np.float64)
     probs = (np.arange(quantiles) + 0.5) / quantiles
     for k in range(num_classes):
-        lev, res = np.concatenate(levels[k]) if levels[k] else np.zeros(0), np.concatenate(resid[k]) if resid[k] else np.zeros(0)
+        lev, res = np.concatenate([np.zeros(0), *levels[k]]), np.concatenate([np.zeros(0), *resid[k]])
         if lev.size == 0:
             continue
         edges[k] = np.quantile(lev, np.arange(1, bins) / bins)
