@@ -180,6 +180,10 @@ class AutoencoderConfig(_Strict):
     # 0 = off (no tables, deterministic CT).
     texture_bins: int = Field(0, ge=0, le=64)
     texture_quantiles: int = Field(32, ge=2, le=256)
+    # texture_depths > 1: separate tables by the voxel's depth inside its structure (0 = border,
+    # ..., texture_depths - 1 and deeper). A border voxel's residual mixes the neighbouring
+    # tissue, an interior one's does not (the heart's wall against its chambers).
+    texture_depths: int = Field(1, ge=1, le=8)
     p_random_window: float = Field(0.25, ge=0, le=1)  # share of fully random HU windows in the loss
     kl_weight: float = Field(1e-6, ge=0)
     window_weight: float = Field(1.0, ge=0)

@@ -264,8 +264,8 @@ def test_decoder_only_finetune_keeps_the_latent_space(trained, workspace, label_
 
 def test_zero_step_reexport_adds_texture_tables_that_generate_draws(trained, workspace, label_set):
     """``--max-steps 0 --init-from AE``: the weights stay bit-identical, the export measures the
-    texture tables (autoencoder.texture_bins) on --data, and the CT stage then draws them: seeded,
-    and the drawn CT differs from the deterministic decoder's."""
+    texture tables (autoencoder.texture_bins, split by depth: texture_depths) on --data, and the
+    CT stage then draws them: seeded, and the drawn CT differs from the deterministic decoder's."""
     from safetensors.torch import load_file
 
     from guidegen.data.latents import LatentDataset
@@ -274,7 +274,7 @@ def test_zero_step_reexport_adds_texture_tables_that_generate_draws(trained, wor
     from guidegen.training.run import run_training
 
     raw = json.loads(json.dumps(TINY))
-    raw["autoencoder"].update(freeze_encoder=True, texture_bins=2, texture_quantiles=8)
+    raw["autoencoder"].update(freeze_encoder=True, texture_bins=2, texture_quantiles=8, texture_depths=2)
     cfg_path = workspace["root"] / "tiny_texture.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     child = run_training("autoencoder", cfg_path, workspace["data"], workspace["root"] / "tex", max_steps=0,
@@ -282,7 +282,7 @@ def test_zero_step_reexport_adds_texture_tables_that_generate_draws(trained, wor
     parent_w, child_w = load_file(str(workspace["ae"] / "model.safetensors")), load_file(str(child / "model.safetensors"))
     assert set(child_w) - set(parent_w) == {"texture.edges", "texture.table"}
     assert all(torch.equal(parent_w[k], child_w[k]) for k in parent_w)
-    assert child_w["texture.table"].abs().sum() > 0
+    assert child_w["texture.table"].abs().sum() > 0 and child_w["texture.table"].shape == (2 * label_set.num_classes, 2, 8)
     meta = json.loads((child / "meta.json").read_text())
     assert meta["texture_cases"] == 2 and meta["train_steps"] == 0 and meta["latent_scale_kept"]
     assert meta["hu_reference_median"]["air"][1] < -500  # the real medians' ranges, for generate's QC

@@ -40,7 +40,8 @@ def test_fit_tables_per_class_and_level_with_pooled_fallback_and_unseen_classes(
     resid = np.concatenate([np.full(n, 0.1), np.full(n, -0.2), np.linspace(-1, 1, 10)])
     labels = np.concatenate([np.ones(2 * n, int), np.full(10, 3)])
     target = decoded + resid
-    edges, table = fit_texture_tables([(decoded, target, labels)], num_classes=5, bins=2, quantiles=8, min_count=20)
+    edges, table = fit_texture_tables([(decoded, target, labels, np.zeros_like(labels))], num_classes=5, bins=2, quantiles=8,
+                                      min_count=20)
     assert edges.shape == (5, 1) and table.shape == (5, 2, 8)
     assert float(edges[1, 0]) == pytest.approx(0.0)  # the class's median level
     assert torch.allclose(table[1, 0], torch.full((8,), 0.1)) and torch.allclose(table[1, 1], torch.full((8,), -0.2))
@@ -50,14 +51,14 @@ def test_fit_tables_per_class_and_level_with_pooled_fallback_and_unseen_classes(
     assert not table[[0, 2, 4]].any() and not edges[[0, 2, 4]].any()  # never seen: no texture
 
 
-def test_fit_keeps_at_most_per_class_case_voxels_of_a_class_per_case():
+def test_fit_keeps_at_most_per_group_case_voxels_of_a_group_per_case():
     rng = np.random.default_rng(0)
     decoded = np.zeros(5000)
     target = rng.normal(0, 1, 5000)
     labels = np.ones(5000, int)
-    _, full = fit_texture_tables([(decoded, target, labels)], 2, 1, 4, per_class_case=5000)
-    _, sub = fit_texture_tables([(decoded, target, labels)], 2, 1, 4, per_class_case=500)
-    _, sub2 = fit_texture_tables([(decoded, target, labels)], 2, 1, 4, per_class_case=500)
+    _, full = fit_texture_tables([(decoded, target, labels, labels * 0)], 2, 1, 4, per_group_case=5000)
+    _, sub = fit_texture_tables([(decoded, target, labels, labels * 0)], 2, 1, 4, per_group_case=500)
+    _, sub2 = fit_texture_tables([(decoded, target, labels, labels * 0)], 2, 1, 4, per_group_case=500)
     assert torch.equal(sub, sub2)  # the subset is seeded
     assert not torch.equal(full, sub) and torch.allclose(full, sub, atol=0.2)
 
@@ -69,14 +70,15 @@ def test_sampling_is_seeded_and_draws_the_tables_distribution():
     lo = np.where(rng.random(20000) < 0.3, -0.4, 0.2)
     dec = np.concatenate([np.full(20000, -0.3), np.full(20000, 0.3)])
     tgt = dec + np.concatenate([lo, np.full(20000, 0.05)])
-    edges, table = fit_texture_tables([(dec, tgt, np.ones(40000, int))], 2, 2, 64)
+    edges, table = fit_texture_tables([(dec, tgt, np.ones(40000, int), np.zeros(40000, int))], 2, 2, 64)
     tex.edges.copy_(edges)
     tex.table.copy_(table)
     decoded = torch.tensor([-0.3] * 5000 + [0.3] * 5000).view(1, 1, 10000, 1, 1)
     labels = torch.ones(1, 10000, 1, 1, dtype=torch.long)
-    a = tex.sample(decoded, labels, torch.Generator().manual_seed(0))
-    b = tex.sample(decoded, labels, torch.Generator().manual_seed(0))
-    c = tex.sample(decoded, labels, torch.Generator().manual_seed(1))
+    depth = torch.zeros_like(labels)
+    a = tex.sample(decoded, labels, depth, torch.Generator().manual_seed(0))
+    b = tex.sample(decoded, labels, depth, torch.Generator().manual_seed(0))
+    c = tex.sample(decoded, labels, depth, torch.Generator().manual_seed(1))
     assert a.shape == decoded.shape and torch.equal(a, b) and not torch.equal(a, c)
     low, high = a.flatten()[:5000], a.flatten()[5000:]
     assert float((low < -0.1).float().mean()) == pytest.approx(0.3, abs=0.03)
@@ -97,3 +99,45 @@ def test_autoencoder_texture_is_a_no_op_until_fitted_and_adds_draws_after():
         AnatomyAwareAutoencoder(4, channels=(4, 8), inject_labels=False, texture_bins=2)
     with pytest.raises(Exception, match="texture_bins needs inject_labels"):
         AutoencoderConfig(texture_bins=2, inject_labels=False)
+
+
+def test_groups_split_classes_by_depth_clipped_at_the_deepest():
+    tex = VoxelTexture(num_classes=3, bins=1, quantiles=2, depths=3)
+    assert tex.table.shape == (9, 1, 2) and tex.edges.shape == (9, 0)
+    labels = torch.tensor([0, 1, 1, 1, 2])
+    depth = torch.tensor([0, 0, 1, 5, 2])
+    assert tex.groups_of(labels, depth).tolist() == [0, 3, 4, 5, 8]
+    # one depth: the layout of a texture without depth (class = group), so older tables load
+    assert VoxelTexture(num_classes=3, bins=4, quantiles=2).table.shape == (3, 4, 2)
+
+
+def test_fit_by_depth_separates_border_from_interior_and_deeper_falls_back_to_the_depth_above():
+    n = 300
+    # class 1: border voxels (depth 0) carry residual -0.3, interior ones (depth 1) +0.1, all at one level
+    decoded = np.zeros(2 * n + 10)
+    resid = np.concatenate([np.full(n, -0.3), np.full(n, 0.1), np.full(10, 0.5)])
+    labels = np.concatenate([np.ones(2 * n, int), np.full(10, 2)])
+    depth = np.concatenate([np.zeros(n, int), np.ones(n, int), np.zeros(10, int)])
+    edges, table = fit_texture_tables([(decoded, decoded + resid, labels, depth)], num_classes=3, bins=1,
+                                      quantiles=4, depths=3, min_count=20)
+    assert table.shape == (9, 1, 4)
+    assert torch.allclose(table[3], torch.full((1, 4), -0.3)) and torch.allclose(table[4], torch.full((1, 4), 0.1))
+    assert torch.equal(table[5], table[4])  # class 1 never seen at depth 2: as depth 1
+    # class 2: 10 border voxels (< min_count) keep their own pooled table; its deeper groups copy it
+    assert torch.allclose(table[6], torch.full((1, 4), 0.5)) and torch.equal(table[7], table[6]) and torch.equal(table[8], table[6])
+    assert not table[:3].any()  # class 0 never seen at any depth
+
+
+def test_autoencoder_draws_border_and_interior_voxels_from_their_depths_tables():
+    ae = AnatomyAwareAutoencoder(3, channels=(4, 8), label_embed_dim=2, texture_bins=1, texture_quantiles=2,
+                                 texture_depths=2)
+    labels = torch.zeros(1, 6, 6, 6, dtype=torch.long)
+    labels[:, 1:5, 1:5, 1:5] = 1  # a 4³ cube: its 2³ core is depth 1, the rest of it depth 0 (border)
+    depth = ae.texture_depth(labels)
+    assert int((depth[labels == 1] == 1).sum()) == 8 and int((depth[labels == 1] == 0).sum()) == 56
+    ae.texture.table[2] = -1.0  # class 1, border
+    ae.texture.table[3] = 1.0  # class 1, interior
+    out = ae.add_texture(torch.zeros(1, 1, 6, 6, 6), labels)[0, 0]
+    assert torch.equal(out[(labels[0] == 1) & (depth[0] == 1)], torch.ones(8))
+    assert torch.equal(out[(labels[0] == 1) & (depth[0] == 0)], -torch.ones(56))
+    assert not out[labels[0] == 0].any()  # class 0: no table measured

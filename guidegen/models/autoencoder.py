@@ -329,6 +329,8 @@ class AnatomyAwareAutoencoder(nn.Module):
         texture_bins: B > 0 adds :class:`~guidegen.models.texture.VoxelTexture` tables (B ranges
             of the decoded level per class, ``texture_quantiles`` residual quantiles each) that
             :meth:`add_texture` samples from; measured at export, not trained (needs ``inject_labels``).
+        texture_depths: D > 1 splits each class's texture tables by the voxel's depth inside its
+            structure, 0 … D - 1 (:func:`structure_depth`).
     """
 
     # output-neutral additions a checkpoint of an earlier design may lack (``--init-from``)
@@ -337,7 +339,7 @@ class AnatomyAwareAutoencoder(nn.Module):
     def __init__(self, num_classes: int, channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4,
                  num_res_blocks: int = 1, label_embed_dim: int = 8, inject_labels: bool = True,
                  norm: NormKind = "channel", label_readout: bool = False, label_depth: int = 0,
-                 texture_bins: int = 0, texture_quantiles: int = 32) -> None:
+                 texture_bins: int = 0, texture_quantiles: int = 32, texture_depths: int = 1) -> None:
         super().__init__()
         if len(channels) < 1:
             raise ValueError("channels must name at least one level")
@@ -359,14 +361,15 @@ class AnatomyAwareAutoencoder(nn.Module):
         # z_scaled = z * latent_scale has about unit variance over the data (the LDM's input);
         # stored with the weights so a checkpoint carries it (see measure_latent_scale).
         self.register_buffer("latent_scale", torch.tensor(1.0))
-        self.texture = VoxelTexture(num_classes, texture_bins, texture_quantiles) if texture_bins else None
+        self.texture = VoxelTexture(num_classes, texture_bins, texture_quantiles, texture_depths) if texture_bins else None
 
     @classmethod
     def from_config(cls, cfg: AutoencoderConfig, num_classes: int) -> AnatomyAwareAutoencoder:
         return cls(num_classes=num_classes, channels=tuple(cfg.channels), latent_channels=cfg.latent_channels,
                    num_res_blocks=cfg.num_res_blocks, label_embed_dim=cfg.label_embed_dim,
                    inject_labels=cfg.inject_labels, norm=cfg.norm, label_readout=cfg.label_readout,
-                   label_depth=cfg.label_depth, texture_bins=cfg.texture_bins, texture_quantiles=cfg.texture_quantiles)
+                   label_depth=cfg.label_depth, texture_bins=cfg.texture_bins, texture_quantiles=cfg.texture_quantiles,
+                   texture_depths=cfg.texture_depths)
 
     # -- helpers
     def _pyramid(self, labels: torch.Tensor | None, spatial: tuple[int, ...]) -> list[torch.Tensor | None]:
@@ -439,7 +442,13 @@ class AnatomyAwareAutoencoder(nn.Module):
         tables (:mod:`guidegen.models.texture`); ``decoded`` itself when there are none."""
         if not self.has_texture:
             return decoded
-        return decoded + self.texture.sample(decoded, labels, generator)
+        return decoded + self.texture.sample(decoded, labels, self.texture_depth(labels), generator)
+
+    def texture_depth(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, X, Y, Z) ids → (B, X, Y, Z) long depth inside the structure in [0, D), D = the
+        texture's depths (zeros when D = 1 or there is no texture)."""
+        depths = self.texture.depths if self.texture is not None else 1
+        return structure_depth(labels.long(), depths - 1) if depths > 1 else torch.zeros_like(labels, dtype=torch.long)
 
 
 @torch.no_grad()

@@ -135,7 +135,8 @@ class AutoencoderTask(StageTask):
         if model.texture is not None:
             from guidegen.training.run import training_hu_reference
 
-            edges, table = measure_texture(model, batches(), self.ae_cfg.texture_bins, self.ae_cfg.texture_quantiles)
+            edges, table = measure_texture(model, batches(), self.ae_cfg.texture_bins, self.ae_cfg.texture_quantiles,
+                                           self.ae_cfg.texture_depths)
             for m in copies:
                 m.texture.edges.copy_(edges)
                 m.texture.table.copy_(table)
@@ -146,7 +147,8 @@ class AutoencoderTask(StageTask):
 
 
 @torch.no_grad()
-def measure_texture(model: AnatomyAwareAutoencoder, batches, bins: int, quantiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+def measure_texture(model: AnatomyAwareAutoencoder, batches, bins: int, quantiles: int,
+                    depths: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Texture tables (:func:`guidegen.models.texture.fit_texture_tables`) of ``model``'s
     reconstructions (posterior mode) of ``batches`` of (ct_norm (B, 1, X, Y, Z), labels (B, X, Y, Z))."""
     from guidegen.models.texture import fit_texture_tables
@@ -157,11 +159,13 @@ def measure_texture(model: AnatomyAwareAutoencoder, batches, bins: int, quantile
     def cases():
         for ct_norm, labels in batches:
             decoded = model(ct_norm, labels, sample=False)[0]
+            depth = model.texture_depth(labels)
             for b in range(ct_norm.shape[0]):
-                yield decoded[b, 0].float().cpu().numpy(), ct_norm[b, 0].float().cpu().numpy(), labels[b].cpu().numpy()
+                yield (decoded[b, 0].float().cpu().numpy(), ct_norm[b, 0].float().cpu().numpy(), labels[b].cpu().numpy(),
+                       depth[b].cpu().numpy())
 
     try:
-        return fit_texture_tables(cases(), model.num_classes, bins, quantiles)
+        return fit_texture_tables(cases(), model.num_classes, bins, quantiles, depths)
     finally:
         model.train(was_training)
 

@@ -909,8 +909,9 @@ def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict
     """Load ``ckpt_dir/model.safetensors`` into ``module`` (fp16 → the module's dtypes).
 
     ``may_lack``: key prefixes of the module the file may lack even when ``strict`` (modules
-    added to a trained network whose initialisation leaves its output unchanged); they keep
-    their initial values. Returns the checkpoint's ``meta.json`` as a dict (``{}`` if absent).
+    added to a trained network whose initialisation leaves its output unchanged, or measured at
+    export like the AE's texture tables); they keep their initial values, also when the file
+    holds them with another shape (e.g. texture tables of another ``texture_depths``). Returns the checkpoint's ``meta.json`` as a dict (``{}`` if absent).
     Raises :class:`GuideGenError` naming the file when it is missing, unreadable or does not match.
     """
     from safetensors.torch import load_file
@@ -928,6 +929,8 @@ def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict
     if strict and (missing or unexpected):
         raise GuideGenError(f"{path}: weights do not match the model (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    reshaped = {k for k in tensors if k in own and k.startswith(may_lack) and tensors[k].shape != own[k].shape}
+    tensors = {k: v for k, v in tensors.items() if k not in reshaped}
     bad = [k for k in tensors if k in own and tensors[k].shape != own[k].shape]
     if bad:
         raise GuideGenError(f"{path}: shape mismatch for {bad[0]} ({tuple(tensors[bad[0]].shape)} in file, "
