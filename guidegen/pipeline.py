@@ -84,6 +84,9 @@ class Sample:
     seed: int = 0
     timings: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    # (labels uint8, CT int16 HU) on the model grid when the CT was generated on a resampled copy
+    # of ``labels`` (a user's map on another grid); QC checks the HU calibration there
+    model_grid: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class LabelMapGenerator:
@@ -201,6 +204,17 @@ class CTGenerator:
     def __call__(self, labels: np.ndarray, prompt: str, findings: Findings, *, seed: int, steps: int | None = None,
                  guidance: float | None = None, progress: bool = False) -> tuple[np.ndarray, dict]:
         """CT int16 HU on the grid of ``labels`` (any grid: resampled to the model grid and back)."""
+        ct, settings, _ = self.render(labels, prompt, findings, seed=seed, steps=steps, guidance=guidance, progress=progress)
+        return ct, settings
+
+    def render(self, labels: np.ndarray, prompt: str, findings: Findings, *, seed: int, steps: int | None = None,
+               guidance: float | None = None, progress: bool = False) -> tuple[np.ndarray, dict, tuple[np.ndarray, np.ndarray] | None]:
+        """As :meth:`__call__`, plus the (labels, CT int16 HU) pair on the model grid when ``labels``
+        is on another grid (None when it is on the model grid: the CT itself is that pair's).
+
+        Why keep it: the CT returned on the user's grid is interpolated from the model grid, which
+        mixes a thin structure with its neighbours at the user's resolution, so its organ levels no
+        longer say whether the generator is calibrated; the model-grid pair does."""
         from guidegen.data.cache import PreprocessConfig, resize_ct, resize_labels, torso_bbox
 
         steps = steps or self.cfg.ldm.sample_steps
@@ -208,15 +222,21 @@ class CTGenerator:
         settings = {"ct_sampler": self.cfg.ldm.sampler if steps < self.cfg.ldm.timesteps else "ddpm", "ct_steps": steps, "ct_guidance": guidance,
                     "ct_texture": bool(self.texture)}
         if tuple(labels.shape) == self.grid:
-            ct = self.on_grid(labels, prompt, findings, seed, steps, guidance, progress)
-        else:  # a user's label map: crop to the torso, resize to the model grid, paste the CT back
-            box = torso_bbox(labels, self.label_set, PreprocessConfig(grid=self.grid).margin_voxels)
-            crop = labels[box]
-            ct_small = self.on_grid(resize_labels(crop, self.grid), prompt, findings, seed, steps, guidance, progress)
-            ct = np.full(labels.shape, -1000.0, dtype=np.float32)
-            ct[box] = resize_ct(ct_small, crop.shape)
-            settings["resampled_from_grid"] = list(self.grid)
-        return np.clip(np.rint(ct), -32768, 32767).astype(np.int16), settings
+            return as_hu_int16(self.on_grid(labels, prompt, findings, seed, steps, guidance, progress)), settings, None
+        # a user's label map: crop to the torso, resize to the model grid, paste the CT back
+        box = torso_bbox(labels, self.label_set, PreprocessConfig(grid=self.grid).margin_voxels)
+        crop = labels[box]
+        small = resize_labels(crop, self.grid)
+        ct_small = self.on_grid(small, prompt, findings, seed, steps, guidance, progress)
+        ct = np.full(labels.shape, -1000.0, dtype=np.float32)
+        ct[box] = resize_ct(ct_small, crop.shape)
+        settings["resampled_from_grid"] = list(self.grid)
+        return as_hu_int16(ct), settings, (small.astype(np.uint8), as_hu_int16(ct_small))
+
+
+def as_hu_int16(ct: np.ndarray) -> np.ndarray:
+    """Float HU → int16 HU (rounded, clipped to the int16 range)."""
+    return np.clip(np.rint(ct), -32768, 32767).astype(np.int16)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -345,14 +365,16 @@ class GuideGenPipeline:
                     "tcss_window_share": self.labels.window_share if labels is None else None,
                     "label_cleanup_voxels": cleaned["isolated_voxels"], "stray_tumor_voxels": cleaned["stray_tumor_voxels"],
                     "organ_part_voxels": cleaned["organ_part_voxels"]}
-        ct = None
+        ct = model_grid = None
         if self.ct is not None:
             t1 = time.perf_counter()
-            ct, ct_settings = self.ct(label_map, prompt, findings, seed=seed, steps=ct_steps, guidance=ct_guidance, progress=progress)
+            ct, ct_settings, model_grid = self.ct.render(label_map, prompt, findings, seed=seed, steps=ct_steps,
+                                                         guidance=ct_guidance, progress=progress)
             settings.update(ct_settings)
             timings["ct_s"] = round(time.perf_counter() - t1, 3)
         timings["total_s"] = round(time.perf_counter() - t0, 3)
-        return Sample(prompt=prompt, findings=findings, labels=label_map, affine=affine, ct=ct, seed=seed, timings=timings, settings=settings)
+        return Sample(prompt=prompt, findings=findings, labels=label_map, affine=affine, ct=ct, seed=seed, timings=timings,
+                      settings=settings, model_grid=model_grid)
 
     __call__ = generate
 

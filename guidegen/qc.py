@@ -110,7 +110,13 @@ def hu_checks(ct: np.ndarray, labels: np.ndarray, label_set: LabelSet, reference
 
 
 def quality_check(sample, pipe) -> dict:
-    """QC of one :class:`guidegen.pipeline.Sample`: ``{"passed", "failures", "labels", "hu"}``."""
+    """QC of one :class:`guidegen.pipeline.Sample`: ``{"passed", "failures", "labels", "hu"}``.
+
+    The anatomy is checked on the sample's own label map; the HU calibration on the model grid
+    (``sample.model_grid`` when the CT was generated on a resampled copy of a user's map, and
+    ``hu["grid"]`` says which): interpolating the CT to a finer grid mixes thin structures with
+    their neighbours, which says nothing about the generator's calibration.
+    """
     label_set = pipe.label_set
     labels_info, failures = label_checks(sample.labels, sample.affine, sample.findings.to_dict(), label_set)
     out = {"labels": labels_info}
@@ -121,8 +127,9 @@ def quality_check(sample, pipe) -> dict:
         median_reference = pipe.ct.ae_meta.get("hu_reference_median") if pipe.ct is not None else None
         if sample.settings.get("ct_texture") and median_reference:
             reference, statistic = median_reference, "median"
-        hu_info, hu_fail = hu_checks(sample.ct, sample.labels, label_set, reference, statistic)
-        out["hu"] = hu_info
+        labels, ct = sample.model_grid if sample.model_grid is not None else (sample.labels, sample.ct)
+        hu_info, hu_fail = hu_checks(ct, labels, label_set, reference, statistic)
+        out["hu"] = {**hu_info, "grid": "model" if sample.model_grid is not None else "output"}
         failures += hu_fail
     out.update({"passed": not failures, "failures": failures})
     return out

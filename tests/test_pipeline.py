@@ -163,6 +163,8 @@ def test_mask_to_ct_on_the_users_grid(ckpt_root, tmp_path, label_set):
     lab, _ = load_nifti(reader.labels_path(cid))
     assert ct.shape == (24, 20, 28) and np.array_equal(lab, case.labels)
     np.testing.assert_allclose(ct_aff, aff)
+    meta = json.loads((out / "meta" / f"{cid}.json").read_text())
+    assert meta["settings"]["resampled_from_grid"] and meta["qc"]["hu"]["grid"] == "model"  # calibration where it was generated
 
 
 @pytest.mark.parametrize(

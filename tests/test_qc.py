@@ -89,7 +89,7 @@ def test_quality_check_holds_a_textured_ct_to_the_median_reference(label_set):
 
     def hu_qc(texture: bool, pipe=pipe) -> dict:
         sample = SimpleNamespace(labels=labels, ct=ct, affine=np.eye(4), findings=Findings(),
-                                 settings={"ct_texture": texture})
+                                 settings={"ct_texture": texture}, model_grid=None)
         return qc.quality_check(sample, pipe)["hu"]
 
     textured, smooth = hu_qc(True), hu_qc(False)
@@ -97,3 +97,23 @@ def test_quality_check_holds_a_textured_ct_to_the_median_reference(label_set):
     assert smooth["statistic"] == "trimmed_mean_10" and smooth["levels"]["rib"] > 785  # beyond 760 + 25
     no_median = SimpleNamespace(label_set=label_set, ct=SimpleNamespace(meta=ldm_meta, ae_meta={}))
     assert hu_qc(True, no_median)["statistic"] == "trimmed_mean_10"  # an AE exported without it
+
+
+def test_quality_check_reads_hu_on_the_model_grid_when_the_ct_was_resampled(label_set):
+    """A user's map on another grid: the anatomy is checked on it, the HU calibration on the
+    model-grid pair the generator produced (interpolation to the user's grid mixes neighbours)."""
+    from types import SimpleNamespace
+
+    from guidegen.text.findings import Findings
+
+    ct, labels = _bone_case(label_set, 0.8, blur=False)
+    smeared = np.full_like(ct, 300)  # the same map with its CT blurred into the neighbours: rib median 300
+    ref = {"hu_reference_median": {"rib": [910.0, 930.0]}}
+    pipe = SimpleNamespace(label_set=label_set, ct=SimpleNamespace(meta={}, ae_meta=ref))
+    resampled = SimpleNamespace(labels=labels, ct=smeared, affine=np.eye(4), findings=Findings(),
+                                settings={"ct_texture": True}, model_grid=(labels, ct))
+    out = qc.quality_check(resampled, pipe)
+    assert out["hu"]["grid"] == "model" and out["hu"]["levels"]["rib"] == 920.0
+    assert not any("rib" in f for f in out["failures"])
+    on_output = qc.quality_check(SimpleNamespace(**{**vars(resampled), "model_grid": None}), pipe)
+    assert on_output["hu"]["grid"] == "output" and "rib HU level 300 outside training range [910, 930]" in on_output["failures"]
