@@ -7,12 +7,14 @@ network calls each, x2 with guidance) and with full ancestral sampling (T calls)
 - with ``--floor``, the same distance between two reference sets drawn with different seeds:
   the distance that sampling noise alone gives at this ``--n`` (a strided set cannot be told
   apart from the reference below it), and
-- seconds per sample of each arm and the speed-ups.
+- seconds per sample of each arm and the speed-ups, and
+- with ``--data DIR`` (e.g. the training set), every arm's organ-volume W1 against that
+  dataset's label maps: how far the model, not the few-step sampler, is from the data.
 
     python benchmarks/tcss_sampling.py [--checkpoint ROOT] [--n 8] [--steps 25 50] [--guidance G]
                                        [--device cuda] [--batch 16] [--floor] [--json F] [--temperature T] [--temper prior] [--host-refill 1] [--churn C] [--window-t 850 --window-share 0.6]
                                        [--reference-steps N]  # compare against N strided steps instead
-                                       [--cache DIR] [--shard I/N] [--strided-only] [--cleaned]
+                                       [--cache DIR] [--shard I/N] [--strided-only] [--cleaned] [--data DIR]
 
 ``--reference-steps 25 --steps 50 --floor`` gives, on a CPU, the noise floor of the strided
 sampler itself (the 1000-step arm takes ~20 min per sample there).
@@ -165,6 +167,27 @@ def organ_w1(reference: np.ndarray, other: np.ndarray, label_set) -> dict[str, f
     return {k: v for k, v in w1.items() if np.isfinite(v)}
 
 
+def data_w1_lines(volumes: dict[str, np.ndarray], data_root: Path, label_set, worst: int = 4) -> dict[str, dict[str, float]]:
+    """Print and return each arm's relative W1 per organ against the label maps of ``data_root``.
+
+    What the sampler arms are compared with otherwise is each other; this says how far the model
+    itself is from the data it learned (the temperature, e.g., trades thin classes against each
+    other: docs/measurements.md). ``volumes``: arm name → (n, K) ml.
+    """
+    from guidegen.evaluation.runner import dataset_label_stats
+
+    data = np.stack([stats.volumes_ml for _, stats, _ in dataset_label_stats(data_root, "--data", label_set)])
+    out = {}
+    for name, vol in volumes.items():
+        w1 = organ_w1(data, vol, label_set)
+        out[name] = w1
+        far = sorted(w1, key=w1.get, reverse=True)[:worst]
+        print(f"organ-volume relative W1 against the data ({len(data)} cases), {name}: mean {np.mean(list(w1.values())):.1%}; "
+              "farthest " + ", ".join(f"{o} {w1[o]:.1%} ({vol[:, label_set.id_of(o)].mean():.1f} vs {data[:, label_set.id_of(o)].mean():.1f} ml)"
+                                      for o in far))
+    return out
+
+
 # the TCSS sampler settings this script can override (benchmarks_common.SAMPLER_OPTIONS)
 SAMPLER_ARGS = ["temperature", "temper", "host-refill", "churn", "window-t", "window-share"]
 
@@ -190,6 +213,8 @@ def main() -> None:
                     help="compare the maps generate writes (after its cleanup) instead of the sampled ones")
     ap.add_argument("--strided-only", action="store_true",
                     help="sample only the strided arms into --cache (e.g. a variant while other processes build the reference)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a dataset (e.g. the training set): also print every arm's organ-volume W1 against its label maps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -248,6 +273,8 @@ def main() -> None:
               f"worst {worst} {w1[worst]:.1%}" + ("  (sampling-noise floor at this n)" if floor else "  (target <= 10 %)"))
         for organ in [o for o in w1 if w1[o] > 0.10] or [worst]:
             print("    " + volume_shift_line(volumes[ref], volumes[name], ls.id_of(organ), organ))
+    if args.data is not None:
+        results["w1_vs_data"] = data_w1_lines(volumes, args.data, ls)
     for name in volumes:
         if name.startswith("strided"):
             print(f"time per sample: {name} {seconds[name]:.2f} s, {ref} {seconds[ref]:.2f} s, "

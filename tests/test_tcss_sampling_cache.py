@@ -187,3 +187,26 @@ def test_cleaned_volumes_come_from_the_kept_maps_and_old_batches_are_redrawn(tmp
     assert len(gen.calls) == 2
     np.testing.assert_array_equal(again, clean)
     assert tcss_sampling.maps_file(path).is_file()
+
+
+def test_data_w1_compares_each_arm_with_the_datasets_label_maps(tmp_path, capsys):
+    """``--data``: liver volumes 10 and 20 ml in the dataset (1 ml voxels); an arm drawing 15 and
+    25 ml is 5 ml off everywhere: W1 5 / 15 = 33.3 %; an arm drawing the data's volumes is at 0."""
+    from guidegen.data.layout import CaseRecord, DatasetWriter
+
+    ls = load_label_set()
+    liver = ls.id_of("liver")
+    writer = DatasetWriter(tmp_path / "data", name="t", label_set=ls.name)
+    for i, n in enumerate((10, 20)):
+        lab = np.zeros((4, 4, 4), np.uint8)
+        lab.reshape(-1)[:n] = liver
+        writer.write_case(CaseRecord(case=f"c{i}", labels=lab, affine=np.diag([10.0, 10.0, 10.0, 1.0])))
+    writer.finalize()
+    arm = np.zeros((2, ls.num_classes))
+    arm[:, liver] = (15.0, 25.0)
+    same = np.zeros((2, ls.num_classes))
+    same[:, liver] = (10.0, 20.0)
+    w1 = tcss_sampling.data_w1_lines({"strided 50": arm, "ancestral": same}, tmp_path / "data", ls)
+    assert w1["strided 50"] == {"liver": pytest.approx(1 / 3)} and w1["ancestral"] == {"liver": pytest.approx(0.0, abs=1e-9)}
+    out = capsys.readouterr().out
+    assert "against the data (2 cases), strided 50: mean 33.3%; farthest liver 33.3% (20.0 vs 15.0 ml)" in out

@@ -33,7 +33,7 @@ import torch
 from guidegen.errors import GuideGenError
 from guidegen.evaluation.attributes import AttributeConfig, attribute_accuracy, train_attribute_classifier
 from guidegen.evaluation.features import FeatureNetConfig, _cfg_dict, cached_model, extract_features, train_feature_net
-from guidegen.evaluation.metrics import case_stats, frechet_distance, knn_precision_recall, match_tumors, mean_dice_per_class, relative_w1
+from guidegen.evaluation.metrics import CaseStats, case_stats, frechet_distance, knn_precision_recall, match_tumors, mean_dice_per_class, relative_w1
 from guidegen.evaluation.sets import EvalSet, ct_to_unit, dataset_digest, load_eval_set, open_dataset
 from guidegen.io import write_json_atomic
 from guidegen.models.segmenter import SegmenterConfig, build_segmenter, segment, train_segmenter
@@ -150,19 +150,25 @@ def trained_segmenter(train_set: EvalSet, cfg: SegmenterConfig, cache_dir: Path 
 
 
 # ---------------------------------------------------------------------------- sections
-def label_map_metrics(real_root: Path, synth_root: Path, label_set, progress: bool = False) -> tuple[dict, dict]:
-    """Label-map metrics on the native-resolution label maps; returns (metrics, plot data)."""
+def dataset_label_stats(root: Path, option: str, label_set, progress: bool = False) -> list[tuple[str, CaseStats, dict | None]]:
+    """``(case, CaseStats, findings dict or None)`` for every case of the dataset at ``root``, from
+    its native-resolution label maps (volumes in ml by each file's affine). ``option`` names the
+    CLI option in errors (e.g. ``--real``)."""
     from tqdm import tqdm
 
-    sets = {}
-    for role, root in (("real", real_root), ("synthetic", synth_root)):
-        reader = open_dataset(root, f"--{role}")
-        rows = []
-        for case in tqdm(reader.case_ids(), desc=f"label stats ({role})", disable=not progress, unit="case"):
-            rec = reader.load_case(case, with_ct=False)
-            f = reader.report(case).get("findings")
-            rows.append((case, case_stats(rec.labels, rec.affine, label_set), f if isinstance(f, dict) else None))
-        sets[role] = rows
+    reader = open_dataset(root, option)
+    rows = []
+    for case in tqdm(reader.case_ids(), desc=f"label stats ({option.lstrip('-')})", disable=not progress, unit="case"):
+        rec = reader.load_case(case, with_ct=False)
+        f = reader.report(case).get("findings")
+        rows.append((case, case_stats(rec.labels, rec.affine, label_set), f if isinstance(f, dict) else None))
+    return rows
+
+
+def label_map_metrics(real_root: Path, synth_root: Path, label_set, progress: bool = False) -> tuple[dict, dict]:
+    """Label-map metrics on the native-resolution label maps; returns (metrics, plot data)."""
+    sets = {role: dataset_label_stats(root, f"--{role}", label_set, progress)
+            for role, root in (("real", real_root), ("synthetic", synth_root))}
     names = label_set.names
     organs = label_set.organ_ids
     vol = {role: np.stack([s.volumes_ml for _, s, _ in rows]) for role, rows in sets.items()}
