@@ -231,7 +231,7 @@ def test_loading_an_earlier_checkpoint_may_lack_only_the_declared_new_modules(tm
 
 
 
-def test_texture_tables_of_another_depth_count_reinitialise_under_may_lack_only(tmp_path):
+def test_texture_tables_of_another_depth_count_reinitialise_under_may_differ_only(tmp_path):
     """--init-from a checkpoint whose texture has another ``texture_depths``: the tables (measured
     at export anyway) start empty; a plain load of the same file names the mismatch."""
     from safetensors.torch import save_file
@@ -244,8 +244,10 @@ def test_texture_tables_of_another_depth_count_reinitialise_under_may_lack_only(
     deep = tiny_model(seed=2, texture_bins=2, texture_quantiles=4, texture_depths=3)
     with pytest.raises(GuideGenError, match="shape mismatch for texture"):
         load_model_weights(deep, tmp_path)
-    load_model_weights(deep, tmp_path, may_lack=deep.INIT_MAY_LACK)
+    load_model_weights(deep, tmp_path, may_lack=deep.INIT_MAY_LACK, may_differ=deep.INIT_MAY_DIFFER)
     assert not deep.has_texture and torch.equal(deep.decoder.conv_out.weight, flat.decoder.conv_out.weight)
+    with pytest.raises(GuideGenError, match="shape mismatch for texture"):  # may lack is not may differ
+        load_model_weights(deep, tmp_path, may_lack=deep.INIT_MAY_LACK)
 
 def test_bad_grid_and_label_shape_raise():
     m = tiny_model()

@@ -335,6 +335,8 @@ class AnatomyAwareAutoencoder(nn.Module):
 
     # output-neutral additions a checkpoint of an earlier design may lack (``--init-from``)
     INIT_MAY_LACK = ("decoder.readout.", "texture.")
+    # measured again at every export, so tables of another layout (texture_depths) may be dropped
+    INIT_MAY_DIFFER = ("texture.",)
 
     def __init__(self, num_classes: int, channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4,
                  num_res_blocks: int = 1, label_embed_dim: int = 8, inject_labels: bool = True,

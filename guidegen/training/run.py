@@ -55,14 +55,16 @@ def init_from_checkpoint(trainer, ckpt_dir: str | Path) -> None:
     Only the weights (and the EMA copy) are taken; optimizer state and step start fresh. A run
     that already has its own training checkpoint resumes from that instead (exact resume wins).
     Modules the model lists in ``INIT_MAY_LACK`` (output-neutral additions, e.g. the AE's
-    per-class readout) may be absent from the checkpoint; they start from their initialisation.
+    per-class readout) may be absent from the checkpoint; they start from their initialisation,
+    as do those in ``INIT_MAY_DIFFER`` (measured again at export) stored in another shape.
     """
     from guidegen.training.trainer import load_model_weights
 
     if trainer.step > 0:
         return
     model = trainer.modules["model"]
-    load_model_weights(model, ckpt_dir, may_lack=getattr(model, "INIT_MAY_LACK", ()))
+    load_model_weights(model, ckpt_dir, may_lack=getattr(model, "INIT_MAY_LACK", ()),
+                       may_differ=getattr(model, "INIT_MAY_DIFFER", ()))
     if "model" in trainer.ema:
         trainer.ema["model"].module.load_state_dict(model.state_dict())
 

@@ -905,13 +905,15 @@ def export_checkpoint(source: "Trainer | str | os.PathLike", out_dir: str | os.P
 
 
 def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict: bool = True,
-                       may_lack: tuple[str, ...] = ()) -> dict:
+                       may_lack: tuple[str, ...] = (), may_differ: tuple[str, ...] = ()) -> dict:
     """Load ``ckpt_dir/model.safetensors`` into ``module`` (fp16 → the module's dtypes).
 
     ``may_lack``: key prefixes of the module the file may lack even when ``strict`` (modules
-    added to a trained network whose initialisation leaves its output unchanged, or measured at
-    export like the AE's texture tables); they keep their initial values, also when the file
-    holds them with another shape (e.g. texture tables of another ``texture_depths``). Returns the checkpoint's ``meta.json`` as a dict (``{}`` if absent).
+    added to a trained network whose initialisation leaves its output unchanged); they keep
+    their initial values. ``may_differ``: key prefixes whose values are measured again at export
+    (the AE's texture tables), so a file holding them in another shape (another
+    ``texture_depths``) leaves them at their initial values instead of failing. Returns the
+    checkpoint's ``meta.json`` as a dict (``{}`` if absent).
     Raises :class:`GuideGenError` naming the file when it is missing, unreadable or does not match.
     """
     from safetensors.torch import load_file
@@ -929,14 +931,14 @@ def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict
     if strict and (missing or unexpected):
         raise GuideGenError(f"{path}: weights do not match the model (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
-    reshaped = {k for k in tensors if k in own and k.startswith(may_lack) and tensors[k].shape != own[k].shape}
+    reshaped = {k for k in tensors if k in own and k.startswith(may_differ) and tensors[k].shape != own[k].shape}
     tensors = {k: v for k, v in tensors.items() if k not in reshaped}
     bad = [k for k in tensors if k in own and tensors[k].shape != own[k].shape]
     if bad:
         raise GuideGenError(f"{path}: shape mismatch for {bad[0]} ({tuple(tensors[bad[0]].shape)} in file, "
                             f"{tuple(own[bad[0]].shape)} in the model)")
     cast = {k: v.to(own[k].dtype) for k, v in tensors.items() if k in own}
-    module.load_state_dict(cast, strict=strict and not may_lack)
+    module.load_state_dict(cast, strict=strict and not may_lack and not reshaped)
     return read_checkpoint_meta(ckpt_dir)
 
 
