@@ -13,7 +13,10 @@ the range of N_REAL real phantom cases (the reference set benchmarks/generate.py
 the same share for the unseen real cases themselves (the range's own coverage). With texture
 tables in the checkpoint (``autoencoder.texture_bins``) the same shares are printed for the
 reconstructions with one texture draw per voxel (seeded by the case), which is what ``generate``
-renders; the error rows above stay those of the deterministic decoder.
+renders; the error rows above stay those of the deterministic decoder. It also prints the
+texture's grain: the lag-1 correlation along x, y, z of the residuals (against the deterministic
+reconstruction) of the real cases and of the textured ones, Gaussianised through the texture's
+own tables (``models.texture.measure_grain``), next to the grain stored in the checkpoint.
 
     python benchmarks/ae_eval.py [--checkpoint DIR] [--n 20] [--n-real 96]
 """
@@ -48,6 +51,8 @@ def main() -> None:
     from guidegen.data.phantom import render_phantom
     from guidegen.evaluation.sets import load_eval_set
     from guidegen.labels import load_label_set
+    from guidegen.models.autoencoder import hu_to_norm
+    from guidegen.models.texture import measure_grain
     from guidegen.qc import HU_STATISTIC, hu_reference
     from guidegen.reconstruct import WINDOWS_HU, reconstruct_volume, windowed_mae
 
@@ -57,6 +62,7 @@ def main() -> None:
     organ_ids = np.array(ls.organ_ids)
     rows = {k: [] for k in ("organ_mae", "tumor", "vertebrae", "rib", "lung", *WINDOWS_HU)}
     tumor_cases = []  # (seed, tumour voxels, |mean HU error|): where the mean error comes from
+    grain_cases = {"real": [], "textured": []}  # (decoded, target, labels, depth), normalised, per case
     grid = tuple(cfg.data.grid)
     real = load_eval_set(phantom_set(Path(args.work) / f"real_{args.n_real}_{'x'.join(map(str, grid))}",
                                      args.n_real, grid, seed=500000), grid)
@@ -81,6 +87,11 @@ def main() -> None:
         levels = {"recon": rec, "real": ct}
         if ae.has_texture:
             levels["textured"] = textured(ae, rec, lab, tuple(cfg.autoencoder.hu_range), seed)
+            depth = ae.texture_depth(torch.from_numpy(lab.astype(np.int64))[None])[0].numpy()
+            for src in grain_cases:
+                grain_cases[src].append(tuple(hu_to_norm(torch.from_numpy(np.asarray(v, np.float32)),
+                                                         tuple(cfg.autoencoder.hu_range)).numpy()
+                                              for v in (rec, levels[src])) + (lab, depth))
         for src in sources:
             for st in stats:
                 outside[src, st].append(hu_outside(levels[src], lab, ls, refs[st], st))
@@ -103,6 +114,12 @@ def main() -> None:
         print(f"  {what[src]}:")
         for st in stats:
             print(hu_lines(outside[src, st], st, indent="    "))
+    if ae.has_texture:
+        fmt = lambda g: " / ".join(f"{float(v):.3f}" for v in g)  # noqa: E731
+        print(f"texture grain, lag-1 correlation x / y / z of the Gaussianised residuals (same-class neighbours): "
+              f"real {fmt(measure_grain(ae.texture, grain_cases['real']))}, "
+              f"textured {fmt(measure_grain(ae.texture, grain_cases['textured']))} "
+              f"(checkpoint's grain {fmt(ae.texture.grain)})")
     print(f"time: {secs:.0f} s")
 
 

@@ -85,11 +85,9 @@ def main() -> None:
     from guidegen.reconstruct import reconstruct_volume
     from guidegen.text.findings import Findings
 
-    pipe = GuideGenPipeline.from_pretrained(args.checkpoint)
-    if args.texture is not None:
-        if args.texture and not pipe.ct.ae.has_texture:
-            raise SystemExit("--texture 1: this autoencoder has no texture tables (autoencoder.texture_bins)")
-        pipe.ct.texture = bool(args.texture)
+    pipe = GuideGenPipeline.from_pretrained(args.checkpoint, texture=args.texture != 0)
+    if args.texture and not pipe.ct.ae.has_texture:
+        raise SystemExit("--texture 1: this autoencoder has no texture tables (autoencoder.texture_bins)")
     ls, grid = pipe.label_set, pipe.labels.grid
     work = Path(args.work)
     real_dir = work / f"real_{args.n_real}_{'x'.join(map(str, grid))}"

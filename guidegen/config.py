@@ -184,6 +184,10 @@ class AutoencoderConfig(_Strict):
     # ..., texture_depths - 1 and deeper). A border voxel's residual mixes the neighbouring
     # tissue, an interior one's does not (the heart's wall against its chambers).
     texture_depths: int = Field(1, ge=1, le=8)
+    # Grain: draw the texture's probabilities from a Gaussian copula whose lag-1 correlation
+    # along each axis is measured at export on the training residuals (models.texture), so
+    # neighbouring voxels' residuals correlate as in real CT; false = independent (white) draws.
+    texture_grain: bool = True
     p_random_window: float = Field(0.25, ge=0, le=1)  # share of fully random HU windows in the loss
     kl_weight: float = Field(1e-6, ge=0)
     window_weight: float = Field(1.0, ge=0)

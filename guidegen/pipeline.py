@@ -312,8 +312,12 @@ class GuideGenPipeline:
 
     @classmethod
     def from_pretrained(cls, root: str | Path | None = None, *, device: str | None = "cpu", labels_only: bool = False,
-                        clean_labels: bool = True) -> "GuideGenPipeline":
-        """Load the stage checkpoints under ``root`` (default: the shipped demo checkpoints)."""
+                        clean_labels: bool = True, texture: bool = True) -> "GuideGenPipeline":
+        """Load the stage checkpoints under ``root`` (default: the shipped demo checkpoints).
+
+        ``texture`` False renders the decoder's deterministic CT even when the autoencoder has
+        texture tables (models/texture.py); ``settings.ct_texture`` in each meta says which.
+        """
         dev = resolve_device(device)
         root = Path(root) if root is not None else default_checkpoint_root()
         if not root.is_dir():
@@ -324,6 +328,7 @@ class GuideGenPipeline:
             ldm_cfg, _ = load_stage_config(root / "ldm", "ldm")
             shared = labels.conditioner if ldm_cfg.text == labels.cfg.text else None  # one text encoder in memory
             ct = CTGenerator(root / "autoencoder", root / "ldm", dev, labels.label_set, conditioner=shared)
+            ct.texture = ct.texture and texture
         return cls(labels, ct, root, clean_labels=clean_labels)
 
     def versions(self) -> dict:
@@ -514,11 +519,10 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
     items = read_prompts(prompts_file) if prompts_file is not None else [PromptItem(single_prompt_id(prompt or "", seed), prompt or "")]
     for it in items:
         prompt_findings(it.prompt)  # fail on an empty prompt before loading any model
-    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only, clean_labels=not raw_labels)
+    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only, clean_labels=not raw_labels,
+                                            texture=texture)
     if temperature is not None:
         pipe.labels.temperature = temperature
-    if pipe.ct is not None and not texture:
-        pipe.ct.texture = False
     rank, world = _distributed_rank()
     written = generate_dataset(pipe, items, out, n=n, seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps,
                                ct_guidance=ct_guidance, qc_retries=qc_retries, rank=rank, world_size=world)
@@ -539,9 +543,7 @@ def _generate_for_labels(labels_path: Path, prompt: str, out: Path, checkpoint: 
         if not np.all(np.isfinite(lab)) or not np.allclose(lab, np.rint(lab)):
             raise GuideGenError(f"{labels_path}: label map must hold integer class ids, found non-integer values")
     lab = np.rint(lab).astype(np.int64)
-    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device)
-    if not texture:
-        pipe.ct.texture = False
+    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, texture=texture)
     k = pipe.label_set.num_classes
     if lab.min() < 0 or lab.max() >= k:
         bad = sorted(set(np.unique(lab[(lab < 0) | (lab >= k)]).tolist()))[:5]

@@ -280,11 +280,13 @@ def test_zero_step_reexport_adds_texture_tables_that_generate_draws(trained, wor
     child = run_training("autoencoder", cfg_path, workspace["data"], workspace["root"] / "tex", max_steps=0,
                          progress=False, init_from=workspace["ae"])
     parent_w, child_w = load_file(str(workspace["ae"] / "model.safetensors")), load_file(str(child / "model.safetensors"))
-    assert set(child_w) - set(parent_w) == {"texture.edges", "texture.table"}
+    assert set(child_w) - set(parent_w) == {"texture.edges", "texture.table", "texture.grain"}
     assert all(torch.equal(parent_w[k], child_w[k]) for k in parent_w)
+    assert child_w["texture.grain"].shape == (3,)  # measured with the tables (texture_grain on by default)
     assert child_w["texture.table"].abs().sum() > 0 and child_w["texture.table"].shape == (2 * label_set.num_classes, 2, 8)
     meta = json.loads((child / "meta.json").read_text())
     assert meta["texture_cases"] == 2 and meta["train_steps"] == 0 and meta["latent_scale_kept"]
+    assert meta["texture_grain"] == pytest.approx(child_w["texture.grain"].float().tolist(), abs=1e-3)
     assert meta["hu_reference_median"]["air"][1] < -500  # the real medians' ranges, for generate's QC
 
     gen = CTGenerator(child, trained["export"], torch.device("cpu"), label_set)

@@ -53,6 +53,8 @@ def test_generate_writes_a_paired_sample(ckpt_root, tmp_path, label_set):
     assert "passed" in meta["qc"] and meta["qc"]["hu"]["statistic"] == "median" and "air" in meta["qc"]["hu"]["levels"]
     ae_meta = json.loads((ckpt_root / "autoencoder" / "meta.json").read_text())
     assert ae_meta["texture_cases"] >= 1 and "liver" in ae_meta["hu_reference_median"]
+    # the export measured the residuals' grain (texture_grain on by default) and stored it with the tables
+    assert len(ae_meta["texture_grain"]) == 3 and all(-1 <= g <= 1 for g in ae_meta["texture_grain"])
     reference = json.loads((ckpt_root / "ldm" / "meta.json").read_text())["hu_reference"]  # QC compares against it
     assert reference["air"][0] <= reference["air"][1] < -500 and "liver" in reference
     assert (out / "previews" / f"{case}.png").is_file()
@@ -88,6 +90,9 @@ def test_no_texture_renders_the_deterministic_decoder(ckpt_root, tmp_path):
     assert cts[True][0] is True and cts[False][0] is False
     assert np.array_equal(cts[True][1].labels, cts[False][1].labels)  # the same map, the same latent
     assert not np.array_equal(cts[True][1].ct, cts[False][1].ct)
+    from guidegen.pipeline import GuideGenPipeline
+
+    assert not GuideGenPipeline.from_pretrained(ckpt_root, texture=False).ct.texture  # the Python API's switch
 
 
 def test_sampled_maps_get_the_cleanup_unless_raw(ckpt_root):

@@ -141,3 +141,125 @@ def test_autoencoder_draws_border_and_interior_voxels_from_their_depths_tables()
     assert torch.equal(out[(labels[0] == 1) & (depth[0] == 1)], torch.ones(8))
     assert torch.equal(out[(labels[0] == 1) & (depth[0] == 0)], -torch.ones(56))
     assert not out[labels[0] == 0].any()  # class 0: no table measured
+
+
+# -- grain: a Gaussian copula over the tables (neighbouring draws correlated, marginals unchanged)
+
+def test_grain_kernel_lag1_correlation_hand_case_and_solution():
+    from guidegen.models.texture import MAX_GRAIN, grain_kernel, kernel_lag1
+
+    # [c, 1, c]: Σ w_i w_(i+1) = 2c, Σ w_i² = 1 + 2c²; c = 0.5 → 1 / 1.5
+    assert kernel_lag1(torch.tensor([0.5, 1.0, 0.5])) == pytest.approx(2 / 3)
+    assert kernel_lag1(torch.tensor([3.0])) == 0.0
+    for rho in (0.05, 0.14, 0.36, 0.7, 0.9):
+        k = grain_kernel(rho)
+        assert kernel_lag1(k) == pytest.approx(rho, abs=1e-5)
+        assert float(k.square().sum()) == pytest.approx(1.0, abs=1e-5)  # filtered unit noise keeps unit variance
+        assert torch.allclose(k, k.flip(0))  # symmetric
+    assert torch.equal(grain_kernel(0.0), torch.ones(1)) and torch.equal(grain_kernel(-0.3), torch.ones(1))
+    assert kernel_lag1(grain_kernel(0.999)) == pytest.approx(MAX_GRAIN, abs=1e-5)
+
+
+def test_correlated_normal_has_unit_variance_up_to_the_edges_and_the_asked_correlation_per_axis():
+    from guidegen.models.texture import correlated_normal, grain_kernel
+
+    rhos = (0.0, 0.3, 0.6)
+    z = correlated_normal((40, 24, 24, 24), [grain_kernel(r) for r in rhos], torch.Generator().manual_seed(0))
+    assert z.shape == (40, 24, 24, 24)
+    assert float(z.var()) == pytest.approx(1.0, abs=0.02)
+    assert float(z[:, :, :, 0].var()) == pytest.approx(1.0, abs=0.05)  # no loss at the border (drawn with margins)
+    for axis, rho in enumerate(rhos, start=1):
+        n = z.shape[axis]
+        a, b = z.narrow(axis, 0, n - 1).flatten(), z.narrow(axis, 1, n - 1).flatten()
+        assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) == pytest.approx(rho, abs=0.02)
+
+
+def test_cdf_inverts_quantile_including_runs_of_equal_entries_and_the_clamped_tails():
+    tex = VoxelTexture(num_classes=2, bins=1, quantiles=4)
+    tex.table[1, 0] = torch.tensor([0.0, 1.0, 1.0, 3.0])  # levels 0.125, 0.375, 0.625, 0.875
+    g = torch.ones(6, dtype=torch.long)
+    b = torch.zeros_like(g)
+    u = tex.cdf(g, b, torch.tensor([0.0, 0.5, 1.0, 2.0, -5.0, 9.0]))
+    # 0.5 halfway between levels 0.125 and 0.375; 1.0 on the run (0.375, 0.625) → its middle 0.5;
+    # 2.0 halfway between 0.625 and 0.875; beyond the ends clamped to 0.5/Q and 1 - 0.5/Q
+    assert u.tolist() == pytest.approx([0.125, 0.25, 0.5, 0.75, 0.125, 0.875])
+    u2 = torch.tensor([0.2, 0.3, 0.7, 0.8])
+    assert tex.cdf(g[:4], b[:4], tex.quantile(g[:4], b[:4], u2)).tolist() == pytest.approx(u2.tolist())
+
+
+def _fitted_texture(seed: int = 0) -> tuple[VoxelTexture, tuple]:
+    """A texture fitted to one class whose residuals are a smooth field (lag-1 ≈ 0.5 along x, white along y, z)."""
+    from guidegen.models.texture import correlated_normal, grain_kernel
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, 32, 32, 32)
+    resid = 0.1 * correlated_normal(shape, [grain_kernel(0.5), torch.ones(1), torch.ones(1)], gen)[0].numpy()
+    decoded = np.zeros(shape[1:], np.float32)
+    labels = np.ones(shape[1:], np.int64)
+    labels[:, :, :2] = 0  # a slab of air that the measurement ignores
+    case = (decoded, decoded + np.exp(resid), labels, np.zeros_like(labels))  # a skewed marginal: the copula is rank-based
+    tex = VoxelTexture(num_classes=2, bins=1, quantiles=64)
+    edges, table = fit_texture_tables([case], 2, 1, 64)
+    tex.edges.copy_(edges)
+    tex.table.copy_(table)
+    return tex, case
+
+
+def test_measure_grain_finds_the_residuals_correlation_per_axis():
+    from guidegen.models.texture import measure_grain
+
+    tex, case = _fitted_texture()
+    grain = measure_grain(tex, [case])
+    assert grain.shape == (3,)
+    assert float(grain[0]) == pytest.approx(0.5, abs=0.05)
+    assert abs(float(grain[1])) < 0.05 and abs(float(grain[2])) < 0.05
+
+
+def test_grain_draws_keep_the_tables_marginals_and_reproduce_the_measured_correlation():
+    from guidegen.models.texture import measure_grain
+
+    tex, (decoded, _, labels, depth) = _fitted_texture()
+    dec = torch.from_numpy(decoded)[None, None]
+    lab = torch.from_numpy(labels)[None]
+    dep = torch.from_numpy(depth)[None]
+    white = tex.sample(dec, lab, dep, torch.Generator().manual_seed(3))
+    assert torch.equal(white, tex.sample(dec, lab, dep, torch.Generator().manual_seed(3)))
+    # zero grain draws u exactly as before grain existed: torch.rand with the same generator
+    u = torch.rand(lab.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(white[:, 0], tex.quantile(tex.groups_of(lab, dep), tex.bins_of(dec, lab), u).to(white.dtype))
+    tex.grain.copy_(torch.tensor([0.5, 0.0, 0.2]))
+    grainy = tex.sample(dec, lab, dep, torch.Generator().manual_seed(3))
+    assert torch.equal(grainy, tex.sample(dec, lab, dep, torch.Generator().manual_seed(3)))  # seeded
+    inside = lab[0] == 1
+    # same marginal: the quantiles of the draws agree with the white draws'
+    q = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(grainy[0, 0][inside].quantile(q), white[0, 0][inside].quantile(q), atol=0.03)
+    case = (decoded, (dec + grainy)[0, 0].numpy(), labels, depth)
+    got = measure_grain(tex, [case])
+    assert got.tolist() == pytest.approx([0.5, 0.0, 0.2], abs=0.05)
+    white_case = (decoded, (dec + white)[0, 0].numpy(), labels, depth)
+    assert measure_grain(tex, [white_case]).abs().max() < 0.05
+
+
+def test_checkpoint_without_grain_loads_as_white_and_with_grain_round_trips(tmp_path):
+    from safetensors.torch import save_file
+
+    from guidegen.training.trainer import load_model_weights
+
+    ae = AnatomyAwareAutoencoder(4, channels=(4, 8), label_embed_dim=2, texture_bins=2, texture_quantiles=4)
+    ae.texture.grain.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    state = {k: v.contiguous() for k, v in ae.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    fresh = AnatomyAwareAutoencoder(4, channels=(4, 8), label_embed_dim=2, texture_bins=2, texture_quantiles=4)
+    load_model_weights(fresh, tmp_path)
+    assert fresh.texture.grain.tolist() == pytest.approx([0.1, 0.2, 0.3])
+    older = tmp_path / "older"
+    older.mkdir()
+    save_file({k: v for k, v in state.items() if k != "texture.grain"}, str(older / "model.safetensors"))
+    fresh.texture.grain.fill_(0.7)
+    fresh2 = AnatomyAwareAutoencoder(4, channels=(4, 8), label_embed_dim=2, texture_bins=2, texture_quantiles=4)
+    load_model_weights(fresh2, older)  # strict load: only the grain may be missing
+    assert not fresh2.texture.grain.any()
+    save_file({k: v for k, v in state.items() if k != "texture.table"}, str(older / "model.safetensors"))
+    with pytest.raises(Exception, match="texture.table"):
+        load_model_weights(fresh2, older)

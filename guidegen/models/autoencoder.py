@@ -337,6 +337,9 @@ class AnatomyAwareAutoencoder(nn.Module):
     INIT_MAY_LACK = ("decoder.readout.", "texture.")
     # measured again at every export, so tables of another layout (texture_depths) may be dropped
     INIT_MAY_DIFFER = ("texture.",)
+    # what any load may find missing: the texture's grain came after the first textured exports,
+    # and its absence means white draws, exactly what those checkpoints were measured with
+    LOAD_MAY_LACK = ("texture.grain",)
 
     def __init__(self, num_classes: int, channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4,
                  num_res_blocks: int = 1, label_embed_dim: int = 8, inject_labels: bool = True,

@@ -21,8 +21,15 @@ against the contrast-filled chambers, a thin bowel loop against fat), an interio
 and the decoded level alone does not tell them apart (pilot on 20 reconstructions of the shipped
 AE: heart medians outside the real range 4 → 1 of 20 with D = 3, docs/measurements.md). The
 tables are measured, not trained: one pass over training cases at export
-(:func:`fit_texture_tables`). Draws are independent per voxel (white texture); the level, the
-class and the depth carry the dependence that matters for the HU statistics.
+(:func:`fit_texture_tables`).
+
+Grain: the draws are not independent between neighbours. Residuals of real CT are spatially
+correlated (noise texture, partial volume), so ``sample`` takes each voxel's probability ``u``
+from a Gaussian copula: a unit-variance normal field filtered along each axis so that its lag-1
+correlation is the one measured on the training residuals after Gaussianising them through
+these same tables (:func:`measure_grain`), then ``u = Φ(z)``. Every voxel's ``u`` is still
+uniform, so each table's marginal is drawn unchanged; only the grain between neighbours is new.
+A texture whose ``grain`` is zero draws white noise exactly as before (bitwise).
 
 Shapes and value ranges (G = K·D groups; with D = 1 a group is a class):
     decoded  (B, 1, X, Y, Z) float, the decoder's output in normalised units (≈ [-1, 1])
@@ -30,11 +37,13 @@ Shapes and value ranges (G = K·D groups; with D = 1 a group is a class):
     depth    (B, X, Y, Z) long in [0, D), the voxel's depth inside its structure, clipped
     edges    (G, bins - 1) per-group bin edges of the decoded level, normalised units
     table    (G, bins, quantiles) residual quantiles at levels (j + 0.5) / quantiles, normalised units
+    grain    (3,) lag-1 correlation along x, y, z of the Gaussianised residuals, in [0, MAX_GRAIN]
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +68,7 @@ class VoxelTexture(nn.Module):
         self.depths = depths
         self.register_buffer("edges", torch.zeros(num_classes * depths, bins - 1))
         self.register_buffer("table", torch.zeros(num_classes * depths, bins, quantiles))
+        self.register_buffer("grain", torch.zeros(3))
 
     @property
     def fitted(self) -> bool:
@@ -102,8 +112,129 @@ class VoxelTexture(nn.Module):
         ``depth`` (B, X, Y, Z): each voxel's depth inside its structure (zeros when D = 1).
         """
         groups = self.groups_of(labels, depth)
-        u = torch.rand(groups.shape, generator=generator, device=groups.device)
+        u = self.uniform_field(tuple(groups.shape), generator, groups.device)
         return self.quantile(groups, self.bins_of(decoded, groups), u).unsqueeze(1).to(decoded.dtype)
+
+    def uniform_field(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, X, Y, Z) probabilities, each uniform on [0, 1], neighbours correlated as ``grain`` says."""
+        if not bool(self.grain.any()):  # white: the draws of a texture without grain, bitwise
+            return torch.rand(shape, generator=generator, device=device)
+        kernels = [grain_kernel(float(rho)) for rho in self.grain]
+        z = correlated_normal(shape, kernels, generator, device)
+        return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+    def cdf(self, groups: torch.Tensor, bins: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`quantile`: the probability in (0, 1) of ``residual`` in each voxel's table.
+
+        Linear between the table's levels; a residual on a run of equal entries gets the run's
+        middle; beyond the first and last entries it is clamped to 0.5 / Q and 1 - 0.5 / Q.
+        """
+        q = self.table.shape[-1]
+        rows = self.table.reshape(-1, q)[(groups * self.table.shape[1] + bins).reshape(-1)]
+        r = residual.reshape(-1, 1).to(rows.dtype)
+        left = torch.searchsorted(rows, r, side="left")[:, 0]
+        right = torch.searchsorted(rows, r, side="right")[:, 0]
+        below = rows.gather(1, (left - 1).clamp(0, q - 1)[:, None])[:, 0]
+        above = rows.gather(1, left.clamp(0, q - 1)[:, None])[:, 0]
+        gap = (above - below).clamp_min(1e-12)
+        between = (left - 1) + (r[:, 0] - below) / gap
+        pos = torch.where(right > left, (left + right - 1) / 2.0, between).clamp(0, q - 1)
+        return ((pos + 0.5) / q).reshape(groups.shape)
+
+
+# Grain is capped: a lag-1 correlation of 0.95 already takes a kernel 19 voxels wide (sigma ~2.2),
+# and more means the grid oversamples the texture by far (resample the data coarser instead).
+MAX_GRAIN = 0.95
+
+
+def kernel_lag1(kernel: torch.Tensor) -> float:
+    """Lag-1 correlation of white noise filtered by the 1D ``kernel``: Σ w_i w_(i+1) / Σ w_i²."""
+    w = kernel.double()
+    return float((w[:-1] * w[1:]).sum() / (w * w).sum()) if w.numel() > 1 else 0.0
+
+
+def grain_kernel(rho: float) -> torch.Tensor:
+    """A symmetric 1D Gaussian kernel (unit sum of squares, so filtered unit-variance white noise
+    keeps unit variance) whose filtered white noise has lag-1 correlation ``rho``.
+
+    ``rho`` is clipped to [0, MAX_GRAIN] (a decoder's residual correlation below zero is ringing,
+    not texture); 0 gives the identity kernel ``[1]``. The width σ is found by bisection: the
+    lag-1 correlation rises monotonically from 0 (σ → 0) towards 1.
+    """
+    rho = min(max(rho, 0.0), MAX_GRAIN)
+    if rho <= 1e-6:
+        return torch.ones(1)
+
+    def kernel(sigma: float) -> torch.Tensor:
+        radius = max(1, math.ceil(4 * sigma))
+        i = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        w = torch.exp(-0.5 * (i / sigma) ** 2)
+        return w / w.square().sum().sqrt()
+
+    lo, hi = 1e-3, 20.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if kernel_lag1(kernel(mid)) < rho else (lo, mid)
+    return kernel(0.5 * (lo + hi)).float()
+
+
+def correlated_normal(shape: tuple[int, ...], kernels: Sequence[torch.Tensor], generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """A unit-variance normal field of ``shape`` (B, X, Y, Z), filtered along x, y, z by ``kernels``.
+
+    White noise is drawn with each kernel's radius of margin on both sides of its axis and the
+    filter keeps only the fully covered voxels, so the variance is 1 up to the edges.
+    """
+    radii = [(k.numel() - 1) // 2 for k in kernels]
+    padded = (shape[0], *(n + 2 * r for n, r in zip(shape[1:], radii)))
+    z = torch.randn(padded, generator=generator, device=device)
+    for axis, (k, r) in enumerate(zip(kernels, radii), start=1):
+        if r == 0:
+            continue
+        moved = z.movedim(axis, -1)
+        flat = moved.reshape(-1, 1, moved.shape[-1])
+        out = torch.nn.functional.conv1d(flat, k.to(z)[None, None])
+        z = out.reshape(*moved.shape[:-1], out.shape[-1]).movedim(-1, axis)
+    return z.contiguous()
+
+
+@torch.no_grad()
+def measure_grain(texture: VoxelTexture, cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                  ignore: Sequence[int] = (0,)) -> torch.Tensor:
+    """(3,) lag-1 correlation along x, y, z of the residuals of ``cases``, Gaussianised through ``texture``.
+
+    ``cases`` as for :func:`fit_texture_tables`: (decoded, target, labels, depth), (X, Y, Z) each,
+    normalised units. Each voxel's residual ``target − decoded`` is mapped to z = Φ⁻¹(u), u its
+    probability in its own table (:meth:`VoxelTexture.cdf`), which takes out what the class, the
+    depth and the decoded level already explain; the correlation of z is then pooled over pairs
+    of neighbours of the same class, classes in ``ignore`` (the air around the body) left out.
+    This is the correlation the copula in :meth:`VoxelTexture.sample` reproduces.
+    """
+    sums = torch.zeros(3, 6, dtype=torch.float64)  # per axis: n, Σa, Σb, Σa², Σb², Σab
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for decoded, target, labels, depth in cases:
+        dec = torch.as_tensor(np.asarray(decoded, np.float32))[None, None]
+        lab = torch.as_tensor(np.asarray(labels).astype(np.int64))[None]
+        groups = texture.groups_of(lab, torch.as_tensor(np.asarray(depth).astype(np.int64))[None])
+        resid = torch.as_tensor(np.asarray(target, np.float32))[None] - dec[:, 0]
+        z = normal.icdf(texture.cdf(groups, texture.bins_of(dec, groups), resid).double())[0]
+        keep = torch.ones_like(lab[0], dtype=torch.bool)
+        for k in ignore:
+            keep &= lab[0] != k
+        for axis in range(3):
+            n = z.shape[axis]
+            a, b = z.narrow(axis, 0, n - 1), z.narrow(axis, 1, n - 1)
+            pair = keep.narrow(axis, 0, n - 1) & (lab[0].narrow(axis, 0, n - 1) == lab[0].narrow(axis, 1, n - 1))
+            a, b = a[pair], b[pair]
+            sums[axis] += torch.stack([torch.tensor(float(a.numel()), dtype=torch.float64), a.sum(), b.sum(),
+                                       a.square().sum(), b.square().sum(), (a * b).sum()])
+    n, sa, sb, saa, sbb, sab = sums.unbind(1)
+    cov = sab / n.clamp_min(1) - sa * sb / n.clamp_min(1) ** 2
+    var_a = saa / n.clamp_min(1) - (sa / n.clamp_min(1)) ** 2
+    var_b = sbb / n.clamp_min(1) - (sb / n.clamp_min(1)) ** 2
+    rho = cov / (var_a * var_b).sqrt().clamp_min(1e-12)
+    return torch.where(n > 1, rho, torch.zeros_like(rho)).float()
 
 
 def fit_texture_tables(cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int,

@@ -135,39 +135,59 @@ class AutoencoderTask(StageTask):
         if model.texture is not None:
             from guidegen.training.run import training_hu_reference
 
-            edges, table = measure_texture(model, batches(), self.ae_cfg.texture_bins, self.ae_cfg.texture_quantiles,
-                                           self.ae_cfg.texture_depths)
+            edges, table, grain = measure_texture(model, batches(), self.ae_cfg.texture_bins, self.ae_cfg.texture_quantiles,
+                                                  self.ae_cfg.texture_depths, self.ae_cfg.texture_grain)
             for m in copies:
                 m.texture.edges.copy_(edges)
                 m.texture.table.copy_(table)
+                m.texture.grain.copy_(grain)
+            meta["texture_grain"] = [round(float(g), 4) for g in grain]
             # A textured CT keeps each class's tissue mix (a rib's cortex and marrow modes), so
             # generate's QC checks its organ *medians* (issue 8's statistic) against these ranges.
             meta.update({"texture_cases": n, "hu_reference_median": training_hu_reference(dataset, self.label_set, n, "median")})
         return meta
 
 
+# Voxels of the first reconstructions kept in memory to measure the texture's grain after its
+# tables are fitted (about 40 demo cases; at least one case on any grid): the correlation of
+# neighbours is a pooled statistic over millions of pairs, so more cases would only cost memory.
+GRAIN_VOXELS = 6_000_000
+
+
 @torch.no_grad()
-def measure_texture(model: AnatomyAwareAutoencoder, batches, bins: int, quantiles: int,
-                    depths: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def measure_texture(model: AnatomyAwareAutoencoder, batches, bins: int, quantiles: int, depths: int = 1,
+                    grain: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Texture tables (:func:`guidegen.models.texture.fit_texture_tables`) of ``model``'s
-    reconstructions (posterior mode) of ``batches`` of (ct_norm (B, 1, X, Y, Z), labels (B, X, Y, Z))."""
-    from guidegen.models.texture import fit_texture_tables
+    reconstructions (posterior mode) of ``batches`` of (ct_norm (B, 1, X, Y, Z), labels (B, X, Y, Z)),
+    and their grain (:func:`guidegen.models.texture.measure_grain`, on the first ``GRAIN_VOXELS``
+    voxels' worth of cases; zeros when ``grain`` is False): (edges, table, grain (3,))."""
+    from guidegen.models.texture import VoxelTexture, fit_texture_tables, measure_grain
 
     was_training = model.training
     model.eval()
+    kept: list[tuple[np.ndarray, ...]] = []
 
     def cases():
+        n_kept = 0
         for ct_norm, labels in batches:
             decoded = model(ct_norm, labels, sample=False)[0]
             depth = model.texture_depth(labels)
             for b in range(ct_norm.shape[0]):
-                yield (decoded[b, 0].float().cpu().numpy(), ct_norm[b, 0].float().cpu().numpy(), labels[b].cpu().numpy(),
-                       depth[b].cpu().numpy())
+                case = (decoded[b, 0].float().cpu().numpy(), ct_norm[b, 0].float().cpu().numpy(),
+                        labels[b].cpu().numpy().astype(np.int16), depth[b].cpu().numpy().astype(np.uint8))
+                if grain and (not kept or n_kept < GRAIN_VOXELS):
+                    kept.append(case)
+                    n_kept += case[0].size
+                yield case
 
     try:
-        return fit_texture_tables(cases(), model.num_classes, bins, quantiles, depths)
+        edges, table = fit_texture_tables(cases(), model.num_classes, bins, quantiles, depths)
     finally:
         model.train(was_training)
+    texture = VoxelTexture(model.num_classes, bins, quantiles, depths)
+    texture.edges.copy_(edges)
+    texture.table.copy_(table)
+    return edges, table, measure_grain(texture, kept) if grain else torch.zeros(3)
 
 
 def random_crop(ct: torch.Tensor, labels: torch.Tensor, size: tuple[int, int, int], focus_prob: float = 0.0,

@@ -912,7 +912,9 @@ def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict
     added to a trained network whose initialisation leaves its output unchanged); they keep
     their initial values. ``may_differ``: key prefixes whose values are measured again at export
     (the AE's texture tables), so a file holding them in another shape (another
-    ``texture_depths``) leaves them at their initial values instead of failing. Returns the
+    ``texture_depths``) leaves them at their initial values instead of failing. The module's own
+    ``LOAD_MAY_LACK`` prefixes are added to ``may_lack`` for every load (keys newer than some
+    shipped checkpoints whose initial value is what those checkpoints meant). Returns the
     checkpoint's ``meta.json`` as a dict (``{}`` if absent).
     Raises :class:`GuideGenError` naming the file when it is missing, unreadable or does not match.
     """
@@ -925,6 +927,7 @@ def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict
         tensors = load_file(str(path))
     except Exception as exc:
         raise GuideGenError(f"{path}: cannot read safetensors ({type(exc).__name__})") from None
+    may_lack = (*may_lack, *getattr(module, "LOAD_MAY_LACK", ()))
     own = module.state_dict()
     missing = sorted(k for k in set(own) - set(tensors) if not k.startswith(may_lack))
     unexpected = sorted(set(tensors) - set(own))
@@ -938,7 +941,8 @@ def load_model_weights(module: nn.Module, ckpt_dir: str | os.PathLike, *, strict
         raise GuideGenError(f"{path}: shape mismatch for {bad[0]} ({tuple(tensors[bad[0]].shape)} in file, "
                             f"{tuple(own[bad[0]].shape)} in the model)")
     cast = {k: v.to(own[k].dtype) for k, v in tensors.items() if k in own}
-    module.load_state_dict(cast, strict=strict and not may_lack and not reshaped)
+    lacking = any(k not in tensors for k in own)
+    module.load_state_dict(cast, strict=strict and not lacking and not reshaped)
     return read_checkpoint_meta(ckpt_dir)
 
 
