@@ -185,6 +185,7 @@ def test_cdf_inverts_quantile_including_runs_of_equal_entries_and_the_clamped_ta
     assert u.tolist() == pytest.approx([0.125, 0.25, 0.5, 0.75, 0.125, 0.875])
     u2 = torch.tensor([0.2, 0.3, 0.7, 0.8])
     assert tex.cdf(g[:4], b[:4], tex.quantile(g[:4], b[:4], u2)).tolist() == pytest.approx(u2.tolist())
+    assert torch.equal(tex.cdf(g, b, torch.tensor([0.0, 0.5, 1.0, 2.0, -5.0, 9.0]), chunk=4), u)  # taken in chunks: the same
 
 
 def _fitted_texture(seed: int = 0) -> tuple[VoxelTexture, tuple]:

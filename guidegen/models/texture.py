@@ -124,23 +124,30 @@ class VoxelTexture(nn.Module):
         z = correlated_normal(shape, kernels, generator, device)
         return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
 
-    def cdf(self, groups: torch.Tensor, bins: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def cdf(self, groups: torch.Tensor, bins: torch.Tensor, residual: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
         """Inverse of :meth:`quantile`: the probability in (0, 1) of ``residual`` in each voxel's table.
 
         Linear between the table's levels; a residual on a run of equal entries gets the run's
         middle; beyond the first and last entries it is clamped to 0.5 / Q and 1 - 0.5 / Q.
+        Voxels are taken ``chunk`` at a time: each needs its table row (Q values) gathered, which
+        for a whole 256³ volume would be gigabytes.
         """
         q = self.table.shape[-1]
-        rows = self.table.reshape(-1, q)[(groups * self.table.shape[1] + bins).reshape(-1)]
-        r = residual.reshape(-1, 1).to(rows.dtype)
-        left = torch.searchsorted(rows, r, side="left")[:, 0]
-        right = torch.searchsorted(rows, r, side="right")[:, 0]
-        below = rows.gather(1, (left - 1).clamp(0, q - 1)[:, None])[:, 0]
-        above = rows.gather(1, left.clamp(0, q - 1)[:, None])[:, 0]
-        gap = (above - below).clamp_min(1e-12)
-        between = (left - 1) + (r[:, 0] - below) / gap
-        pos = torch.where(right > left, (left + right - 1) / 2.0, between).clamp(0, q - 1)
-        return ((pos + 0.5) / q).reshape(groups.shape)
+        flat_rows = self.table.reshape(-1, q)
+        row_ids = (groups * self.table.shape[1] + bins).reshape(-1)
+        res = residual.reshape(-1).to(flat_rows.dtype)
+        out = torch.empty_like(res)
+        for start in range(0, res.numel(), chunk):
+            rows = flat_rows[row_ids[start:start + chunk]]
+            r = res[start:start + chunk, None]
+            left = torch.searchsorted(rows, r, side="left")[:, 0]
+            right = torch.searchsorted(rows, r, side="right")[:, 0]
+            below = rows.gather(1, (left - 1).clamp(0, q - 1)[:, None])[:, 0]
+            above = rows.gather(1, left.clamp(0, q - 1)[:, None])[:, 0]
+            between = (left - 1) + (r[:, 0] - below) / (above - below).clamp_min(1e-12)
+            pos = torch.where(right > left, (left + right - 1) / 2.0, between).clamp(0, q - 1)
+            out[start:start + chunk] = (pos + 0.5) / q
+        return out.reshape(groups.shape)
 
 
 # Grain is capped: a lag-1 correlation of 0.95 already takes a kernel 19 voxels wide (sigma ~2.2),
