@@ -113,6 +113,10 @@ class TCSSUNet(nn.Module):
             num_head_channels=num_head_channels,
             with_conditioning=True,
             cross_attention_dim=context_dim,
+            # torch's fused scaled_dot_product_attention (MONAI calls it flash attention): the same
+            # math as the einsum-softmax-einsum path without the (L, L) matrix in memory; the shipped
+            # TCSS samples ~20 % faster on 2 CPU threads (benchmarks/attention.py). Weights unchanged.
+            use_flash_attention=True,
         )
 
     @classmethod
