@@ -28,9 +28,10 @@ What the estimate leaves out: the backward pass's transient gradient buffers (a 
 of activation size; the ``+transient`` column adds twice the largest saved tensor), the CUDA
 context (~0.5 GB) and allocator fragmentation (budget 10–20 %), the frozen text encoder
 (MiniLM: 23 M parameters, 0.1 GB) and data-loader buffers. The bf16 columns run the probe
-under CPU autocast, whose cast lists differ slightly from CUDA's. Attention is MONAI's
-explicit softmax(QKᵀ) (``use_flash_attention`` off); with a fused kernel the quadratic class
-would vanish. Measure on the GPU itself (``torch.cuda.max_memory_allocated``) before a long run.
+under CPU autocast, whose cast lists differ slightly from CUDA's. Both UNets build MONAI's
+attention with ``use_flash_attention`` (torch's fused ``scaled_dot_product_attention``), which
+keeps no (L, L) matrix for backward, so their quadratic class is empty; a model with the
+explicit softmax(QKᵀ) path would show it there. Measure on the GPU itself (``torch.cuda.max_memory_allocated``) before a long run.
 """
 
 from __future__ import annotations
