@@ -42,6 +42,7 @@ Shapes and value ranges (G = K·D groups; with D = 1 a group is a class):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -161,13 +162,15 @@ def kernel_lag1(kernel: torch.Tensor) -> float:
     return float((w[:-1] * w[1:]).sum() / (w * w).sum()) if w.numel() > 1 else 0.0
 
 
+@functools.lru_cache(maxsize=64)
 def grain_kernel(rho: float) -> torch.Tensor:
     """A symmetric 1D Gaussian kernel (unit sum of squares, so filtered unit-variance white noise
     keeps unit variance) whose filtered white noise has lag-1 correlation ``rho``.
 
     ``rho`` is clipped to [0, MAX_GRAIN] (a decoder's residual correlation below zero is ringing,
     not texture); 0 gives the identity kernel ``[1]``. The width σ is found by bisection: the
-    lag-1 correlation rises monotonically from 0 (σ → 0) towards 1.
+    lag-1 correlation rises monotonically from 0 (σ → 0) towards 1. Cached: every draw of a
+    texture asks for the same three kernels (callers must not modify the returned tensor).
     """
     rho = min(max(rho, 0.0), MAX_GRAIN)
     if rho <= 1e-6:

@@ -135,13 +135,10 @@ class AutoencoderTask(StageTask):
         if model.texture is not None:
             from guidegen.training.run import training_hu_reference
 
-            edges, table, grain = measure_texture(model, batches(), self.ae_cfg.texture_bins, self.ae_cfg.texture_quantiles,
-                                                  self.ae_cfg.texture_depths, self.ae_cfg.texture_grain)
+            measure_texture(model, batches(), self.ae_cfg.texture_grain)
             for m in copies:
-                m.texture.edges.copy_(edges)
-                m.texture.table.copy_(table)
-                m.texture.grain.copy_(grain)
-            meta["texture_grain"] = [round(float(g), 4) for g in grain]
+                m.texture.load_state_dict(model.texture.state_dict())
+            meta["texture_grain"] = [round(float(g), 4) for g in model.texture.grain]
             # A textured CT keeps each class's tissue mix (a rib's cortex and marrow modes), so
             # generate's QC checks its organ *medians* (issue 8's statistic) against these ranges.
             meta.update({"texture_cases": n, "hu_reference_median": training_hu_reference(dataset, self.label_set, n, "median")})
@@ -155,14 +152,16 @@ GRAIN_VOXELS = 6_000_000
 
 
 @torch.no_grad()
-def measure_texture(model: AnatomyAwareAutoencoder, batches, bins: int, quantiles: int, depths: int = 1,
-                    grain: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Texture tables (:func:`guidegen.models.texture.fit_texture_tables`) of ``model``'s
-    reconstructions (posterior mode) of ``batches`` of (ct_norm (B, 1, X, Y, Z), labels (B, X, Y, Z)),
-    and their grain (:func:`guidegen.models.texture.measure_grain`, on the first ``GRAIN_VOXELS``
-    voxels' worth of cases; zeros when ``grain`` is False): (edges, table, grain (3,))."""
-    from guidegen.models.texture import VoxelTexture, fit_texture_tables, measure_grain
+def measure_texture(model: AnatomyAwareAutoencoder, batches, grain: bool = True) -> None:
+    """Fit ``model.texture`` in place: its tables (:func:`guidegen.models.texture.fit_texture_tables`,
+    at the texture's own bins, quantiles and depths) of ``model``'s reconstructions (posterior
+    mode) of ``batches`` of (ct_norm (B, 1, X, Y, Z), labels (B, X, Y, Z)), then their grain
+    (:func:`guidegen.models.texture.measure_grain`, on the first ``GRAIN_VOXELS`` voxels' worth
+    of cases; zeros when ``grain`` is False)."""
+    from guidegen.models.texture import fit_texture_tables, measure_grain
 
+    texture = model.texture
+    num_groups, bins, quantiles = texture.table.shape
     was_training = model.training
     model.eval()
     kept: list[tuple[np.ndarray, ...]] = []
@@ -181,13 +180,12 @@ def measure_texture(model: AnatomyAwareAutoencoder, batches, bins: int, quantile
                 yield case
 
     try:
-        edges, table = fit_texture_tables(cases(), model.num_classes, bins, quantiles, depths)
+        edges, table = fit_texture_tables(cases(), model.num_classes, bins, quantiles, texture.depths)
     finally:
         model.train(was_training)
-    texture = VoxelTexture(model.num_classes, bins, quantiles, depths)
     texture.edges.copy_(edges)
     texture.table.copy_(table)
-    return edges, table, measure_grain(texture, kept) if grain else torch.zeros(3)
+    texture.grain.copy_(measure_grain(texture, kept) if grain else torch.zeros(3))
 
 
 def random_crop(ct: torch.Tensor, labels: torch.Tensor, size: tuple[int, int, int], focus_prob: float = 0.0,
