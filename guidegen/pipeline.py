@@ -38,9 +38,16 @@ def default_checkpoint_root() -> Path:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """``None``/``"auto"`` → cuda when available else cpu; otherwise validated."""
+    """``None``/``"auto"`` → cuda when available else cpu; otherwise validated.
+
+    A CUDA device without an index under torchrun (``LOCAL_RANK`` set) is this process's own
+    GPU, ``cuda:LOCAL_RANK``: every rank on ``cuda:0`` would queue on (or exhaust) one GPU of
+    the node while the others idle. An explicit ``cuda:N`` is kept as given.
+    """
+    import os
+
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -49,6 +56,12 @@ def resolve_device(device: str | None) -> torch.device:
         raise GuideGenError(f"--device {device}: CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
         raise GuideGenError(f"--device: unsupported device type {dev.type!r} (use cpu or cuda)")
+    local_rank = os.environ.get("LOCAL_RANK")
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:
+        index = int(local_rank)
+        if index >= torch.cuda.device_count():
+            raise GuideGenError(f"LOCAL_RANK {index}: this node has only {torch.cuda.device_count()} CUDA device(s)")
+        dev = torch.device("cuda", index)
     return dev
 
 
@@ -298,6 +311,21 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
 # ----------------------------------------------------------------------------- pipeline
 
 
+def checkpoint_root(root: str | Path | None) -> Path:
+    """The checkpoint root ``root`` (default: the shipped demo checkpoints), checked to exist."""
+    root = Path(root) if root is not None else default_checkpoint_root()
+    if not root.is_dir():
+        raise GuideGenError(f"{root}: checkpoint directory not found")
+    return root
+
+
+def checkpoint_label_set(root: str | Path | None) -> LabelSet:
+    """The label set of the checkpoints under ``root``, read from the TCSS stage's config and
+    meta without loading any weights."""
+    cfg, meta = load_stage_config(checkpoint_root(root) / "tcss", "tcss")
+    return load_label_set(meta.get("label_set", cfg.data.label_set))
+
+
 class GuideGenPipeline:
     """Prompt → (label map, CT). Stage 1 always; stages 2+3 unless ``labels_only``."""
 
@@ -319,9 +347,7 @@ class GuideGenPipeline:
         texture tables (models/texture.py); ``settings.ct_texture`` in each meta says which.
         """
         dev = resolve_device(device)
-        root = Path(root) if root is not None else default_checkpoint_root()
-        if not root.is_dir():
-            raise GuideGenError(f"{root}: checkpoint directory not found")
+        root = checkpoint_root(root)
         labels = LabelMapGenerator(root / "tcss", dev)
         ct = None
         if not labels_only:
@@ -397,6 +423,43 @@ def sample_seed(base_seed: int, global_index: int, attempt: int = 0) -> int:
     return base_seed + global_index + 1_000_003 * attempt
 
 
+def sample_request(pipe: GuideGenPipeline, prompt: str, seed: int, *, steps: int | None = None, guidance: float | None = None,
+                   ct_steps: int | None = None, ct_guidance: float | None = None, labels_file: str | None = None) -> dict:
+    """What decides one sample's content: its prompt, first seed, sampler options and models.
+
+    Stored in ``meta/<id>.json`` (``request``) so that a re-run into the same ``--out`` can tell
+    a finished sample of *this* request (skipped) from one made with other settings, another
+    checkpoint or an edited prompt (refused: keeping it would mix two requests in one dataset
+    under ids that no longer say what they hold). ``None`` options mean the checkpoint's
+    defaults, which the models' identity pins.
+    """
+    return {"prompt": prompt, "seed": seed, "labels_file": labels_file, "tcss_steps": steps, "tcss_guidance": guidance,
+            "tcss_temperature": pipe.labels.temperature, "ct_steps": ct_steps, "ct_guidance": ct_guidance,
+            "labels_only": pipe.ct is None, "clean_labels": pipe.clean_labels,
+            "ct_texture": pipe.ct.texture if pipe.ct is not None else None, "models": pipe.versions()}
+
+
+def check_finished_request(out: Path, case: str, request: dict) -> None:
+    """Raise when the finished ``case`` in ``out`` was generated for another ``request``.
+
+    Samples written before requests were recorded (no ``request`` in their meta) are accepted.
+    """
+    meta_path = out / "meta" / f"{case}.json"
+    try:
+        done = json.loads(meta_path.read_text()).get("request")
+    except (OSError, ValueError) as err:
+        raise GuideGenError(f"{meta_path}: unreadable meta of a finished sample ({err})") from None
+    if done is None:
+        return
+    done = json.loads(json.dumps(done))  # compare both as JSON (tuples vs lists, int keys)
+    wanted = json.loads(json.dumps(request))
+    differ = [k for k in wanted if done.get(k) != wanted[k]]
+    if differ:
+        shown = ", ".join(f"{k}: {done.get(k)!r} -> {wanted[k]!r}" if k != "models" else "models: other checkpoints" for k in differ)
+        raise GuideGenError(f"{meta_path}: this sample was generated with other settings ({shown}); "
+                            f"write to another --out, or delete the sample to redo it")
+
+
 def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str | Path, *, n: int = 1, seed: int = 0,
                      steps: int | None = None, guidance: float | None = None, ct_steps: int | None = None,
                      ct_guidance: float | None = None, qc_retries: int = 0, rank: int = 0, world_size: int = 1,
@@ -423,7 +486,10 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
     todo = [(i, cid, it, k) for i, (cid, it, k) in enumerate(samples) if i % world_size == rank]
     written = []
     for i, cid, it, k in tqdm(todo, desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=not progress, unit="sample"):
+        request = sample_request(pipe, it.prompt, sample_seed(seed, i), steps=steps, guidance=guidance, ct_steps=ct_steps,
+                                 ct_guidance=ct_guidance)
         if writer.has_case(cid):
+            check_finished_request(out, cid, request)
             continue
         attempts = []
         for attempt in range(qc_retries + 1):
@@ -441,6 +507,7 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
             "settings": sample.settings,
             "timings": sample.timings,
             "models": pipe.versions(),
+            "request": request,
             "qc": {**qc, "attempts": attempts, "retried": len(attempts) > 1},
         }
         writer.write_case(CaseRecord(case=cid, labels=sample.labels, affine=sample.affine, ct=sample.ct, text=it.prompt,
@@ -515,6 +582,14 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
         raise GuideGenError("give either a PROMPT argument or --prompts FILE, not both")
     resolve_device(device)
     if labels_path is not None:
+        # the mask -> CT path samples no label map: options of stage 1 (and of a batch) would
+        # be silently ignored, so they are refused
+        ignored = [name for name, given in (("--prompts", prompts_file is not None), ("--n", n != 1), ("--steps", steps is not None),
+                                            ("--guidance", guidance is not None), ("--temperature", temperature is not None),
+                                            ("--raw-labels", raw_labels), ("--qc-retries", qc_retries > 0)) if given]
+        if ignored:
+            raise GuideGenError(f"{', '.join(ignored)}: not used with --labels (the label map is given, not sampled; "
+                                "--ct-steps, --ct-guidance, --seed and --no-texture apply)")
         return [_generate_for_labels(labels_path, prompt or "", out, checkpoint, device, seed, ct_steps, ct_guidance, texture)]
     items = read_prompts(prompts_file) if prompts_file is not None else [PromptItem(single_prompt_id(prompt or "", seed), prompt or "")]
     for it in items:
@@ -543,21 +618,26 @@ def _generate_for_labels(labels_path: Path, prompt: str, out: Path, checkpoint: 
         if not np.all(np.isfinite(lab)) or not np.allclose(lab, np.rint(lab)):
             raise GuideGenError(f"{labels_path}: label map must hold integer class ids, found non-integer values")
     lab = np.rint(lab).astype(np.int64)
-    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, texture=texture)
-    k = pipe.label_set.num_classes
+    # checked before any model loads (tens of seconds): a map of another label set fails at once
+    label_set = checkpoint_label_set(checkpoint)
+    k = label_set.num_classes
     if lab.min() < 0 or lab.max() >= k:
         bad = sorted(set(np.unique(lab[(lab < 0) | (lab >= k)]).tolist()))[:5]
-        raise GuideGenError(f"{labels_path}: label ids {bad} are outside label set {pipe.label_set.name} (0..{k - 1})")
+        raise GuideGenError(f"{labels_path}: label ids {bad} are outside label set {label_set.name} (0..{k - 1}); "
+                            "convert a TotalSegmentator or other map with `guidegen prepare` and pass its labels/<case>.nii.gz")
     lab = lab.astype(np.uint8)
+    pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, texture=texture)
     case = f"{strip_nifti_suffix(labels_path.name)}_seed{seed}"
+    request = sample_request(pipe, prompt, seed, ct_steps=ct_steps, ct_guidance=ct_guidance, labels_file=labels_path.name)
     mode = "resume" if (Path(out) / "dataset.json").is_file() else "new"
     writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode, info={"source": "guidegen generate --labels"})
     if writer.has_case(case):
+        check_finished_request(Path(out), case, request)
         print(f"{case}: already generated in {out}")
         return case
     sample = pipe.generate(prompt, seed=seed, ct_steps=ct_steps, ct_guidance=ct_guidance, labels=lab, labels_affine=affine)
     meta = {"source": "guidegen generate --labels", "labels_file": labels_path.name, "seed": seed, "settings": sample.settings,
-            "timings": sample.timings, "models": pipe.versions(), "qc": quality_check(sample, pipe)}
+            "timings": sample.timings, "models": pipe.versions(), "request": request, "qc": quality_check(sample, pipe)}
     writer.write_case(CaseRecord(case=case, labels=lab, affine=affine, ct=sample.ct, text=prompt, findings=sample.findings.to_dict(), meta=meta))
     writer.finalize()
     print(f"1 sample written to {out}")

@@ -136,6 +136,56 @@ def test_batch_prompts_resume_and_labels_only(ckpt_root, tmp_path):
     assert sorted(x["case"] for x in lines) == ["a_s0", "a_s1", "b_s0", "b_s1"]
 
 
+def test_rerun_refuses_finished_samples_of_another_request(ckpt_root, tmp_path):
+    """A re-run into the same --out skips its own finished samples and refuses ones made with
+    other settings or an edited prompt (same ids, other content), naming the sample's meta."""
+    from guidegen.errors import GuideGenError
+    from guidegen.pipeline import run_generate_command
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "liver mass 3 cm"}\n')
+    out = tmp_path / "o"
+
+    def run(steps=2, guidance=None):
+        return run_generate_command(prompt=None, out=out, prompts_file=prompts, n=1, seed=0, steps=steps, guidance=guidance,
+                                    ct_steps=None, ct_guidance=None, checkpoint=ckpt_root, device="cpu",
+                                    labels_only=True, labels_path=None, qc_retries=0)
+
+    assert run() == ["a"]
+    meta = json.loads((out / "meta" / "a.json").read_text())
+    assert meta["request"]["tcss_steps"] == 2 and meta["request"]["prompt"] == "liver mass 3 cm"
+    assert run() == []  # the same request: finished, skipped
+    with pytest.raises(GuideGenError, match=r"a\.json: this sample was generated with other settings \(tcss_steps: 2 -> 3\)"):
+        run(steps=3)
+    prompts.write_text('{"id": "a", "prompt": "spleen mass 3 cm"}\n')
+    with pytest.raises(GuideGenError, match="prompt: 'liver mass 3 cm' -> 'spleen mass 3 cm'"):
+        run()
+    # a sample written before requests were recorded is kept as it is
+    del meta["request"]
+    (out / "meta" / "a.json").write_text(json.dumps(meta))
+    assert run() == []
+
+
+def test_resolve_device_gives_each_torchrun_rank_its_gpu(monkeypatch):
+    import torch
+
+    from guidegen.errors import GuideGenError
+    from guidegen.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == torch.device("cuda")  # no torchrun: torch's current device
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("cuda") == torch.device("cuda", 2)
+    assert resolve_device("auto") == torch.device("cuda", 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # explicit: as given
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    with pytest.raises(GuideGenError, match="LOCAL_RANK 4: this node has only 4 CUDA device"):
+        resolve_device("cuda")
+
+
 def test_temperature_option_reaches_the_sampler_and_the_meta(ckpt_root, tmp_path):
     from guidegen.pipeline import GuideGenPipeline, run_generate_command
 
@@ -197,6 +247,12 @@ def test_bad_label_inputs(ckpt_root, tmp_path):
     save_nifti(bad, np.full((8, 8, 8), 40, np.uint8), np.eye(4), np.uint8)
     res = run_cli("generate", "--labels", bad, "--checkpoint", ckpt_root, "--out", tmp_path / "o1")
     assert res.returncode == 2 and "outside label set" in res.stderr and "Traceback" not in res.stderr
+    assert "guidegen prepare" in res.stderr  # how to convert a map of another label set
+    good = tmp_path / "good.nii.gz"
+    save_nifti(good, np.zeros((8, 8, 8), np.uint8), np.eye(4), np.uint8)
+    res = run_cli("generate", "--labels", good, "--steps", 5, "--n", 2, "--checkpoint", ckpt_root, "--out", tmp_path / "o3")
+    assert res.returncode == 2 and "--n, --steps: not used with --labels" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o3").exists()
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(b"not a nifti")
     res = run_cli("generate", "--labels", junk, "--checkpoint", ckpt_root, "--out", tmp_path / "o2")
