@@ -143,6 +143,7 @@ def test_round_trip_multilabel_folder_and_dicom(tmp_path, label_set):
         meta = reader.meta(case)
         assert [b - a for a, b in meta["crop_box"]] == list(rec.labels.shape) and meta["original_shape"] == list(labels.shape)
         assert meta["ct_format"] == ("dicom" if case == "dicom" else "nifti")
+        assert (meta["totalseg_version"], meta["totalseg_version_source"]) == (2, "detected" if case == "mlv2" else "class names")
         assert meta["body_source"] == "mask" and len(meta["extent_mm"]) == 3
         cache = np.load(out / "cache" / cache_configs(OPTS)[0].key() / f"{case}.npz")
         assert cache["labels"].shape == GRID and cache["ct"].shape == GRID

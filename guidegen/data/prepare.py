@@ -4,7 +4,8 @@ Inputs (matched to cases by id):
 
 - CT: ``<id>.nii[.gz]`` files, or ``<id>/`` folders holding one DICOM series each.
 - Organ labels: TotalSegmentator output, either one multi-label ``<id>.nii.gz`` with the
-  ``total`` task's ids (v2 by default, v1 with ``totalseg_version=1``) or one folder ``<id>/``
+  ``total`` task's ids (v1 or v2, recognised per file from the lungs unless
+  ``totalseg_version`` sets it; see ``guess_totalseg_version``) or one folder ``<id>/``
   of per-class binary masks named by class (``liver.nii.gz``, ``kidney_left.nii.gz``, ...; a
   ``body.nii.gz`` there is used as the body envelope). Classes are mapped to the label set by
   name (lateral pairs, lung lobes, vertebrae, ribs merged); TotalSegmentator classes that the
@@ -33,7 +34,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from guidegen.data.cache import PreprocessCache, PreprocessConfig, preprocess_case, torso_bbox
 from guidegen.data.dicom import looks_like_dicom_folder, read_dicom_series
 from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check_case_id
-from guidegen.data.totalseg import BODY_CLASS_NAMES, known_class_names, totalseg_classes
+from guidegen.data.totalseg import BODY_CLASS_NAMES, guess_totalseg_version, known_class_names, lung_ratio, totalseg_classes
 from guidegen.errors import GuideGenError
 from guidegen.evaluation.metrics import sphere_diameter_mm
 from guidegen.io import is_nifti, load_nifti, spacing_from_affine, strip_nifti_suffix
@@ -61,7 +62,9 @@ class PrepareOptions:
     """Settings of one prepare run (picklable: it travels to the worker processes)."""
 
     label_set: str = "guidegen22"
-    totalseg_version: int = 2
+    # Table of multi-label ids: 1, 2 or "auto" (per file from its content, 2 when undecidable;
+    # see load_multilabel). The CLI passes "1"/"2" as strings; parse_totalseg_version accepts both.
+    totalseg_version: int | str = "auto"
     grid: tuple[int, int, int] = (48, 48, 64)
     margin_mm: float = 10.0
     geometry_tol_mm: float = 1e-3
@@ -117,11 +120,13 @@ class PrepareReport:
         return self.input_problems + [p for r in self.results for p in r.problems]
 
     def summary_line(self) -> str:
+        assumed = sum(r.status != "invalid" and r.summary.get("totalseg_version_source") == "assumed" for r in self.results)
+        note = f"; {assumed} multi-label map(s) read as TotalSegmentator v2 by default (lungs do not tell the version; set --totalseg-version)" if assumed else ""
         if self.dry_run:
-            return f"dry run: {self.count('valid')} valid case(s), {self.count('invalid')} invalid, {len(self.problems)} problem(s); nothing written"
+            return f"dry run: {self.count('valid')} valid case(s), {self.count('invalid')} invalid, {len(self.problems)} problem(s); nothing written{note}"
         return (
             f"wrote {self.count('written')} case(s) to {self.out} ({self.count('skipped')} already done, skipped); "
-            f"{self.count('invalid')} case(s) with problems not written; {len(self.problems)} problem(s)"
+            f"{self.count('invalid')} case(s) with problems not written; {len(self.problems)} problem(s){note}"
         )
 
     def raise_for_problems(self) -> None:
@@ -370,25 +375,57 @@ def _source_class(label_set: LabelSet, name: str, version: int) -> int | None:
     return None
 
 
-def load_multilabel(path: Path, label_set: LabelSet, version: int) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
-    """A multi-label TotalSegmentator NIfTI mapped to label-set ids: ``(labels, affine, problems)``."""
+def parse_totalseg_version(value: int | str) -> int | str:
+    """``--totalseg-version`` as 1, 2 or ``"auto"`` (the CLI passes strings); raises otherwise."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    if str(value).strip() not in ("1", "2"):
+        raise GuideGenError(f"--totalseg-version: expected auto, 1 or 2, got {value!r}")
+    return int(value)
+
+
+def load_multilabel(path: Path, label_set: LabelSet, version: int | str) -> tuple[np.ndarray | None, np.ndarray | None, list[str], tuple[int, str] | None]:
+    """A multi-label TotalSegmentator NIfTI mapped to label-set ids.
+
+    Returns ``(labels, affine, problems, (version used, how))``, how being ``"option"``,
+    ``"detected"`` or ``"assumed"``. The ids alone do not say which table they follow, and the
+    wrong one maps most classes to other organs without any error, so the content is checked
+    (:func:`guess_totalseg_version`): with ``version="auto"`` it picks the table (2 when it
+    cannot tell: "assumed"); with 1 or 2 a map that clearly follows the other table is a problem.
+    """
+    version = parse_totalseg_version(version)
     try:
         data, affine = load_nifti(path)
     except GuideGenError as exc:
-        return None, None, [str(exc)]
+        return None, None, [str(exc)], None
     if not _is_integer_valued(data):
-        return None, affine, [f"{path}: label values are not integers; expected TotalSegmentator class ids"]
-    ids = np.unique(data).astype(np.int64)
-    lut = class_lookup(label_set, version)
-    bad = ids[(ids < 0) | (ids >= len(lut))]
+        return None, affine, [f"{path}: label values are not integers; expected TotalSegmentator class ids"], None
+    ids, n_voxels = np.unique(data, return_counts=True)
+    ids = ids.astype(np.int64)
+    widest = 2 if version == "auto" else version  # auto: anything in either table is fine here
+    n = max(totalseg_classes(widest))
+    bad = ids[(ids < 0) | (ids > n)]
     if bad.size:
         shown = ", ".join(str(v) for v in bad[:6]) + (" ..." if bad.size > 6 else "")
-        n = len(lut) - 1
-        hint = f" (TotalSegmentator v{version} `total` has ids 1..{n}" + ("; v2 output? use --totalseg-version 2)" if version == 1 else ")")
-        return None, affine, [f"{path}: unknown label id(s) {shown}{hint}"]
+        hint = f" (TotalSegmentator v{widest} `total` has ids 1..{n}" + ("; v2 output? use --totalseg-version 2)" if widest == 1 else ")")
+        return None, affine, [f"{path}: unknown label id(s) {shown}{hint}"], None
     if ids.max(initial=0) == 0:
-        return None, affine, [f"{path}: label map is empty (all voxels 0)"]
-    return lut[data if np.issubdtype(data.dtype, np.integer) else data.astype(np.int32)], affine, []
+        return None, affine, [f"{path}: label map is empty (all voxels 0)"], None
+    counts = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+    counts[ids] = n_voxels
+    guess = guess_totalseg_version(counts)
+    if version == "auto":
+        used = (guess, "detected") if guess else (2, "assumed")
+    elif guess and guess != version:
+        mine, theirs = lung_ratio(counts, version), lung_ratio(counts, guess)
+        return None, affine, [
+            f"{path}: looks like TotalSegmentator v{guess} output (right/left lung volume {mine:.2g} when read as v{version}, "
+            f"{theirs:.2g} as v{guess}); pass --totalseg-version {guess}"
+        ], None
+    else:
+        used = (version, "option")
+    lut = class_lookup(label_set, used[0])
+    return lut[data if np.issubdtype(data.dtype, np.integer) else data.astype(np.int32)], affine, [], used
 
 
 def load_class_folder(folder: Path, label_set: LabelSet, version: int, ref_shape: tuple | None, ref_affine: np.ndarray | None, opts: PrepareOptions) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[str]]:
@@ -569,17 +606,21 @@ def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | N
     ref_shape = hu.shape if hu is not None else None
 
     body = None
-    if inputs.labels.is_dir():
-        labels, body, lab_affine, p = load_class_folder(inputs.labels, label_set, opts.totalseg_version, ref_shape, ct_affine, opts)
+    if inputs.labels.is_dir():  # files named by class: the version only orders the name lookup
+        version = parse_totalseg_version(opts.totalseg_version)
+        used: tuple[int, str] | None = (2 if version == "auto" else int(version), "class names")
+        labels, body, lab_affine, p = load_class_folder(inputs.labels, label_set, used[0], ref_shape, ct_affine, opts)
         problems += p
     else:
-        labels, lab_affine, p = load_multilabel(inputs.labels, label_set, opts.totalseg_version)
+        labels, lab_affine, p, used = load_multilabel(inputs.labels, label_set, opts.totalseg_version)
         problems += p
         if labels is not None and hu is not None:
             reason = _check_geometry(inputs.labels, labels.shape, lab_affine, hu.shape, ct_affine, opts)
             if reason:
                 problems.append(reason)
                 labels = None
+    if used is not None:
+        summary.update(totalseg_version=used[0], totalseg_version_source=used[1])
     tumor = None
     if hu is not None:
         for kind, path in (("tumor", inputs.tumor), ("body", inputs.body)):
@@ -624,7 +665,8 @@ def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | N
         "inputs": {k: (str(v) if isinstance(v, Path) else None) for k, v in (("ct", inputs.ct), ("labels", inputs.labels), ("tumor", inputs.tumor), ("body", inputs.body))},
         "ct_format": ct_info["format"],
         "labels_format": inputs.labels_kind,
-        "totalseg_version": opts.totalseg_version,
+        "totalseg_version": summary["totalseg_version"],  # the table used for this case's ids
+        "totalseg_version_source": summary["totalseg_version_source"],  # option, detected, assumed, class names
         "original_shape": list(ref_shape),
         "crop_box": [[s.start, s.stop] for s in box],
         "extent_mm": [round(float(n * s), 3) for n, s in zip(labels.shape, spacing_from_affine(affine))],
@@ -702,7 +744,7 @@ def prepare_dataset(
     t0 = time.perf_counter()
     opts = options or PrepareOptions()
     label_set = load_label_set(opts.label_set)
-    totalseg_classes(opts.totalseg_version)  # validates the version
+    opts = replace(opts, totalseg_version=parse_totalseg_version(opts.totalseg_version))  # validates it
     if workers < 1:
         raise GuideGenError(f"--workers must be at least 1, got {workers}")
     if out is None and not dry_run:
@@ -766,7 +808,7 @@ def summary_table(report: PrepareReport):
         table.add_row(
             r.case,
             s.get("ct", ""),
-            s.get("labels", ""),
+            s.get("labels", "") + (f" v{s['totalseg_version']} ({s['totalseg_version_source']})" if s.get("totalseg_version_source") in ("detected", "assumed") else ""),
             f"{len(s['classes'])}/{len(s['all_classes'])}" if "classes" in s else "",
             ", ".join(c for c in s.get("all_classes", []) if c not in s["classes"] and c in s.get("organs", [])) if "classes" in s else "",
             str(s.get("tumor_voxels", "")),

@@ -13,7 +13,10 @@ mask per class named ``<class>.nii.gz``; the ``body`` task adds ``body.nii.gz`` 
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
+
+import numpy as np
 
 from guidegen.errors import GuideGenError
 
@@ -90,3 +93,65 @@ def totalseg_ids(version: int = 2) -> dict[str, int]:
 def known_class_names() -> frozenset[str]:
     """Every class-file name accepted in a per-class folder (either version, plus body)."""
     return frozenset(totalseg_classes(1).values()) | frozenset(totalseg_classes(2).values()) | frozenset(BODY_CLASS_NAMES)
+
+
+# ------------------------------------------------------------ which version wrote an id map
+# A multi-label map does not say which table its ids follow, and read with the wrong one it
+# still "works" (v1 aorta 7 → v2 pancreas, v1 lung lobes → v2 esophagus/trachea/thyroid ...).
+# The lungs tell them apart: v2 ids 10-14 are the five lobes, v1 ids 13-17 (10-12 pancreas and
+# adrenals; v2 15-17 esophagus, trachea, thyroid). Read correctly, a torso CT's right/left lung
+# volume ratio is about 1; read with the other table, the "lungs" are a mix of small structures
+# and lobes of one side, and the ratio is about 20 (v1 read as v2) or 0.05 (v2 read as v1).
+LUNG_RATIO_PLAUSIBLE = 2.5  # right/left within [1/2.5, 2.5]: a real pair of lungs (partly in view)
+LUNG_RATIO_IMPLAUSIBLE = 6.0  # outside [1/6, 6]: not a pair of lungs
+MIN_LUNG_VOXELS = 500  # fewer lung voxels under a reading: too little in view to judge it
+
+
+@lru_cache(maxsize=None)
+def _lung_ids(version: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(left lobe ids, right lobe ids)`` of ``version``, found by name in its table."""
+    table = totalseg_classes(version)
+    lobes = {i: name for i, name in table.items() if name.startswith("lung_")}
+    return tuple(i for i, n in lobes.items() if n.endswith("_left")), tuple(i for i, n in lobes.items() if n.endswith("_right"))
+
+
+def lung_ratio(counts: np.ndarray, version: int, *, min_voxels: int = MIN_LUNG_VOXELS) -> float | None:
+    """Right/left lung volume of an id map read as TotalSegmentator ``version``.
+
+    ``counts[i]`` is the number of voxels with id ``i`` (``np.bincount`` of the map). None when
+    the lobe ids of that reading hold fewer than ``min_voxels`` voxels together; ``inf`` when
+    only right-lung ids are present.
+    """
+    left_ids, right_ids = _lung_ids(version)
+    left, right = (float(sum(counts[i] for i in ids if i < len(counts))) for ids in (left_ids, right_ids))
+    if left + right < min_voxels:
+        return None
+    return right / left if left else math.inf
+
+
+def guess_totalseg_version(counts: np.ndarray) -> int | None:
+    """The TotalSegmentator version (1 or 2) whose ``total`` ids an id map follows, or None.
+
+    ``counts[i]`` = voxels with id ``i``. Any id above v1's last (104) means v2. Otherwise the
+    lungs decide: the version is returned only when its reading gives a plausible right/left
+    lung ratio (:data:`LUNG_RATIO_PLAUSIBLE`) *and* the other reading an implausible one
+    (:data:`LUNG_RATIO_IMPLAUSIBLE`). None (undecidable) when either reading has too few lung
+    voxels in view (:data:`MIN_LUNG_VOXELS`, a noise floor in voxels, not ml), or when the two
+    readings are not one plausible and one implausible: an abdominal CT with only the lung
+    bases can look plausible both ways, a missing lung implausible both ways. Demanding both
+    sides of the contrast keeps a wrong answer rare; callers decide what None means.
+    """
+    counts = np.asarray(counts)
+    if counts[max(totalseg_classes(1)) + 1 :].any():
+        return 2
+    r1, r2 = lung_ratio(counts, 1), lung_ratio(counts, 2)
+    if r1 is None or r2 is None:
+        return None
+    for version, mine, other in ((1, r1, r2), (2, r2, r1)):
+        if _within(mine, LUNG_RATIO_PLAUSIBLE) and not _within(other, LUNG_RATIO_IMPLAUSIBLE):
+            return version
+    return None
+
+
+def _within(ratio: float, factor: float) -> bool:
+    return 1 / factor <= ratio <= factor
