@@ -2,13 +2,15 @@
 
 ``load_config("demo")`` loads the shipped preset ``guidegen/configs/demo.yaml``;
 ``load_config("my.yaml")`` a user's file. A YAML file only has to name what it changes: the
-defaults below fill the rest. An unknown key or a value of the wrong type is reported as one
-line naming the file and the dotted key (``demo.yaml: tcss.train.lr: Input should be a valid
-number``).
+defaults below fill the rest. Every unknown key and every value of the wrong type is reported,
+all on one line naming the file and each dotted key, an unknown key with the closest known one
+(``my.yaml: 2 problems: tcss.train.lr: Input should be a valid number ...; unknown key
+'tcss.sitegate' (did you mean 'tcss.site_gate'?)``); an unknown preset name lists the presets.
 """
 
 from __future__ import annotations
 
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -277,15 +279,75 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("guidegen") / "configs" / f"{name}.yaml"))
 
 
-def _format_validation_error(origin: str, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+def preset_names() -> list[str]:
+    """Names of the shipped presets, sorted (``["demo", "torso-128", "torso-256"]``)."""
+    return sorted(p.name.removesuffix(".yaml") for p in (resources.files("guidegen") / "configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _closest(word: str, candidates: list[str]) -> str | None:
+    """The candidate closest to ``word`` (difflib, case-insensitive), or None when none is close."""
+    lowered = {c.lower(): c for c in candidates}
+    hit = difflib.get_close_matches(word.lower(), list(lowered), n=1)
+    return lowered[hit[0]] if hit else None
+
+
+def _known_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every dotted key path of ``model``, nested sections included."""
+    out = []
+    for name, field in model.model_fields.items():
+        out.append(prefix + (name,))
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _known_keys(field.annotation, prefix + (name,))
+    return out
+
+
+def _suggest_key(loc: tuple[str, ...]) -> str | None:
+    """For an unknown key at ``loc``, the dotted path of the known key meant, or None.
+
+    First the closest sibling (``tcss.sitegate`` -> ``tcss.site_gate``); failing that, the same
+    name in another section, nearest first (``tcss.lr`` -> ``tcss.train.lr``).
+    """
+    model: type[BaseModel] = GuideGenConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    parent, key = tuple(str(p) for p in loc[:-1]), str(loc[-1])
+    sibling = _closest(key, list(model.model_fields))
+    if sibling is not None:
+        return ".".join(parent + (sibling,))
+    elsewhere = [k for k in _known_keys(GuideGenConfig) if k[-1].lower() == key.lower()]
+
+    def shared(k: tuple[str, ...]) -> int:
+        n = 0
+        while n < min(len(k), len(parent)) and k[n] == parent[n]:
+            n += 1
+        return n
+
+    return ".".join(max(elsewhere, key=shared)) if elsewhere else None
+
+
+def _format_problem(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        msg = f"{origin}: unknown key '{key}'"
-    else:
-        msg = f"{origin}: {key}: {err['msg']} (got {err.get('input')!r})"
-    more = len(exc.errors()) - 1
-    return msg + (f" (+{more} more problem{'s' if more > 1 else ''})" if more else "")
+        hint = _suggest_key(loc) if loc else None
+        return f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = repr(value)
+    if isinstance(value, dict) or f"got {shown}" in msg:  # a section-level check, or the message shows it
+        return f"{key}: {msg}"
+    return f"{key}: {msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
+
+
+def _format_validation_error(origin: str, exc: ValidationError) -> str:
+    """One line with every problem, each named by its dotted key, joined by '; '."""
+    problems = [_format_problem(err) for err in exc.errors()]
+    count = f"{len(problems)} problems: " if len(problems) > 1 else ""
+    return (f"{origin}: {count}" + "; ".join(problems)).replace("\n", " ")
 
 
 def config_from_dict(raw: dict, origin: str = "config") -> GuideGenConfig:
@@ -302,7 +364,10 @@ def load_config(name_or_path: str | Path | None = None) -> GuideGenConfig:
     if path.suffix not in (".yaml", ".yml"):
         path = preset_path(source)
         if not path.is_file():
-            raise GuideGenError(f"unknown config preset {source!r} (give a .yaml path or a preset name)")
+            names = preset_names()
+            hint = _closest(source, names)
+            raise GuideGenError(f"unknown config preset {source!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+                                + f"; available presets: {', '.join(names)}; or give a .yaml path")
     if not path.is_file():
         raise GuideGenError(f"{path}: config file not found")
     try:
