@@ -95,6 +95,7 @@ def prepare(
     reports: Optional[Path] = typer.Option(None, "--reports", help="CSV/TSV or JSONL file with a case id and a report text per row."),
     report_id_column: str = typer.Option("case", "--report-id-column", help="Case id column (default 'case'; 'id'/'case_id' also found)."),
     report_text_column: str = typer.Option("text", "--report-text-column", help="Report text column (default 'text'; 'report' also found)."),
+    findings: str = typer.Option("report", "--findings", help="Tumour findings of a case with a report: report (parsed from it) or masks (site, side and size measured on the label map; sex, age, stage, phase from the report, whose text is kept). Either way, a report that disagrees with the map's tumours is a warning."),
     label_set: str = typer.Option("guidegen22", "--label-set", help="Label set name or YAML path."),
     totalseg_version: str = typer.Option("auto", "--totalseg-version", help="TotalSegmentator class ids of multi-label files: auto (per file, from the lungs; 2 when it cannot tell), 2 (117 classes) or 1 (104); a file that clearly follows the other version is rejected."),
     size: str = typer.Option("48,48,64", "--size", help="Training-cache grid: S or X,Y,Z."),
@@ -112,7 +113,7 @@ def prepare(
 
     if margin_mm < 0:
         raise GuideGenError(f"--margin-mm must be >= 0, got {margin_mm}")
-    opts = PrepareOptions(label_set=label_set, totalseg_version=totalseg_version, grid=parse_grid(size, option="--size"), margin_mm=margin_mm, previews=previews)
+    opts = PrepareOptions(label_set=label_set, totalseg_version=totalseg_version, grid=parse_grid(size, option="--size"), margin_mm=margin_mm, previews=previews, findings=findings)
     report = prepare_dataset(
         ct, labels, out, tumors=tumors, body=body, reports=reports, report_id_column=report_id_column,
         report_text_column=report_text_column, options=opts, workers=workers, dry_run=dry_run, overwrite=overwrite,

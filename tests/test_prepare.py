@@ -269,7 +269,7 @@ def test_validation_reports_every_problem_and_writes_good_cases(tmp_path, monkey
     save_nifti(lab / "raw.nii.gz", ml, affine, np.uint8)
     save_nifti(ct / "empty.nii.gz", hu, affine, np.float32)
     save_nifti(lab / "empty.nii.gz", np.zeros_like(ml), affine, np.uint8)
-    # per-class folder with an unknown class file name
+    # per-class folder with an unknown class file name: ignored with a warning, the case is written
     save_nifti(ct / "unknown.nii.gz", hu, affine, np.float32)
     export_totalseg_folder(lab / "unknown", labels, affine, label_set)
     save_nifti(lab / "unknown" / "livr.nii.gz", labels == 3, affine, np.uint8)
@@ -302,7 +302,6 @@ def test_validation_reports_every_problem_and_writes_good_cases(tmp_path, monkey
         "nan.nii.gz: 1 voxel(s) are NaN or infinite",
         "raw.nii.gz: values 0 to",
         "labels/empty.nii.gz: label map is empty",
-        "unknown/livr.nii.gz: unknown class name 'livr'",
         "duplicate case id 'dup'",
         "orphan.nii.gz: --labels file has no matching CT",
         "labels/ids.nii.gz: unknown label id(s) 200",
@@ -315,12 +314,17 @@ def test_validation_reports_every_problem_and_writes_good_cases(tmp_path, monkey
     head = next(i for i, line in enumerate(lines) if line.startswith("error: "))  # after tqdm's bar
     assert lines[head].startswith(f"error: {len(lines) - head - 1} problem(s)")  # then one line per problem
     assert all(line.startswith("  ") for line in lines[head + 1 :])
-    assert "wrote 1 case(s)" in stdout and "wrote 1 case(s)" in lines[head]
+    assert not any("livr" in line for line in lines[head:])  # an unknown class file is a warning, not a problem
+    assert "wrote 2 case(s)" in stdout and "wrote 2 case(s)" in lines[head]
+    assert "1 case(s): unknown class file(s) in the per-class folder ignored" in stdout
+    assert "1 case(s): the report names a tumour the label map lacks" in stdout  # good: "3 cm liver mass", no --tumors
     reader = DatasetReader(out)
-    assert reader.case_ids() == ["good"]
-    assert sorted(p.name for p in (out / "labels").iterdir()) == ["good.nii.gz"]
-    assert sorted(p.name for p in (out / "ct").iterdir()) == ["good.nii.gz"]
-    assert sorted(p.name for p in (out / "cache").rglob("*.npz")) == ["good.npz", "good.npz"]
+    assert reader.case_ids() == ["good", "unknown"]
+    assert [w["kind"] for w in reader.meta("unknown")["warnings"]] == ["unknown_class_file"]
+    assert "unknown/livr.nii.gz: unknown class name 'livr'" in reader.meta("unknown")["warnings"][0]["message"]
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["good.nii.gz", "unknown.nii.gz"]
+    assert sorted(p.name for p in (out / "ct").iterdir()) == ["good.nii.gz", "unknown.nii.gz"]
+    assert sorted(p.name for p in (out / "cache").rglob("*.npz")) == ["good.npz", "good.npz", "unknown.npz", "unknown.npz"]
     assert reader.report("good")["text"] == "A 3 cm liver mass."
     assert reader.meta("good")["body_source"].startswith("derived")  # no body mask: from the CT
     good = reader.load_case("good")  # the phantom's body is > -500 HU, filled: derivation matches it

@@ -14,6 +14,18 @@ Inputs (matched to cases by id):
 - Body masks (optional): ``<id>.nii.gz``; otherwise the envelope is derived from the CT.
 - Reports (optional): CSV/TSV or JSONL with a case-id and a text column.
 
+Findings and their check against the label map: a case's findings (what conditions the
+generator next to the text) come from its report (``--findings report``, the default), or its
+tumours from the label map (``--findings masks``: site, side and equivalent-sphere diameter per
+tumour region, see :func:`findings_from_masks`; sex, age, TNM, phase and smoking still from the
+report, whose text is stored unchanged); a case without a report always gets findings and a
+short text derived from the map. Every case with a report is checked against its label map with
+the evaluation's tumour matching (:func:`guidegen.evaluation.metrics.match_tumors`): a tumour the
+report names that the map lacks, a map tumour region the report does not name, a tumour in
+another organ (or side) than the report says, a size more than ±50 % off. Disagreements are
+*warnings*, not problems: the case is still written, with the details in its meta
+(``findings_check``, ``warnings``), the dry-run table and the counts in the summary line.
+
 Design decision — one pass, per case: every case is validated completely (all of its problems
 collected, not just the first) and, only if it has none, written right away by the same worker.
 A bad case therefore never writes anything and never stops the good ones; at the end every
@@ -36,6 +48,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -46,7 +59,7 @@ from guidegen.data.dicom import looks_like_dicom_folder, read_dicom_series
 from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check_case_id
 from guidegen.data.totalseg import BODY_CLASS_NAMES, guess_totalseg_version, known_class_names, lung_ratio, totalseg_classes
 from guidegen.errors import GuideGenError
-from guidegen.evaluation.metrics import sphere_diameter_mm
+from guidegen.evaluation.metrics import CaseStats, TumorComponent, case_stats, match_tumors, midline_x_mm, sphere_diameter_mm
 from guidegen.io import is_nifti, load_nifti, spacing_from_affine, strip_nifti_suffix
 from guidegen.labels import LabelSet, load_label_set
 
@@ -54,6 +67,15 @@ BODY_HU_THRESHOLD = -500.0  # DESIGN §2: tissue of the body envelope is denser 
 AIR_HU_REQUIRED = -500.0  # a torso CT in HU has air (outside, lungs) below this somewhere
 ID_COLUMNS = ("case", "id", "case_id")
 TEXT_COLUMNS = ("text", "report", "report_text")
+FINDINGS_SOURCES = ("report", "masks")  # --findings: where a case's tumour findings come from
+# Warnings: the case is still written. kind → what the summary line counts the cases by.
+WARNING_KINDS = {
+    "report_tumor_missing": "the report names a tumour the label map lacks",
+    "site_mismatch": "the report puts a tumour in another organ or side than the label map",
+    "size_mismatch": "the report's tumour size is more than ±50 % off the label map's",
+    "map_tumor_unreported": "the label map has a tumour region the report does not name",
+    "unknown_class_file": "unknown class file(s) in the per-class folder ignored",
+}
 
 
 # ----------------------------------------------------------------------------- data types
@@ -70,6 +92,9 @@ class PrepareOptions:
     geometry_tol_mm: float = 1e-3
     direction_tol: float = 1e-4
     previews: bool = True
+    # Tumour findings of a case with a report: "report" (parsed from it) or "masks" (measured on
+    # the label map, the report's other fields kept); see parse_findings_source.
+    findings: Literal["report", "masks"] = "report"
 
 
 @dataclass
@@ -100,6 +125,7 @@ class CaseResult:
     status: str
     problems: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    warnings: list[dict] = field(default_factory=list)  # {"kind", "message", "note"}; the case is still written
 
 
 @dataclass
@@ -119,9 +145,24 @@ class PrepareReport:
     def problems(self) -> list[str]:
         return self.input_problems + [p for r in self.results for p in r.problems]
 
+    @property
+    def warnings(self) -> list[str]:
+        """Every warning of the run, one line each: ``<case>: <message>``."""
+        return [f"{r.case}: {w['message']}" for r in self.results for w in r.warnings]
+
+    def warning_counts(self) -> dict[str, int]:
+        """``{warning kind: number of cases with it}`` (kinds of :data:`WARNING_KINDS`, in that order),
+        over the cases written, valid (dry run) or skipped: an invalid case's problems come first."""
+        counts = {kind: sum(r.status != "invalid" and any(w["kind"] == kind for w in r.warnings) for r in self.results) for kind in WARNING_KINDS}
+        return {kind: n for kind, n in counts.items() if n}
+
     def summary_line(self) -> str:
         assumed = sum(r.status != "invalid" and r.summary.get("totalseg_version_source") == "assumed" for r in self.results)
         note = f"; {assumed} multi-label map(s) read as TotalSegmentator v2 by default (lungs do not tell the version; set --totalseg-version)" if assumed else ""
+        counts = self.warning_counts()
+        if counts:
+            where = "see the table" if self.dry_run else "cases written; details in meta/<case>.json"
+            note += f"; warnings ({where}): " + ", ".join(f"{n} case(s): {WARNING_KINDS[kind]}" for kind, n in counts.items())
         if self.dry_run:
             return f"dry run: {self.count('valid')} valid case(s), {self.count('invalid')} invalid, {len(self.problems)} problem(s); nothing written{note}"
         return (
@@ -428,19 +469,24 @@ def load_multilabel(path: Path, label_set: LabelSet, version: int | str) -> tupl
     return lut[data if np.issubdtype(data.dtype, np.integer) else data.astype(np.int32)], affine, [], used
 
 
-def load_class_folder(folder: Path, label_set: LabelSet, version: int, ref_shape: tuple | None, ref_affine: np.ndarray | None, opts: PrepareOptions) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[str]]:
+def load_class_folder(folder: Path, label_set: LabelSet, version: int, ref_shape: tuple | None, ref_affine: np.ndarray | None, opts: PrepareOptions) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[str], list[dict]]:
     """Merge per-class masks ``<class>.nii.gz`` into one label map.
 
-    Returns ``(labels (X, Y, Z) uint8 | None, body mask | None, affine, problems)``; the body
-    mask comes from ``body*.nii.gz`` files when present. Known TotalSegmentator classes that
-    the label set does not use are read (and checked) but not labelled.
+    Returns ``(labels (X, Y, Z) uint8 | None, body mask | None, affine, problems, warnings)``;
+    the body mask comes from ``body*.nii.gz`` files when present. Known TotalSegmentator classes
+    that the label set does not use are read (and checked) but not labelled. A file whose name
+    is no known class (``lung_nodules.nii.gz`` of another TotalSegmentator task, a typo) is not
+    read at all: it is a warning naming the file, not a problem, so the case is still written.
     """
     known = known_class_names()
     files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     problems = [f"{p}: not a NIfTI mask" for p in files if not is_nifti(p)]
     files = [p for p in files if is_nifti(p)]
     unknown = [p for p in files if strip_nifti_suffix(p.name) not in known]
-    problems += [f"{p}: unknown class name {strip_nifti_suffix(p.name)!r} (not a TotalSegmentator v1/v2 `total` or body class)" for p in unknown]
+    warnings = [
+        _warning("unknown_class_file", f"{p}: unknown class name {strip_nifti_suffix(p.name)!r} (not a TotalSegmentator v1/v2 `total` or body class); file ignored", f"ignored {p.name}")
+        for p in unknown
+    ]
     labels = body = affine = None
     any_voxel = False
     for p in files:
@@ -470,7 +516,9 @@ def load_class_folder(folder: Path, label_set: LabelSet, version: int, ref_shape
             labels[mask] = cid
     if labels is not None and not any_voxel and not problems:
         problems.append(f"{folder}: every class mask is empty")
-    return labels, body, affine, problems
+    if labels is None and not problems:  # every NIfTI in the folder had an unknown name
+        problems.append(f"{folder}: no TotalSegmentator class mask (every file has an unknown class name)")
+    return labels, body, affine, problems, warnings
 
 
 def _load_binary(path: Path, ref_shape: tuple, ref_affine: np.ndarray, opts: PrepareOptions) -> tuple[np.ndarray | None, list[str]]:
@@ -559,6 +607,114 @@ def render_findings_text(findings: dict) -> str:
     return " ".join(parts)
 
 
+def parse_findings_source(value: str) -> str:
+    """``--findings`` as one of :data:`FINDINGS_SOURCES`; raises a one-line error otherwise."""
+    v = str(value).strip().lower()
+    if v not in FINDINGS_SOURCES:
+        raise GuideGenError(f"--findings: expected {' or '.join(FINDINGS_SOURCES)}, got {value!r}")
+    return v
+
+
+def _warning(kind: str, message: str, note: str) -> dict:
+    """A case warning: ``kind`` (a key of :data:`WARNING_KINDS`), the full message, a short note for the table."""
+    assert kind in WARNING_KINDS, kind
+    return {"kind": kind, "message": message, "note": note}
+
+
+def tumor_stats(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet) -> CaseStats:
+    """:func:`~guidegen.evaluation.metrics.case_stats` for tumour matching, at the cost of the tumours.
+
+    ``case_stats`` also counts the components of every class, which takes tens of seconds on a
+    full-resolution map; here it runs on the tumour voxels' bounding box grown by one voxel
+    (every tumour region and its whole 1-voxel shell lie inside, so ``tumors`` is the same) and
+    the midline is set from the whole map as ``case_stats`` defines it. Only ``tumors`` and
+    ``midline_x_mm`` of the result describe the whole map.
+    """
+    tid = label_set.tumor_id
+    found = ndimage.find_objects((labels == tid).astype(np.uint8)) if tid is not None else []
+    if found and found[0] is not None:
+        box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found[0], labels.shape))
+    else:
+        box = (slice(0, 0),) * 3
+    sub = np.asarray(affine, dtype=np.float64).copy()
+    sub[:3, 3] = sub[:3, :3] @ np.array([s.start for s in box], dtype=np.float64) + sub[:3, 3]
+    stats = case_stats(labels[box], sub, label_set)
+    stats.midline_x_mm = midline_x_mm(labels, affine, label_set) if stats.tumors else 0.0
+    return stats
+
+
+def _region_finding(comp: TumorComponent, stats: CaseStats, label_set: LabelSet, paired: set[int]) -> dict:
+    """``{"site", "side", "size_mm"}`` of a tumour region, by the rule of :func:`findings_from_masks`
+    (the organ most of its shell touches; side of a paired organ from the centroid vs the midline)."""
+    organ_ids = list(label_set.organ_ids)
+    counts = comp.shell_counts[organ_ids]
+    site_id = organ_ids[int(counts.argmax())] if counts.sum() else None
+    side = None
+    if site_id in paired:
+        side = "right" if comp.centroid_mm[0] > stats.midline_x_mm else "left"
+    return {"site": label_set.name_of(site_id) if site_id else None, "side": side, "size_mm": round(float(comp.diameter_mm), 1)}
+
+
+def _describe(t: dict, size_key: str | None = "size_mm") -> str:
+    """``"40 mm left kidney"`` of a tumour dict (without the size when ``size_key`` is None or unset)."""
+    where = (t.get("site") or "unknown organ").replace("_", " ")
+    if t.get("side"):
+        where = f"{t['side']} {where}"
+    return f"{float(t[size_key]):.0f} mm {where}" if size_key and t.get(size_key) else where
+
+
+def check_findings(report_tumors: list[dict], labels: np.ndarray, affine: np.ndarray, label_set: LabelSet, *, tumor_mask: bool = True) -> tuple[dict, list[dict]]:
+    """Compare a report's tumours with the tumour regions of a label map; ``(check, warnings)``.
+
+    Matching is :func:`~guidegen.evaluation.metrics.match_tumors` (a tumour is placed in a
+    region touching or inside its organ, on its side for paired organs; sizes agree within ±50 %
+    of the equivalent-sphere diameter). Unplaced report tumours, largest first, are paired with
+    the largest unmatched regions: a pair is a ``site_mismatch``, a tumour left over is
+    ``report_tumor_missing``, a region left over ``map_tumor_unreported``; a placed tumour whose
+    size is off is ``size_mismatch``. ``tumor_mask``: whether the case had a ``--tumors`` mask
+    (only for the message). ``check`` is JSON-ready for the case's meta.
+    """
+    requested = [t for t in report_tumors if isinstance(t, dict)]
+    stats = tumor_stats(labels, affine, label_set)
+    paired = _paired_classes(label_set)
+    regions = [_region_finding(comp, stats, label_set, paired) for comp in stats.tumors]
+    matches = match_tumors(requested, stats, label_set)
+    used = {m["region"] for m in matches if m["placed"]}
+    free = sorted((j for j in range(len(regions)) if j not in used), key=lambda j: -stats.tumors[j].voxels)
+    warnings: list[dict] = []
+    unplaced = sorted((i for i, m in enumerate(matches) if not m["placed"]), key=lambda i: -(requested[i].get("size_mm") or 0.0))
+    for i in unplaced:
+        req = _describe(requested[i])
+        if free:
+            j = free.pop(0)
+            warnings.append(_warning(
+                "site_mismatch",
+                f"the report names a {req} tumour; the label map's tumour region is in the {_describe(regions[j], None)} ({regions[j]['size_mm']:.0f} mm)",
+                f"tumour site: report {req}, map {_describe(regions[j])}",
+            ))
+        else:
+            why = ("the label map has no tumour voxels" + ("" if tumor_mask else " (no --tumors mask for this case)")) if not regions else \
+                f"each of the label map's {len(regions)} tumour region(s) is matched to another tumour of the report"
+            warnings.append(_warning("report_tumor_missing", f"the report names a {req} tumour; {why}", f"not in map: {req} tumour"))
+    for m in matches:
+        if m["placed"] and m["size_ok"] is False:
+            warnings.append(_warning(
+                "size_mismatch",
+                f"the report's {_describe(m, 'requested_mm')} tumour measures {m['measured_mm']:.0f} mm in the label map "
+                "(equivalent-sphere diameter; more than ±50 % off)",
+                f"tumour size: report {float(m['requested_mm']):.0f} mm, map {m['measured_mm']:.0f} mm",
+            ))
+    for j in free:
+        warnings.append(_warning(
+            "map_tumor_unreported",
+            f"the label map has a {regions[j]['size_mm']:.0f} mm tumour region in the {_describe(regions[j], None)} that the report does not name",
+            f"not in report: {_describe(regions[j])} tumour",
+        ))
+    as_json = [{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in m.items()} for m in matches]
+    check = {"checked": True, "report_tumors": requested, "map_tumors": regions, "matches": as_json, "warnings": [w["kind"] for w in warnings]}
+    return check, warnings
+
+
 def parse_report(text: str) -> dict | None:
     """Findings parsed by ``guidegen.text.findings.parse_findings`` if that module exists."""
     try:
@@ -609,8 +765,9 @@ def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | N
     if inputs.labels.is_dir():  # files named by class: the version only orders the name lookup
         version = parse_totalseg_version(opts.totalseg_version)
         used: tuple[int, str] | None = (2 if version == "auto" else int(version), "class names")
-        labels, body, lab_affine, p = load_class_folder(inputs.labels, label_set, used[0], ref_shape, ct_affine, opts)
+        labels, body, lab_affine, p, w = load_class_folder(inputs.labels, label_set, used[0], ref_shape, ct_affine, opts)
         problems += p
+        summary["warnings"] = w
     else:
         labels, lab_affine, p, used = load_multilabel(inputs.labels, label_set, opts.totalseg_version)
         problems += p
@@ -652,12 +809,23 @@ def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | N
     affine[:3, 3] = (ct_affine @ start)[:3]
     labels, hu = np.ascontiguousarray(labels[box]), hu[box]
 
+    check: dict = {"checked": False, "reason": "no report: findings derived from the label map"}
     if inputs.report:
         text, findings = inputs.report, parse_report(inputs.report)
-        text_source = "report"
+        text_source = findings_source = "report"
+        if findings is None:
+            check = {"checked": False, "reason": "no report parser (guidegen.text.findings) installed"}
+        else:
+            check, warnings = check_findings(findings.get("tumors") or [], labels, affine, label_set, tumor_mask=inputs.tumor is not None)
+            summary["warnings"] = summary.get("warnings", []) + warnings
+        if opts.findings == "masks":
+            measured = findings_from_masks(labels, affine, label_set)
+            findings = {**measured, **(findings or {}), "tumors": measured["tumors"]}
+            findings_source = "report, tumours from the label map"
     else:
         findings = findings_from_masks(labels, affine, label_set)
         text, text_source = render_findings_text(findings), "derived from masks"
+        findings_source = "derived from masks"
     present = [label_set.name_of(int(i)) for i in np.unique(labels) if i != 0]
     summary.update(classes=present, all_classes=label_set.names[1:], organs=label_set.organ_names, cropped_shape=labels.shape, tumor_voxels=int((labels == label_set.tumor_id).sum()) if label_set.tumor_id is not None else 0)
     meta = {
@@ -674,6 +842,9 @@ def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | N
         "classes_present": present,
         "body_source": body_source,
         "text_source": text_source,
+        "findings_source": findings_source,
+        "findings_check": check,
+        "warnings": summary.get("warnings", []),
     }
     record = CaseRecord(case=inputs.case, labels=labels, affine=affine, ct=hu, text=text, findings=findings, meta=meta)
     return record, summary, []
@@ -697,19 +868,30 @@ def process_case(inputs: CaseInputs, opts: PrepareOptions, out: str | None) -> C
     """Validate one case and, when ``out`` is given and it is valid, write it (worker entry)."""
     try:
         record, summary, problems = build_case(inputs, opts)
+        warnings = summary.get("warnings", [])
         if record is None:
-            return CaseResult(inputs.case, "invalid", problems, summary)
+            return CaseResult(inputs.case, "invalid", problems, summary, warnings)
         if out is None:
-            return CaseResult(inputs.case, "valid", [], summary)
+            return CaseResult(inputs.case, "valid", [], summary, warnings)
         writer = DatasetWriter(out, name="prepared", label_set=opts.label_set, mode="resume")
         writer.write_case(record, preview=opts.previews)
         store_cache(Path(out), record, opts)
-        return CaseResult(inputs.case, "written", [], summary)
+        return CaseResult(inputs.case, "written", [], summary, warnings)
     except GuideGenError as exc:
         return CaseResult(inputs.case, "invalid", [str(exc).splitlines()[0]], {"case": inputs.case})
     except Exception as exc:  # one broken case must not stop the run; report it as a problem
         msg = str(exc).splitlines()[0] if str(exc) else ""
         return CaseResult(inputs.case, "invalid", [f"{inputs.ct}: unexpected error ({type(exc).__name__}: {msg})"], {"case": inputs.case})
+
+
+def _stored_warnings(out: Path, case: str) -> list[dict]:
+    """The warnings in a written case's meta (so a re-run that skips it still counts them)."""
+    try:
+        meta = json.loads((out / "meta" / f"{case}.json").read_text())
+    except (OSError, ValueError):
+        return []
+    warnings = meta.get("warnings") if isinstance(meta, dict) else None
+    return [w for w in warnings or [] if isinstance(w, dict) and w.get("kind") in WARNING_KINDS]
 
 
 def _worker_init() -> None:
@@ -744,7 +926,7 @@ def prepare_dataset(
     t0 = time.perf_counter()
     opts = options or PrepareOptions()
     label_set = load_label_set(opts.label_set)
-    opts = replace(opts, totalseg_version=parse_totalseg_version(opts.totalseg_version))  # validates it
+    opts = replace(opts, totalseg_version=parse_totalseg_version(opts.totalseg_version), findings=parse_findings_source(opts.findings))  # validates them
     if workers < 1:
         raise GuideGenError(f"--workers must be at least 1, got {workers}")
     if out is None and not dry_run:
@@ -765,7 +947,7 @@ def prepare_dataset(
         todo = []
         for c in cases:
             if writer.has_case(c.case):
-                results.append(CaseResult(c.case, "skipped", [], {"case": c.case}))
+                results.append(CaseResult(c.case, "skipped", [], {"case": c.case}, _stored_warnings(out, c.case)))
                 with_ct, _ = cache_configs(opts)
                 if not PreprocessCache(out, with_ct).path(c.case).is_file():  # resumed after the volumes
                     store_cache(out, DatasetReader(out).load_case(c.case), opts)
@@ -796,11 +978,12 @@ def prepare_dataset(
 
 
 def summary_table(report: PrepareReport):
-    """A rich Table of the cases: classes present, HU range, spacing, size, status."""
+    """A rich Table of the cases: classes present, HU range, spacing, size, status (and warnings, if any)."""
     from rich.table import Table
 
     table = Table(title="guidegen prepare" + (" (dry run)" if report.dry_run else ""))
-    for col in ("case", "CT", "labels", "classes", "missing organs", "tumour vox", "HU range", "spacing mm", "size", "status"):
+    warned = any(r.warnings for r in report.results)  # the warnings column only when there are some
+    for col in ("case", "CT", "labels", "classes", "missing organs", "tumour vox", "HU range", "spacing mm", "size", "status", *(["warnings"] if warned else [])):
         table.add_column(col, overflow="fold")
     for r in report.results:
         s = r.summary
@@ -816,5 +999,6 @@ def summary_table(report: PrepareReport):
             "x".join(f"{v:.2f}" for v in s["spacing"]) if "spacing" in s else "",
             ("x".join(map(str, s["shape"])) + (f" → {'x'.join(map(str, s['cropped_shape']))}" if "cropped_shape" in s else "")) if "shape" in s else "",
             r.status if not r.problems else f"{r.status} ({len(r.problems)} problem{'s' if len(r.problems) > 1 else ''})",
+            *(["; ".join(w["note"] for w in r.warnings)] if warned else []),
         )
     return table

@@ -209,10 +209,15 @@ def case_stats(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet) -> C
             counts = np.bincount(shell_labels.astype(np.int64), minlength=n)[:n]
             centroid = np.argwhere(mask).mean(0) + [b.start for b in box]
             tumors.append(TumorComponent(int(mask.sum()), float(mask.sum() * voxel_ml), _world(affine, centroid), counts))
-    spine = labels == label_set.id_of("vertebrae") if "vertebrae" in label_set.names else np.zeros_like(labels, bool)
-    ref = spine if spine.any() else labels > 0
-    midline = float(_world(affine, np.argwhere(ref).mean(0))[0]) if ref.any() else 0.0
-    return CaseStats(volumes, comps, anatomical_order(labels, label_set), tumors, midline)
+    return CaseStats(volumes, comps, anatomical_order(labels, label_set), tumors, midline_x_mm(labels, affine, label_set))
+
+
+def midline_x_mm(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet) -> float:
+    """World x (mm) of the spine's centroid, else of all labelled voxels (0 for an empty map):
+    the patient's midline for left/right checks of paired organs."""
+    spine = labels == label_set.id_of("vertebrae") if "vertebrae" in label_set.names else None
+    ref = spine if spine is not None and spine.any() else labels > 0
+    return float(_world(affine, np.argwhere(ref).mean(0))[0]) if ref.any() else 0.0
 
 
 # ------------------------------------------------------------------------------ tumours
