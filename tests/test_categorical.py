@@ -520,3 +520,19 @@ def test_churn_is_checked_and_zero_churn_is_the_plain_sampler():
     assert not torch.equal(plain, churned)  # the overshoot and re-noising draw other numbers
     with pytest.raises(GuideGenError, match="churn"):
         cat.sample_strided(fn, tuple(x0.shape), K, ABAR, 4, churn=-0.1)
+
+
+@pytest.mark.parametrize("width", [3, 5, 7])
+@pytest.mark.parametrize("shape", [(2, 1, 9), (1, 2, 8, 6), (2, 1, 7, 9, 8)])
+def test_box_mean_equals_the_direct_box_inside_the_volume(shape, width):
+    """The separable box mean equals the mean over each voxel's box ∩ volume, computed by hand."""
+    import itertools
+
+    x = torch.randn(shape, dtype=torch.float64)
+    out = cat.box_mean(x, width)
+    r = width // 2
+    spatial = shape[2:]
+    for idx in itertools.product(*[range(s) for s in spatial]):
+        box = tuple(slice(max(i - r, 0), min(i + r + 1, s)) for i, s in zip(idx, spatial))
+        expected = x[(slice(None), slice(None), *box)].flatten(2).mean(-1)
+        torch.testing.assert_close(out[(slice(None), slice(None), *idx)], expected)
