@@ -59,7 +59,7 @@ from guidegen.data.dicom import looks_like_dicom_folder, read_dicom_series
 from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check_case_id
 from guidegen.data.totalseg import BODY_CLASS_NAMES, guess_totalseg_version, known_class_names, lung_ratio, totalseg_classes
 from guidegen.errors import GuideGenError
-from guidegen.evaluation.metrics import CaseStats, TumorComponent, case_stats, match_tumors, midline_x_mm, sphere_diameter_mm
+from guidegen.evaluation.metrics import CaseStats, TumorComponent, case_stats, match_tumors, midline_x_mm
 from guidegen.io import is_nifti, load_nifti, spacing_from_affine, strip_nifti_suffix
 from guidegen.labels import LabelSet, load_label_set
 
@@ -562,34 +562,15 @@ def findings_from_masks(labels: np.ndarray, affine: np.ndarray, label_set: Label
     """Findings of a case read off its label map (for cases without a report).
 
     Same shape as the phantom's findings (``{"tumors": [{"site", "side", "size_mm"}], ...}``,
-    unknown fields None). One tumour per connected tumour component, largest first: site = the
-    organ with most voxels touching it; size = equivalent-sphere diameter in mm; side (paired
-    organs only) from its centroid vs the body midline (RAS: +x is the patient's right).
+    unknown fields None). One tumour per connected tumour component (:func:`tumor_stats`, the
+    regions ``case_stats`` and the evaluation match against), largest first: site = the organ
+    with most voxels touching it; size = equivalent-sphere diameter in mm; side (paired organs
+    only) from its centroid vs the midline (RAS: +x is the patient's right).
     """
     findings: dict = {"sex": None, "age": None, "tumors": [], "t_stage": None, "n_stage": None, "m_stage": None, "phase": None, "smoking": None}
-    tid = label_set.tumor_id
-    if tid is None or not np.any(labels == tid):
-        return findings
-    tumor = labels == tid
-    cube = np.ones((3, 3, 3), dtype=bool)
-    comps, n = ndimage.label(tumor, structure=cube)
-    voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
+    stats = tumor_stats(labels, affine, label_set)
     paired = _paired_classes(label_set)
-    midline = float(affine[0, :3] @ np.argwhere(labels > 0).mean(axis=0) + affine[0, 3])
-    tumors = []
-    for index, sl in enumerate(ndimage.find_objects(comps), start=1):
-        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)  # room for the 1-voxel shell
-        comp = comps[grown] == index
-        shell = ndimage.binary_dilation(comp, structure=cube) & ~comp
-        touching = labels[grown][shell]
-        organ = touching[np.isin(touching, label_set.organ_ids)]
-        site_id = int(np.bincount(organ).argmax()) if organ.size else None
-        side = None
-        if site_id in paired:
-            centroid = np.argwhere(comp).mean(axis=0) + [s.start for s in grown]
-            side = "right" if float(affine[0, :3] @ centroid + affine[0, 3]) > midline else "left"
-        diameter = sphere_diameter_mm(comp.sum() * voxel_mm3)
-        tumors.append({"site": label_set.name_of(site_id) if site_id else None, "side": side, "size_mm": round(float(diameter), 1)})
+    tumors = [_region_finding(comp, stats, label_set, paired) for comp in stats.tumors]
     findings["tumors"] = sorted(tumors, key=lambda t: -t["size_mm"])
     return findings
 
@@ -644,8 +625,9 @@ def tumor_stats(labels: np.ndarray, affine: np.ndarray, label_set: LabelSet) -> 
 
 
 def _region_finding(comp: TumorComponent, stats: CaseStats, label_set: LabelSet, paired: set[int]) -> dict:
-    """``{"site", "side", "size_mm"}`` of a tumour region, by the rule of :func:`findings_from_masks`
-    (the organ most of its shell touches; side of a paired organ from the centroid vs the midline)."""
+    """``{"site", "side", "size_mm"}`` of a tumour region: the organ most of its 1-voxel shell
+    touches, the side of a paired organ from its centroid vs the midline, its equivalent-sphere
+    diameter."""
     organ_ids = list(label_set.organ_ids)
     counts = comp.shell_counts[organ_ids]
     site_id = organ_ids[int(counts.argmax())] if counts.sum() else None
