@@ -111,3 +111,24 @@ def test_nnunetv2_integrity_check(exported):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
     verify_dataset_integrity(str(exported), num_processes=1)  # raises on any problem
+
+
+def test_failed_overwrite_keeps_the_previous_dataset(phantom, tmp_path, exported, monkeypatch):
+    """--overwrite replaces the dataset only once the new one is complete."""
+    from guidegen.evaluation import export as export_module
+
+    before = sorted(p.relative_to(exported) for p in exported.rglob("*"))
+    calls = {"n": 0}
+    real_copy = shutil.copyfile
+
+    def failing_copy(src, dst):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError("disk full")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(export_module.shutil, "copyfile", failing_copy)
+    with pytest.raises(OSError, match="disk full"):
+        export_nnunet(phantom, exported.parent, 42, "GuideGenPhantom", overwrite=True)
+    assert sorted(p.relative_to(exported) for p in exported.rglob("*")) == before
+    assert check_nnunet_dataset(exported) == []

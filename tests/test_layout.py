@@ -7,7 +7,7 @@ from guidegen.data.cache import PreprocessCache, PreprocessConfig, preprocess_ca
 from guidegen.data.datasets import CTLabelDataset, LabelMapDataset
 from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, parse_grid
 from guidegen.errors import GuideGenError
-from guidegen.io import load_nifti, ras_affine
+from guidegen.io import load_nifti, ras_affine, save_nifti
 
 
 def _toy_case(case="c1", shape=(20, 16, 24), seed=0):
@@ -148,3 +148,26 @@ def test_datasets_serve_grid_tensors_and_cache(tmp_path):
     lds = LabelMapDataset(tmp_path / "ds", (8, 8, 8))
     assert "ct" not in lds[0] and lds.cache.dir != ds.cache.dir
     assert PreprocessCache(tmp_path / "ds", ds.cache.cfg).load("c0")["labels"].shape == (8, 8, 8)
+
+
+def test_cache_entry_of_a_replaced_label_map_is_recomputed(tmp_path):
+    """A label map edited in place (same case id) must not keep being served from the cache."""
+    import os
+
+    w = DatasetWriter(tmp_path / "ds", name="toy")
+    w.write_case(_toy_case("c0", seed=0), preview=False)
+    w.finalize()
+    ds = LabelMapDataset(tmp_path / "ds", (8, 8, 8))
+    ds.build_cache(progress=False)
+    before = ds[0]["labels"].clone()
+    lab_path = ds.reader.labels_path("c0")
+    assert ds.cache.is_fresh("c0", ds.sources("c0"))
+    lab, aff = load_nifti(lab_path)
+    save_nifti(lab_path, np.zeros_like(lab), aff, np.uint8)  # the user replaces the map in place
+    st = os.stat(lab_path)
+    os.utime(lab_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later time even on coarse clocks
+    assert not ds.cache.is_fresh("c0", ds.sources("c0"))
+    assert ds.cache.load("c0", ds.sources("c0")) is None
+    after = LabelMapDataset(tmp_path / "ds", (8, 8, 8))[0]["labels"]
+    assert before.any() and not after.any()  # recomputed from the new (empty) map
+    assert LabelMapDataset(tmp_path / "ds", (8, 8, 8)).cache.is_fresh("c0", ds.sources("c0"))  # and stored fresh

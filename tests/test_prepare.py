@@ -13,7 +13,7 @@ import pytest
 import guidegen
 from guidegen.data.dicom import read_dicom_series, write_dicom_series
 from guidegen.data.export_totalseg import export_totalseg_folder, export_totalseg_multilabel, export_tumor_mask, split_to_totalseg
-from guidegen.data.datasets import LabelMapDataset
+from guidegen.data.datasets import CTLabelDataset, LabelMapDataset
 from guidegen.data.layout import DatasetReader
 from guidegen.data.prepare import (
     PrepareOptions,
@@ -148,6 +148,8 @@ def test_round_trip_multilabel_folder_and_dicom(tmp_path, label_set):
         cache = np.load(out / "cache" / cache_configs(OPTS)[0].key() / f"{case}.npz")
         assert cache["labels"].shape == GRID and cache["ct"].shape == GRID
         assert LabelMapDataset(out, GRID).cache.path(case).is_file()  # the datasets find prepare's cache
+        for ds in (LabelMapDataset(out, GRID), CTLabelDataset(out, GRID)):  # ... and take it as fresh (same sources)
+            assert ds.cache.is_fresh(case, ds.sources(case))
     assert reader.report("folder")["text"] == "A 3 cm mass in the liver."
     if importlib.util.find_spec("guidegen.text.findings"):  # the report parser, when installed
         assert reader.report("folder")["findings"]["tumors"] == [{"site": "liver", "side": None, "size_mm": 30.0}]

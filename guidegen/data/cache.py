@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,8 +86,19 @@ def preprocess_case(labels: np.ndarray, ct: np.ndarray | None, affine: np.ndarra
     return out
 
 
+def source_stamp(paths: Sequence[str | Path]) -> np.ndarray:
+    """(N, 2) int64: size in bytes and modification time in ns of each file a cache entry is
+    computed from, so an entry whose label map or CT was replaced in place is known stale."""
+    return np.array([[st.st_size, st.st_mtime_ns] for st in (os.stat(p) for p in paths)], dtype=np.int64).reshape(-1, 2)
+
+
 class PreprocessCache:
-    """``DATASET/cache/<key>/<case>.npz`` for one :class:`PreprocessConfig`."""
+    """``DATASET/cache/<key>/<case>.npz`` for one :class:`PreprocessConfig`.
+
+    An entry stored with its ``sources`` (the case's NIfTI files) keeps their
+    :func:`source_stamp`; loading it with ``sources`` returns None when a file changed since, so
+    the dataset recomputes it (entries of earlier versions, without a stamp, are taken as they are).
+    """
 
     def __init__(self, dataset_root: str | Path, cfg: PreprocessConfig):
         self.cfg = cfg
@@ -94,20 +107,33 @@ class PreprocessCache:
     def path(self, case: str) -> Path:
         return self.dir / f"{case}.npz"
 
-    def load(self, case: str) -> dict | None:
-        """The cached item, or None; absent arrays (e.g. no CT) come back as None."""
+    def is_fresh(self, case: str, sources: Sequence[str | Path] | None = None) -> bool:
+        """Whether ``case`` is cached and, given its ``sources``, computed from them as they are now
+        (reads the stamp only, not the volumes)."""
         p = self.path(case)
         if not p.is_file():
-            return None
+            return False
+        if sources is None:
+            return True
         with np.load(p) as z:
-            item = {k: z[k] for k in z.files}
+            return "source_stamp" not in z.files or np.array_equal(z["source_stamp"], source_stamp(sources))
+
+    def load(self, case: str, sources: Sequence[str | Path] | None = None) -> dict | None:
+        """The cached item, or None (not cached, or stale against ``sources``); absent arrays
+        (e.g. no CT) come back as None."""
+        if not self.is_fresh(case, sources):
+            return None
+        with np.load(self.path(case)) as z:
+            item = {k: z[k] for k in z.files if k != "source_stamp"}
         item.setdefault("ct", None)
         return item
 
-    def store(self, case: str, item: dict) -> None:
+    def store(self, case: str, item: dict, sources: Sequence[str | Path] | None = None) -> None:
         if not (self.dir / "config.json").exists():
             write_json_atomic(self.dir / "config.json", {**asdict(self.cfg), "version": CACHE_VERSION})
         arrays = {k: np.asarray(v) for k, v in item.items() if v is not None}
+        if sources is not None:
+            arrays["source_stamp"] = source_stamp(sources)
         with atomic_write(self.path(case)) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)

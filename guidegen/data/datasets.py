@@ -44,16 +44,20 @@ class GridCaseDataset(Dataset):
 
     def build_cache(self, progress: bool = True) -> None:
         """Preprocess every case not cached yet (with a progress bar)."""
-        todo = [c for c in self.cases if not self.cache.path(c).is_file()]
+        todo = [c for c in self.cases if not self.cache.is_fresh(c, self.sources(c))]
         for case in tqdm(todo, desc=f"caching {self.grid}", disable=not progress or not todo):
             self._item(case)
 
+    def sources(self, case: str) -> list[Path]:
+        """The files a cached item of ``case`` is computed from (its label map, and CT if used)."""
+        return [self.reader.labels_path(case)] + ([self.reader.ct_path(case)] if self.with_ct else [])
+
     def _item(self, case: str) -> dict:
-        item = self.cache.load(case)
+        item = self.cache.load(case, self.sources(case))
         if item is None:
             rec = self.reader.load_case(case, with_ct=self.with_ct)
             item = preprocess_case(rec.labels, rec.ct, rec.affine, self.cache.cfg, self.reader.label_set)
-            self.cache.store(case, item)
+            self.cache.store(case, item, self.sources(case))
         return item
 
     def __getitem__(self, index: int) -> dict:

@@ -842,8 +842,10 @@ def store_cache(root: Path, record: CaseRecord, opts: PrepareOptions) -> None:
     label_set = load_label_set(opts.label_set)
     with_ct, labels_only = cache_configs(opts)
     item = preprocess_case(record.labels, record.ct, record.affine, with_ct, label_set)
-    PreprocessCache(root, with_ct).store(record.case, item)
-    PreprocessCache(root, labels_only).store(record.case, {**item, "ct": None})
+    reader = DatasetReader(root)
+    labels_file, ct_file = reader.labels_path(record.case), reader.ct_path(record.case)
+    PreprocessCache(root, with_ct).store(record.case, item, [labels_file] + ([ct_file] if ct_file.is_file() else []))
+    PreprocessCache(root, labels_only).store(record.case, {**item, "ct": None}, [labels_file])
 
 
 def process_case(inputs: CaseInputs, opts: PrepareOptions, out: str | None) -> CaseResult:

@@ -53,10 +53,9 @@ def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str,
     clash = [p.name for p in out.glob(f"Dataset{int(dataset_id):03d}_*") if p != target] if out.is_dir() else []
     if clash:
         raise GuideGenError(f"--dataset-id {dataset_id}: {out} already holds {clash[0]}; nnU-Net needs one dataset per id")
-    if target.exists() and any(target.iterdir()):
-        if not overwrite:
-            raise GuideGenError(f"--out {target}: exists and is not empty (use --overwrite to replace it)")
-        shutil.rmtree(target)
+    replace = target.exists() and any(target.iterdir())
+    if replace and not overwrite:
+        raise GuideGenError(f"--out {target}: exists and is not empty (use --overwrite to replace it)")
     tmp = target.with_name(f".{target.name}.partial")  # built aside, moved into place when complete
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -78,7 +77,16 @@ def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str,
         "label_set": ls.name,
     }
     write_json_atomic(tmp / "dataset.json", body)
+    # the dataset it replaces is moved aside, not deleted, until the new one is in place: an
+    # export that fails half-way leaves the previous dataset as it was
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
     tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
     return target
 
 
