@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from guidegen.data.layout import DatasetWriter
+from guidegen.data.layout import DatasetReader, DatasetWriter
 from guidegen.data.phantom_dataset import write_phantom_dataset
 from guidegen.errors import GuideGenError
 from guidegen.evaluation import EvalConfig, evaluate
 from guidegen.evaluation.attributes import AttributeConfig
 from guidegen.evaluation.degrade import write_degraded_copy
-from guidegen.evaluation.runner import pick_threads
+from guidegen.evaluation import runner
+from guidegen.evaluation.runner import pick_threads, split_real
 from guidegen.evaluation.features import FeatureNetConfig
 from guidegen.evaluation.report import SECTIONS
 from guidegen.models.segmenter import SegmenterConfig
@@ -32,16 +33,40 @@ REQUIRED_KEYS = ("frechet_distance", "precision", "recall", "organ_volume_w1", "
                  "alignment_dice", "attribute_accuracy", "downstream_dice_synthetic", "downstream_dice_real")
 
 
+def _record_calls(mp: pytest.MonkeyPatch, seen: list) -> None:
+    """Wrap the runner's training and scoring entry points to record (call, set root, case ids)."""
+    for name, arg in (("train_feature_net", 0), ("train_attribute_classifier", 0), ("trained_segmenter", 0),
+                      ("extract_features", 1), ("attribute_accuracy", 2)):
+        orig = getattr(runner, name)
+
+        def wrapped(*a, _orig=orig, _name=name, _arg=arg, **k):
+            ds = a[_arg]
+            seen.append((_name, Path(ds.root).resolve(), list(ds.cases)))
+            return _orig(*a, **k)
+
+        mp.setattr(runner, name, wrapped)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """real (8 cases), good = real phantom with other seeds (6), bad = degraded copy of good."""
+    """real (8 cases), good = real phantom with other seeds (6), bad = degraded copy of good.
+
+    ``good.calls`` / ``bad.calls``: (function, set root, case ids) of every network training and
+    real/synthetic scoring call the run made (see :func:`_record_calls`)."""
     root = tmp_path_factory.mktemp("eval")
     write_phantom_dataset(root / "real", n=8, grid=GRID, seed=0, previews=False, progress=False)
     write_phantom_dataset(root / "good", n=6, grid=GRID, seed=100, previews=False, progress=False)
     write_degraded_copy(root / "good", root / "bad", noise_hu=80.0, shift_voxels=3, wrong_site=True)
     threads = torch.get_num_threads()
-    good = evaluate(root / "real", root / "good", root / "out_good", CFG, threads=1)
-    bad = evaluate(root / "real", root / "bad", root / "out_bad", CFG, threads=1)
+    results = []
+    for name in ("good", "bad"):
+        seen: list = []
+        with pytest.MonkeyPatch.context() as mp:
+            _record_calls(mp, seen)
+            res = evaluate(root / "real", root / name, root / f"out_{name}", CFG, threads=1)
+        res.calls = seen
+        results.append(res)
+    good, bad = results
     assert torch.get_num_threads() == threads  # restored
     return root, good, bad
 
@@ -67,6 +92,53 @@ def test_metrics_json_keys_and_ranges(runs):
     assert all(0.0 <= v <= 1.0 for v in m["alignment_dice"].values())
     assert m["downstream"]["n_train"] == 6 and m["downstream"]["n_test_real"] == 2
     assert any("Slice-wise FID/LPIPS skipped" in n for n in m["notes"])
+
+
+def test_real_reference_is_held_out_from_every_network(runs):
+    root, good, bad = runs
+    real_ids = DatasetReader(root / "real").case_ids()
+    assert len(real_ids) == 8
+    _, held_i = split_real(8, CFG.held_out_fraction, CFG.split_seed)
+    held = [real_ids[i] for i in held_i]
+    assert held != real_ids[-2:]  # a seeded random draw, not the sorted tail
+    for res in (good, bad):
+        split = json.loads(res.metrics_path.read_text())["real_split"]
+        assert split["seed"] == CFG.split_seed and split["in_sample"] is False
+        assert split["held_out_ids"] == held and split["train_cases"] == 6 and split["held_out_cases"] == 2
+        assert split["figures"]["attribute_accuracy_real"] == {"part": "held_out", "cases": 2}
+        assert split["figures"]["frechet_precision_recall_real_features"] == {"part": "held_out", "cases": 2}
+        assert split["figures"]["feature_net"] == {"part": "train", "cases": 6}
+        real_calls = [(name, cases) for name, r, cases in res.calls if r == (root / "real").resolve()]
+        trained = {name for name, _ in real_calls if name in ("train_feature_net", "train_attribute_classifier", "trained_segmenter")}
+        assert trained == {"train_feature_net", "train_attribute_classifier", "trained_segmenter"}
+        for name, cases in real_calls:
+            if name in ("train_feature_net", "train_attribute_classifier", "trained_segmenter"):
+                assert not set(cases) & set(held), name  # no network ever sees a held-out case
+            else:  # the real reference figures: features and attribute accuracy on the held-out cases only
+                assert cases == held, name
+        assert [n for n, _ in real_calls].count("attribute_accuracy") == 1
+        assert [n for n, _ in real_calls].count("extract_features") == 1
+        assert res.metrics["feature_space"]["real_reference_cases"] == 2
+        assert res.metrics["attribute_classifier"]["real_accuracy_cases"] == 2
+    assert "held-out" in good.report_path.read_text()
+
+
+def test_tiny_real_set_falls_back_to_in_sample_with_a_flag(tmp_path, runs):
+    root, _, _ = runs
+    write_phantom_dataset(tmp_path / "real3", n=3, grid=GRID, seed=5, previews=False, progress=False)
+    tiny = EvalConfig(grid=GRID, segmenter=SegmenterConfig(steps=2), features=FeatureNetConfig(steps=2),
+                      attributes=AttributeConfig(steps=2), montage_cases=1)
+    seen: list = []
+    with pytest.MonkeyPatch.context() as mp:
+        _record_calls(mp, seen)
+        res = evaluate(tmp_path / "real3", root / "good", tmp_path / "out", tiny, threads=1, cache_dir=tmp_path / "cache")
+    m = json.loads(res.metrics_path.read_text())
+    assert m["real_split"]["in_sample"] is True and m["real_split"]["held_out_ids"] == []
+    assert m["real_split"]["figures"]["attribute_accuracy_real"] == {"part": "all", "cases": 3}
+    assert any("too few to hold some out" in n for n in m["notes"])
+    assert m["downstream_dice_real"] is None and m["alignment_dice_real_reference"] == {}
+    assert all(len(cases) == 3 for _, r, cases in seen if r == (tmp_path / "real3").resolve())
+    assert "in-sample" in res.report_path.read_text()
 
 
 def test_networks_are_cached_by_real_set(runs):

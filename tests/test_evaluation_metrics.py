@@ -49,6 +49,73 @@ def test_knn_precision_recall_bounds():
     assert p == 1.0 and r < 0.3
 
 
+def _knn_pr_reference(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """The former dense (N, N, D) implementation, kept here as the reference."""
+    def radii(x):
+        d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+        return np.sort(d, axis=1)[:, min(k, len(x) - 1)]
+
+    def inside(ref, r, q):
+        return (np.sqrt(((q[:, None, :] - ref[None, :, :]) ** 2).sum(-1)) <= r[None, :]).any(axis=1)
+
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    return float(inside(real, radii(real), fake).mean()), float(inside(fake, radii(fake), real).mean())
+
+
+def _knn_pr_loops(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """The definition written with explicit loops (math.dist), independent of any array formula."""
+    import math
+
+    def radius(x, i):
+        return sorted(math.dist(x[i], x[j]) for j in range(len(x)) if j != i)[min(k, len(x) - 1) - 1]
+
+    def share(ref, q):
+        r = [radius(ref, j) for j in range(len(ref))]
+        return float(np.mean([any(math.dist(p, ref[j]) <= r[j] for j in range(len(ref))) for p in q]))
+
+    return share(real, fake), share(fake, real)
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1, 8 * 112 * 7])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_knn_precision_recall_blocked_equals_dense_reference(k, block_bytes):
+    rng = np.random.default_rng(k)
+    real, fake = rng.normal(size=(37, 112)), rng.normal(0.2, 1.1, size=(23, 112))
+    got = knn_precision_recall(real, fake, k=k, block_bytes=block_bytes)
+    assert got == _knn_pr_reference(real, fake, k)  # bit-identical distances: equal, not approx
+    assert 0.0 < got[0] < 1.0 or 0.0 < got[1] < 1.0  # a non-trivial case
+    small_r, small_f = rng.normal(size=(9, 4)), rng.normal(size=(7, 4))
+    assert knn_precision_recall(small_r, small_f, k=k, block_bytes=block_bytes) == pytest.approx(_knn_pr_loops(small_r, small_f, k))
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1])
+def test_knn_precision_recall_edge_cases(block_bytes):
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(6, 5))
+    real = np.concatenate([base, base[:3], base[:1]])  # duplicate points: radius 0 for k within the copies
+    fake = np.concatenate([base[:2], base[:2] + 0.5, rng.normal(size=(4, 5))])
+    for k in (1, 2, 3, len(real) - 1, len(real) + 5, 50):  # k >= N - 1: capped at the farthest other point
+        got = knn_precision_recall(real, fake, k=k, block_bytes=block_bytes)
+        assert got == _knn_pr_reference(real, fake, k), k
+    # k past the set size: every ball reaches the farthest point of its own set
+    p, r = knn_precision_recall(real, real[::-1].copy(), k=100, block_bytes=block_bytes)
+    assert (p, r) == (1.0, 1.0)
+    # two points (the smallest allowed set)
+    assert knn_precision_recall(base[:2], base[2:4], k=3, block_bytes=block_bytes) == _knn_pr_reference(base[:2], base[2:4], 3)
+    with pytest.raises(ValueError):
+        knn_precision_recall(base[:1], base, k=3)
+
+
+def test_knn_row_blocks_bound_memory():
+    from guidegen.evaluation.metrics import _row_blocks
+
+    blocks = list(_row_blocks(5000, 5000, 112, 64 * 2 ** 20))
+    rows = [b.stop - b.start for b in blocks]
+    assert sum(rows) == 5000 and blocks[0].start == 0 and blocks[-1].stop == 5000
+    assert max(rows) * 5000 * 112 * 8 <= 64 * 2 ** 20  # one block's (rows, N, D) float64 temporary
+    assert [b.stop - b.start for b in _row_blocks(3, 10, 4, 1)] == [1, 1, 1]  # tiny budget: one row at a time
+
+
 def test_dice_per_class_values_and_nan_for_absent():
     t = np.array([0, 1, 1, 2, 2, 2])
     p = np.array([0, 1, 2, 2, 2, 0])

@@ -169,11 +169,19 @@ def build_report(metrics: dict, real: EvalSet, synth: EvalSet, lm_plots: dict, f
     )
 
     fs = m.get("feature_space", {})
+    split = m.get("real_split", {})
+    in_sample = split.get("in_sample", False)
+    split_note = (
+        f' The encoder is trained on {fs.get("train_cases")} real training cases and the real features compared here are those of '
+        f'{fs.get("real_reference_cases")} held-out real cases (random split, seed {split.get("seed")}), unseen by the encoder like the synthetic set.'
+        if split and not in_sample else
+        ' <b>The real set is too small to split: the encoder saw every real case, so the real reference is in-sample.</b>' if split else ''
+    )
     parts["distribution"] = (
         '<p class="note">Features come from a 3D encoder <b>trained by guidegen on the real set</b> (CT → class volume '
         'fractions, sex and contrast phase), not from a pretrained network: the numbers compare sets evaluated against '
         f'the same real set only. Feature = per-stage activation means and standard deviations ({fs.get("dim")} numbers); '
-        f'precision/recall: k-NN manifolds, k = {fs.get("k")}. Encoder {"loaded from cache" if fs.get("cached") else "trained in this run"}.</p>'
+        f'precision/recall: k-NN manifolds, k = {fs.get("k")}. Encoder {"loaded from cache" if fs.get("cached") else "trained in this run"}.{split_note}</p>'
         + _table([("Fréchet distance", m.get("frechet_distance")), ("precision", m.get("precision")), ("recall", m.get("recall")),
                   ("slice-wise FID (Inception, optional)", m.get("slice_fid")), ("slice-wise LPIPS (VGG, optional)", m.get("slice_lpips"))],
                  ("metric", "value"))
@@ -214,9 +222,13 @@ def build_report(metrics: dict, real: EvalSet, synth: EvalSet, lm_plots: dict, f
     parts["text-fidelity"] = (
         '<p class="note">A 3D classifier over CT + label map, trained on the real pairs, predicts sex, contrast phase and the site '
         "of the largest tumour; accuracy against the findings each synthetic case was generated from. "
-        "Chance = always answering the most frequent value.</p>"
+        + ("The real column is its accuracy on the real cases it was trained on (set too small to split). " if in_sample else
+           f"It is trained on the real training part; the real column is its accuracy on the {split.get('held_out_cases')} held-out real cases. "
+           if split else "")
+        + "Chance = always answering the most frequent value.</p>"
         + _table([(k, v.get("accuracy"), v.get("chance"), v.get("n"), acc_real.get(k)) for k, v in acc.items()]
-                 + [("mean", m.get("attribute_accuracy"), None, None, None)], ("attribute", "accuracy (synthetic)", "chance", "n", "accuracy (real, train)"))
+                 + [("mean", m.get("attribute_accuracy"), None, None, None)], ("attribute", "accuracy (synthetic)", "chance", "n",
+                                                                                    "accuracy (real, in-sample)" if in_sample else "accuracy (real, held-out)"))
     )
 
     if m.get("downstream_dice_synthetic") is not None:

@@ -12,6 +12,14 @@ Sections, each a group of keys in ``metrics.json``:
 - text fidelity — attribute classifier (trained on real) accuracy on the synthetic pairs;
 - usefulness — the same UNet trained on N synthetic vs N real pairs, Dice on held-out real.
 
+The real set is split once, by a seeded random permutation (``EvalConfig.split_seed``,
+``held_out_fraction``; :func:`split_real`): the feature net, segmenter and attribute classifier
+train on the training part only, and every real reference figure (real features for the
+distribution metrics, the alignment reference, attribute accuracy on real, the downstream test
+set) is computed on the held-out part; ``metrics.json`` ``real_split`` records the seed, the
+held-out case ids and which part each figure used. Sets under 4 cases are not split (in-sample,
+flagged). Label-map statistics use every real case, resampled to the synthetic grid.
+
 The networks are cached under ``REAL/cache/eval/`` (or ``OUT/cache/`` when the real set is
 read-only), keyed by the real set's content hash and the settings, so a second evaluation
 against the same real set skips their training.
@@ -51,6 +59,7 @@ class EvalConfig:
     downstream_n: int | None = None  # None: as many as both sets allow
     downstream_steps: int | None = None  # None: the segmenter's steps
     held_out_fraction: float = 0.25
+    split_seed: int = 0  # seed of the random train / held-out split of the real set (recorded in metrics.json)
     knn_k: int = 3
     montage_cases: int = 3
     quick: bool = False
@@ -123,12 +132,23 @@ def resolve_cache_dir(real_root: Path, out: Path) -> Path:
         return out / "cache"
 
 
-def split_real(n: int, fraction: float) -> tuple[list[int], list[int]]:
-    """(train, held-out) case indices; held-out is the last ``fraction`` (at least 2) when n >= 4."""
-    if n < 4:
+MIN_SPLIT_CASES = 4  # below this the real set is not split (too few cases to train on and to hold out)
+
+
+def split_real(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, held-out) case indices, each sorted: one seeded random split of ``range(n)``.
+
+    ``round(n * fraction)`` cases are held out, at least 2 (the fewest a covariance or k-NN
+    radius needs) and at most n - 2 (the fewest left to train on); the held-out ones are drawn
+    by a permutation seeded with ``seed``, not taken from the end of the sorted case ids (which
+    can follow acquisition date or scanner). With fewer than :data:`MIN_SPLIT_CASES` cases
+    nothing is held out: ``(list(range(n)), [])``.
+    """
+    if n < MIN_SPLIT_CASES:
         return list(range(n)), []
-    held = max(2, int(round(n * fraction)))
-    return list(range(n - held)), list(range(n - held, n))
+    held = min(max(2, int(round(n * fraction))), n - 2)
+    perm = np.random.default_rng(seed).permutation(n)
+    return sorted(int(i) for i in perm[held:]), sorted(int(i) for i in perm[:held])
 
 
 def _with_digest(ds: EvalSet, index: list[int]) -> EvalSet:
@@ -150,25 +170,59 @@ def trained_segmenter(train_set: EvalSet, cfg: SegmenterConfig, cache_dir: Path 
 
 
 # ---------------------------------------------------------------------------- sections
-def dataset_label_stats(root: Path, option: str, label_set, progress: bool = False) -> list[tuple[str, CaseStats, dict | None]]:
+def to_label_grid(labels: np.ndarray, affine: np.ndarray, grid: tuple[int, int, int], label_set) -> tuple[np.ndarray, np.ndarray]:
+    """A label map brought to ``grid`` as the model's training data was: torso crop, then a
+    nearest-neighbour resize (:func:`guidegen.data.cache.preprocess_case`, the evaluation grid's
+    preprocessing too); returns (labels, diagonal RAS affine of the resized crop's spacing)."""
+    from guidegen.data.cache import PreprocessConfig, preprocess_case
+    from guidegen.io import ras_affine
+
+    cfg = PreprocessConfig(grid=tuple(int(g) for g in grid), margin_voxels=2, label_set=label_set.name, with_ct=False)
+    item = preprocess_case(np.asarray(labels), None, affine, cfg, label_set)
+    return item["labels"], ras_affine(tuple(float(v) for v in item["spacing_mm"]))
+
+
+def dataset_label_stats(root: Path, option: str, label_set, progress: bool = False,
+                        grid: tuple[int, int, int] | None = None) -> list[tuple[str, CaseStats, dict | None]]:
     """``(case, CaseStats, findings dict or None)`` for every case of the dataset at ``root``, from
-    its native-resolution label maps (volumes in ml by each file's affine). ``option`` names the
-    CLI option in errors (e.g. ``--real``)."""
+    its label maps (volumes in ml by each file's affine). ``grid``: a map of another shape is first
+    brought to it with :func:`to_label_grid` (volumes then by the resized crop's spacing); None:
+    native resolution. ``option`` names the CLI option in errors (e.g. ``--real``)."""
+    return [(case, stats, f) for case, stats, f, _ in _label_stats_rows(root, option, label_set, progress, grid)]
+
+
+def _label_stats_rows(root: Path, option: str, label_set, progress: bool, grid) -> list[tuple[str, CaseStats, dict | None, tuple]]:
+    """As :func:`dataset_label_stats`, each row with the shape of the map as it was read."""
     from tqdm import tqdm
 
     reader = open_dataset(root, option)
     rows = []
     for case in tqdm(reader.case_ids(), desc=f"label stats ({option.lstrip('-')})", disable=not progress, unit="case"):
         rec = reader.load_case(case, with_ct=False)
+        labels, affine = rec.labels, rec.affine
+        shape = tuple(int(v) for v in labels.shape)
+        if grid is not None and shape != tuple(grid):
+            labels, affine = to_label_grid(labels, affine, grid, label_set)
         f = reader.report(case).get("findings")
-        rows.append((case, case_stats(rec.labels, rec.affine, label_set), f if isinstance(f, dict) else None))
+        rows.append((case, case_stats(labels, affine, label_set), f if isinstance(f, dict) else None, shape))
     return rows
 
 
 def label_map_metrics(real_root: Path, synth_root: Path, label_set, progress: bool = False) -> tuple[dict, dict]:
-    """Label-map metrics on the native-resolution label maps; returns (metrics, plot data)."""
-    sets = {role: dataset_label_stats(root, f"--{role}", label_set, progress)
-            for role, root in (("real", real_root), ("synthetic", synth_root))}
+    """Label-map metrics; returns (metrics, plot data).
+
+    Resolution-dependent statistics (connected components above all) must compare maps on one
+    grid: when every synthetic map has the same shape (a ``generate`` set: the model grid), each
+    real map of another shape is brought to that grid the way the model's training data was
+    (:func:`to_label_grid`: torso crop + nearest-neighbour resize) before its statistics. Synthetic
+    maps of mixed shapes (e.g. ``reconstruct`` outputs on users' grids): both sets stay native.
+    """
+    syn_rows = _label_stats_rows(synth_root, "--synthetic", label_set, progress, None)
+    shapes = {r[3] for r in syn_rows}
+    grid = next(iter(shapes)) if len(shapes) == 1 else None
+    real_rows = _label_stats_rows(real_root, "--real", label_set, progress, grid)
+    resampled = sum(r[3] != grid for r in real_rows) if grid is not None else 0
+    sets = {"real": [r[:3] for r in real_rows], "synthetic": [r[:3] for r in syn_rows]}
     names = label_set.names
     organs = label_set.organ_ids
     vol = {role: np.stack([s.volumes_ml for _, s, _ in rows]) for role, rows in sets.items()}
@@ -213,6 +267,12 @@ def label_map_metrics(real_root: Path, synth_root: Path, label_set, progress: bo
         "tumor_size_rate": _round(np.mean(sized)) if sized else None,
         "tumor_regions_unrequested": int(unrequested),
         "tumor_placement_cases": placements,
+        "label_map_grid": {
+            "grid": list(grid) if grid is not None else None,
+            "real_cases_resampled": int(resampled),
+            "method": ("real maps of another shape: torso crop + nearest-neighbour resize to the synthetic grid" if grid is not None
+                       else "native resolution (synthetic maps differ in shape)"),
+        },
     }
     plots = {"volumes": vol, "names": names, "organs": organs}
     return metrics, plots
@@ -346,10 +406,26 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
     timings: dict[str, float] = {}
     metrics: dict = {}
 
+    # real-set split ----------------------------------------------------------------
+    # The evaluation networks (feature net, segmenter, attribute classifier) are trained on the
+    # training part only and every real-set reference figure is computed on the held-out part,
+    # so the real reference is out-of-sample for the networks, as the synthetic set is.
+    train_idx, held_idx = split_real(len(real_set), cfg.held_out_fraction, cfg.split_seed)
+    in_sample = not held_idx
+    if in_sample:  # too few cases to split: train on all, reference figures in-sample (optimistic)
+        real_train, real_ref = real_set, real_set
+        notes.append(f"The real set has {len(real_set)} cases (fewer than {MIN_SPLIT_CASES}), too few to hold some out: the evaluation "
+                     "networks are trained on all of them and the real reference figures (real features, attribute accuracy on real) "
+                     "are in-sample, so they are optimistic; no held-out alignment reference or usefulness.")
+    else:
+        real_train, real_ref = _with_digest(real_set, train_idx), real_set.subset(held_idx)
+    ref_part = "all" if in_sample else "held_out"
+    train_part = "all" if in_sample else "train"
+
     # distribution ------------------------------------------------------------------
     t = time.perf_counter()
-    fnet, fmeta = train_feature_net(real_set, cfg.features, cache)
-    f_real, f_syn = extract_features(fnet, real_set), extract_features(fnet, synth_set)
+    fnet, fmeta = train_feature_net(real_train, cfg.features, cache)
+    f_real, f_syn = extract_features(fnet, real_ref), extract_features(fnet, synth_set)
     precision, recall = knn_precision_recall(f_real, f_syn, k=cfg.knn_k)
     metrics["frechet_distance"] = _round(frechet_distance(f_real, f_syn))
     metrics["precision"] = _round(precision)
@@ -357,6 +433,7 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
     metrics["feature_space"] = {
         "encoder": "3D conv encoder trained by guidegen on the real set (CT -> class volume fractions, sex, phase)",
         "dim": int(f_real.shape[1]), "cached": fmeta["cached"], "train_seconds": fmeta.get("seconds"), "k": cfg.knn_k,
+        "train_cases": len(real_train), "real_reference_cases": len(real_ref), "real_reference_part": ref_part,
     }
     slice_out, slice_notes = slice_metrics(real_set, synth_set, Path(inception_weights) if inception_weights else None,
                                            Path(lpips_weights) if lpips_weights else None)
@@ -372,9 +449,8 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
 
     # alignment ---------------------------------------------------------------------
     t = time.perf_counter()
-    train_idx, held_idx = split_real(len(real_set), cfg.held_out_fraction)
-    use_split = cfg.downstream and bool(held_idx)
-    seg_train = _with_digest(real_set, train_idx) if use_split else real_set
+    use_split = bool(held_idx)
+    seg_train = real_train
     seg, smeta = trained_segmenter(seg_train, cfg.segmenter, cache, "segmenter_real", progress=progress)
     pred = segment(seg, ct_to_unit(synth_set.ct))
     align = mean_dice_per_class(pred, synth_set.labels, ls.num_classes)
@@ -382,8 +458,8 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
     metrics["alignment_dice_mean"] = _mean(metrics["alignment_dice"])
     ref = {}
     if use_split:  # the same net on held-out real cases: the ceiling synthetic alignment can reach
-        ref_pred = segment(seg, ct_to_unit(real_set.ct[held_idx]))
-        ref = _per_class(mean_dice_per_class(ref_pred, real_set.labels[held_idx], ls.num_classes), names)
+        ref_pred = segment(seg, ct_to_unit(real_ref.ct))
+        ref = _per_class(mean_dice_per_class(ref_pred, real_ref.labels, ls.num_classes), names)
     metrics["alignment_dice_real_reference"] = ref
     metrics["alignment_dice_real_reference_mean"] = _mean(ref) if ref else None
     metrics["segmenter"] = {"train_cases": len(seg_train), "steps": cfg.segmenter.steps, "cached": smeta["cached"], "train_seconds": smeta.get("seconds")}
@@ -391,12 +467,15 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
 
     # text fidelity -----------------------------------------------------------------
     t = time.perf_counter()
-    anet, ameta, vocab = train_attribute_classifier(real_set, cfg.attributes, cache)
+    anet, ameta, vocab = train_attribute_classifier(real_train, cfg.attributes, cache)
     acc = attribute_accuracy(anet, vocab, synth_set)
     metrics["attribute_accuracy_per_attribute"] = acc
     accs = [v["accuracy"] for v in acc.values() if v["accuracy"] is not None]
     metrics["attribute_accuracy"] = _round(float(np.mean(accs))) if accs else None
-    metrics["attribute_accuracy_real"] = {k: v["accuracy"] for k, v in attribute_accuracy(anet, vocab, real_set).items()}
+    # on the held-out real cases: a site the training part never shows counts as a miss, as for synthetic
+    metrics["attribute_accuracy_real"] = {k: v["accuracy"] for k, v in attribute_accuracy(anet, vocab, real_ref).items()}
+    metrics["attribute_classifier"] = {"train_cases": len(real_train), "real_accuracy_cases": len(real_ref), "real_accuracy_part": ref_part,
+                                       "cached": ameta["cached"], "train_seconds": ameta.get("seconds")}
     timings["text_fidelity"] = time.perf_counter() - t
 
     # usefulness --------------------------------------------------------------------
@@ -410,7 +489,7 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
         n = min(len(synth_set), len(train_idx), cfg.downstream_n or 10**9)
         steps = cfg.downstream_steps or cfg.segmenter.steps
         dcfg = replace(cfg.segmenter, steps=steps)
-        held = real_set.subset(held_idx)
+        held = real_ref
         results = {}
         for arm, src, idx in (("synthetic", synth_set, list(range(n))), ("real", real_set, train_idx[:n])):
             if arm == "real" and idx == train_idx and dcfg == cfg.segmenter:
@@ -428,6 +507,26 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
         metrics["downstream"] = {"n_train": n, "n_test_real": len(held_idx), "steps": steps}
     timings["usefulness"] = time.perf_counter() - t
 
+    ds_info = metrics.get("downstream")
+    metrics["real_split"] = {
+        "method": "seeded random permutation of the real set's sorted case ids" if not in_sample
+        else f"none: fewer than {MIN_SPLIT_CASES} real cases, everything in-sample",
+        "seed": cfg.split_seed, "held_out_fraction": cfg.held_out_fraction, "in_sample": in_sample,
+        "train_cases": len(real_train), "held_out_cases": len(held_idx),
+        "held_out_ids": [real_set.cases[i] for i in held_idx],
+        # which part of the real set each network was trained on / each real figure was computed on
+        "figures": {
+            "feature_net": {"part": train_part, "cases": len(real_train)},
+            "frechet_precision_recall_real_features": {"part": ref_part, "cases": len(real_ref)},
+            "segmenter_real": {"part": train_part, "cases": len(seg_train)},
+            "alignment_dice_real_reference": {"part": "held_out", "cases": len(held_idx)} if use_split else None,
+            "attribute_classifier": {"part": train_part, "cases": len(real_train)},
+            "attribute_accuracy_real": {"part": ref_part, "cases": len(real_ref)},
+            "downstream_real_train": {"part": "train", "cases": ds_info["n_train"]} if ds_info else None,
+            "downstream_test": {"part": "held_out", "cases": ds_info["n_test_real"]} if ds_info else None,
+            "label_map_statistics_real": {"part": "all", "cases": len(real_set)},  # no network involved
+        },
+    }
     metrics["sets"] = {
         "real": {"path": str(real_set.root), "cases": len(real_set), "digest": real_set.digest},
         "synthetic": {"path": str(synth_set.root), "cases": len(synth_set), "digest": synth_set.digest},
