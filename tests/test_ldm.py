@@ -178,6 +178,99 @@ def test_missing_autoencoder_is_one_line_error(workspace, tmp_path):
         resolve_autoencoder_checkpoint(tiny_cfg(autoencoder_checkpoint=str(tmp_path / "nope")))
 
 
+def _cache_arrays(ds):
+    out = {}
+    for c in ds.cases:
+        with np.load(ds.path(c)) as z:
+            out[c] = {k: z[k].copy() for k in z.files}
+    return out
+
+
+def test_latent_cache_sharded_over_ranks_matches_single_process(workspace, tmp_path, monkeypatch, label_set):
+    """Under torchrun each rank encodes the missing cases i with i % world == rank, then waits at a
+    barrier; the result is the single-process cache, bit for bit (a stub barrier here: the rank
+    then encodes the others' cases itself, as on a dataset directory the ranks do not share)."""
+    import shutil
+
+    from guidegen.data import latents as L
+    from guidegen.data.phantom_dataset import write_phantom_dataset
+    from guidegen.training import ldm as ldm_mod
+
+    data = write_phantom_dataset(tmp_path / "data", n=3, grid=(32, 32, 40), seed=5, previews=False, progress=False)
+    single = L.LatentDataset(data, GRID, workspace["ae"], progress=False)
+    ref, ref_info = _cache_arrays(single), single.info
+    assert len(single.cases) == 3
+
+    for rank in (0, 1):
+        shutil.rmtree(single.dir)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        seen = []
+
+        def fake_barrier_factory():
+            return lambda: seen.append(sorted(p.stem for p in single.dir.glob("*.npz")))
+
+        monkeypatch.setattr(ldm_mod, "_distributed_barrier", fake_barrier_factory)
+        if rank == 0:
+            ds = L.LatentDataset(data, GRID, workspace["ae"], build=False, progress=False)
+            ldm_mod.build_latent_cache(ds, progress=False)
+        else:  # through the stage setup: the same sharding, on resolve_device("auto") (cpu here)
+            cfg = tiny_cfg(autoencoder_checkpoint=str(workspace["ae"]))
+            _, ds, _ = ldm_mod.ldm_setup(cfg, label_set, data)
+        assert seen == [sorted(c for i, c in enumerate(single.cases) if i % 2 == rank)]
+        got = _cache_arrays(ds)
+        assert got.keys() == ref.keys()
+        for c in ref:
+            for k in ref[c]:
+                assert np.array_equal(got[c][k], ref[c][k]), (rank, c, k)
+        assert ds.info == ref_info
+
+
+def test_single_process_cache_needs_no_process_group(workspace, monkeypatch):
+    from guidegen.data import latents as L
+    from guidegen.training import ldm as ldm_mod
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def boom():
+        raise AssertionError("no barrier in a single process")
+
+    monkeypatch.setattr(ldm_mod, "_distributed_barrier", boom)
+    ds = L.LatentDataset(workspace["data"], GRID, workspace["ae"], build=False, progress=False)
+    ldm_mod.build_latent_cache(ds, progress=False)
+    assert ds.missing() == []
+
+
+def test_fallback_and_interrupted_autoencoder_warn(workspace, tmp_path, monkeypatch, caplog, label_set):
+    """No ldm.autoencoder_checkpoint: the shipped demo AE is used, with a warning (stderr and the
+    run's train.log); an AE exported by an interrupted run is used with a warning too."""
+    import logging
+    import shutil
+
+    import guidegen.checkpoints
+    from guidegen.training.ldm import ldm_setup
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(workspace["ae"], shipped / "demo" / "autoencoder")
+    meta_path = shipped / "demo" / "autoencoder" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "interrupted": True}))
+    monkeypatch.setattr(guidegen.checkpoints, "shipped_root", lambda: shipped)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="guidegen.training.ldm"):
+        ldm_setup(tiny_cfg(), label_set, workspace["data"], out)
+    text = caplog.text
+    assert "ldm.autoencoder_checkpoint is not set" in text and "shipped:demo/autoencoder" in text
+    assert "interrupted" in text
+    log = (out / "train.log").read_text()
+    assert "[warning] ldm.autoencoder_checkpoint is not set" in log and "interrupted: true" in log
+
+    caplog.clear()  # an explicitly configured, complete AE: no warning
+    with caplog.at_level(logging.WARNING, logger="guidegen.training.ldm"):
+        ldm_setup(tiny_cfg(autoencoder_checkpoint=str(workspace["ae"])), label_set, workspace["data"])
+    assert caplog.text == ""
+
+
 # ------------------------------------------------------------------------------ training + sampling
 @pytest.fixture(scope="module")
 def trained(workspace):
@@ -208,6 +301,44 @@ def test_training_through_run_training_exports(trained, workspace):
     # the final sample hook decoded generated latents next to the real CT
     samples = sorted(p.name for p in (trained["out"] / "samples").glob("*.png"))
     assert "step0000003_case0_generated.png" in samples and "case0_real.png" in samples
+
+
+def test_ldm_run_records_and_keeps_its_autoencoder(trained, workspace, tmp_path, label_set):
+    """A run records the AE latent space it starts on; resuming after the AE was re-exported
+    (same path, other latent space) is refused before any encoding."""
+    import shutil
+
+    from guidegen.data.latents import checkpoint_sha256, latent_space_sha256
+    from guidegen.training.ldm import AUTOENCODER_RECORD
+    from guidegen.training.run import run_training
+
+    record = json.loads((trained["out"] / AUTOENCODER_RECORD).read_text())
+    assert record["autoencoder_latent_sha256"] == latent_space_sha256(workspace["ae"])
+    assert record["autoencoder_sha256"] == checkpoint_sha256(workspace["ae"])
+    assert record["autoencoder_checkpoint"] == str(workspace["ae"])
+
+    ae = tmp_path / "ae"
+    shutil.copytree(workspace["ae"], ae)
+    raw = json.loads(json.dumps(TINY))
+    raw["ldm"]["autoencoder_checkpoint"] = str(ae)
+    raw["ldm"]["train"]["sample_every"] = 1000
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    run_training("ldm", cfg_path, workspace["data"], out, max_steps=1, progress=False)
+    run_training("ldm", cfg_path, workspace["data"], out, max_steps=2, progress=False)  # same AE: resumes
+
+    old = latent_space_sha256(ae)
+    shutil.rmtree(ae)
+    export_random_ae(ae, workspace["cfg"], label_set, seed=7)
+    new = latent_space_sha256(ae)
+    assert new != old
+    with pytest.raises(GuideGenError, match="re-exported since this run started") as err:
+        run_training("ldm", cfg_path, workspace["data"], out, max_steps=3, progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and old[:16] in msg and new[:16] in msg and str(ae) in msg
+    assert not list((workspace["data"] / "cache").glob(f"latents-{new[:16]}"))  # refused before encoding
+    assert json.loads((out / AUTOENCODER_RECORD).read_text())["autoencoder_latent_sha256"] == old
 
 
 def _load_exported(trained, label_set):

@@ -12,6 +12,8 @@ the encoder side of the weights and the latent scale), so a retrained AE gets a 
 decoder-only fine-tune (``autoencoder.freeze_encoder``) shares its parent's; ``<prep>`` is the
 grid preprocessing key of :class:`guidegen.data.cache.PreprocessConfig` (grid, margin, label set).
 Files are written atomically, so an interrupted encoding leaves only complete cases.
+Under torchrun the ranks share the encoding (:meth:`LatentDataset.build_cache`, one case in
+``WORLD_SIZE`` each) and meet at a barrier before reading the cache.
 """
 
 from __future__ import annotations
@@ -151,12 +153,28 @@ class LatentDataset(Dataset):
         p = self.dir / "info.json"
         return json.loads(p.read_text()) if p.is_file() else {}
 
-    def build_cache(self, progress: bool = True) -> None:
-        """Encode every case not cached yet with the AE (loaded here, on ``device``)."""
-        todo = self.missing()
+    def build_cache(self, progress: bool = True, *, rank: int = 0, world_size: int = 1, barrier=None) -> None:
+        """Encode every case not cached yet with the AE (loaded here, on ``device``).
+
+        Sharded over ``world_size`` processes: this one (``rank``) encodes the missing cases at
+        positions ``i`` of :attr:`cases` with ``i % world_size == rank``, then calls ``barrier``
+        (a collective every process reaches) so that all of them see the complete cache. Cases
+        still missing afterwards (a dataset directory that the processes do not share) are
+        encoded here. Files are written atomically, so processes never see half a case.
+        """
+        if world_size > 1:
+            mine = [c for i, c in enumerate(self.cases) if i % world_size == rank and not self.path(c).is_file()]
+            self._encode(mine, progress, preprocess_all=False)
+            if barrier is not None:
+                barrier()
+        self._encode(self.missing(), progress, preprocess_all=world_size == 1)
+
+    def _encode(self, todo: list[str], progress: bool, preprocess_all: bool = True) -> None:
+        """Encode ``todo`` (cases) into the cache and (re)write ``info.json``; nothing if empty."""
         if not todo:
             return
-        self.source.build_cache(progress=progress)
+        if preprocess_all:  # (single process) the grid cache of every case, as before sharding
+            self.source.build_cache(progress=progress)
         ae, ae_cfg, _ = load_autoencoder(self.ae_checkpoint, self.device)
         if ae.num_classes != self.reader.label_set.num_classes:
             raise GuideGenError(f"{self.ae_checkpoint}: autoencoder has {ae.num_classes} label classes, the dataset's "
@@ -177,6 +195,9 @@ class LatentDataset(Dataset):
             "version": LATENT_CACHE_VERSION, "autoencoder_checkpoint": str(self.ae_checkpoint),
             "autoencoder_sha256": self.ae_sha256, "autoencoder_latent_sha256": self.latent_sha256, "latent_scale": float(ae.latent_scale),
             "latent_shape": shape, "grid": list(self.grid), "hu_range": list(hu_range)})
+        del ae
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()  # the LDM trains on this GPU next
 
     def _item(self, case: str) -> dict:
         p = self.path(case)

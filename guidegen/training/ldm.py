@@ -15,8 +15,11 @@ loaded machine: ~0.95 s wall per step with one torch thread; (64, 128, 128) cost
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,10 @@ from guidegen.training.trainer import StageTask, StepContext
 
 PREVIEW_CASES = 2
 PREVIEW_MAX_STEPS = 25  # DDIM steps of the periodic training previews
+AUTOENCODER_RECORD = "autoencoder.json"  # in an LDM run directory: the AE (latent space) the run started on
+CACHE_BARRIER_TIMEOUT_H = 48  # the latent cache barrier waits for the slowest rank's share of the encoding
+
+log = logging.getLogger(__name__)
 
 
 def build_ldm_model(cfg: GuideGenConfig, label_set: LabelSet, text_dim: int, latent_channels: int,
@@ -174,19 +181,109 @@ def resolve_autoencoder_checkpoint(cfg: GuideGenConfig) -> Path:
                         "train one with 'guidegen train autoencoder' and set ldm.autoencoder_checkpoint to RUN/export")
 
 
-def ldm_setup(cfg: GuideGenConfig, label_set: LabelSet, data: str | Path):
-    """``(task, dataset, meta)`` for ``guidegen train ldm``: encodes the latent cache if needed."""
+def _warn(text: str, out: Path | None) -> None:
+    """A warning on stderr (logging) and, on the main process, in the run's ``train.log``."""
+    from datetime import datetime
+
+    log.warning(text)
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train.log", "a") as fh:
+            fh.write(f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} [warning] {text}\n")
+
+
+def _distributed_barrier() -> Callable[[], None]:
+    """A barrier over the processes of a torchrun job, usable before the Trainer's Accelerator exists.
+
+    Sets up the process group through ``accelerate.PartialState`` (with the same ``cpu`` choice
+    as :func:`guidegen.training.trainer._make_accelerator`), which the Trainer's Accelerator then
+    reuses, and a gloo group with a long timeout for the barrier itself: the ranks reach it after
+    encoding their share of the latent cache, possibly hours apart, past the default group's
+    (NCCL: 10 min) timeout. Called by every rank at the same point, before any encoding.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=CACHE_BARRIER_TIMEOUT_H))
+
+    def barrier() -> None:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
+
+    return barrier
+
+
+def build_latent_cache(dataset, progress: bool = True) -> None:
+    """Encode ``dataset``'s (a ``LatentDataset(..., build=False)``) missing cases, sharded over the
+    processes of a torchrun job (``RANK`` / ``WORLD_SIZE``), then wait until every process is done."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dataset.build_cache(progress=progress)
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    barrier = _distributed_barrier()
+    dataset.build_cache(progress=progress and rank == 0, rank=rank, world_size=world, barrier=barrier)
+
+
+def check_autoencoder_record(out: Path, ae_dir: Path, latent_sha256: str, ae_sha256: str) -> None:
+    """Tie an LDM run to the latent space it started on (``out/autoencoder.json``).
+
+    A new run (no training checkpoint in ``out``) records the AE; a resumed one must find the
+    same latent digest, else it refuses: its weights were trained on the old AE's latents. A run
+    started before this record existed records the AE it resumes with.
+    """
+    from guidegen.io import write_json_atomic
+    from guidegen.training.trainer import find_checkpoint
+
+    path = out / AUTOENCODER_RECORD
+    if find_checkpoint(out) is not None and path.is_file():
+        started = json.loads(path.read_text())
+        old = started.get("autoencoder_latent_sha256")
+        if old != latent_sha256:
+            raise GuideGenError(f"{ae_dir}: this LDM run ({out}) started on autoencoder latent space {str(old)[:16]}, the "
+                                f"export there now has {latent_sha256[:16]}: it was re-exported since this run started; "
+                                "start a new --out or restore that export")
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(path, {"autoencoder_checkpoint": describe_checkpoint_path(ae_dir),
+                                 "autoencoder_latent_sha256": latent_sha256, "autoencoder_sha256": ae_sha256})
+
+
+def ldm_setup(cfg: GuideGenConfig, label_set: LabelSet, data: str | Path, out: str | Path | None = None,
+              progress: bool = True):
+    """``(task, dataset, meta)`` for ``guidegen train ldm``: encodes the latent cache if needed.
+
+    ``out``: the run directory, whose record of the autoencoder a resumed run must match
+    (:func:`check_autoencoder_record`); None skips the check.
+    """
     from guidegen.data.latents import LatentDataset, load_autoencoder
+    from guidegen.pipeline import resolve_device
     from guidegen.text.knowledge import TextConditioner
     from guidegen.training.common import text_cache_dir
     from guidegen.training.run import data_geometry
 
+    out = Path(out) if out is not None else None
     ae_dir = resolve_autoencoder_checkpoint(cfg)
+    if not cfg.ldm.autoencoder_checkpoint:
+        _warn(f"ldm.autoencoder_checkpoint is not set: falling back to the shipped demo autoencoder "
+              f"{describe_checkpoint_path(ae_dir)} ({ae_dir}, trained on phantoms); with your own data set "
+              "ldm.autoencoder_checkpoint to your autoencoder's RUN/export", out)
+    ae_meta_path = ae_dir / "meta.json"
+    if ae_meta_path.is_file() and json.loads(ae_meta_path.read_text()).get("interrupted"):
+        _warn(f"{ae_dir}: this autoencoder export was written by an interrupted run (meta.json interrupted: true); "
+              "its latent space may change when that run is resumed and exported again", out)
     ae, ae_cfg, _ = load_autoencoder(ae_dir)
     if ae_cfg.data.label_set != label_set.name:
         raise GuideGenError(f"{ae_dir}: autoencoder was trained on label set {ae_cfg.data.label_set!r}, "
                             f"the config uses {label_set.name!r}")
-    dataset = LatentDataset(data, cfg.data.grid, ae_dir)
+    # encode on this process's accelerator (cuda:LOCAL_RANK under torchrun), sharded over the ranks
+    dataset = LatentDataset(data, cfg.data.grid, ae_dir, build=False, device=resolve_device("auto"), progress=progress)
+    if out is not None:  # before the (possibly long) encoding into a cache the run could not use
+        check_autoencoder_record(out, ae_dir, dataset.latent_sha256, dataset.ae_sha256)
+    build_latent_cache(dataset, progress=progress)
     latent_shape = tuple(dataset[0]["latent"].shape)
     mean, std = dataset.latent_stats()
     previews = []
