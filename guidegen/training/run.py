@@ -145,13 +145,24 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
     elif stage == "autoencoder":
         task, dataset, meta = _autoencoder_setup(cfg, label_set, data)
     else:
-        task, dataset, meta = _ldm_setup(cfg, label_set, data)
+        task, dataset, meta = _ldm_setup(cfg, label_set, data, out)
     train_cfg = getattr(cfg, stage).train
     trainer = Trainer(out, train_cfg, task, dataset, progress=progress)
     lineage = run_lineage(out, init_from, resuming=trainer.step > 0, write=trainer.is_main)
     if init_from is not None:
         init_from_checkpoint(trainer, init_from)
+    # fit() has written the checkpoint (also when interrupted) before it returns: a kill during
+    # the export below loses nothing that a resume needs.
     result = trainer.fit(max_steps=max_steps)
+    export = out / "export"
+    previous = _export_identity(export)  # read before the barrier: rank 0 replaces it after
+    trainer.accelerator.wait_for_everyone()  # the last collective of the run; none after it
+    if not trainer.is_main:
+        # The replicas are identical: rank 0 alone measures (an AE's latent scale and texture
+        # over up to 64 volumes; export_meta holds no collective) and writes. The others wait for
+        # its export on the file system, not in a barrier that a long export could time out.
+        _wait_for_export(export, previous)
+        return export
     meta.update(task.export_meta(trainer) if hasattr(task, "export_meta") else {})
     if lineage is not None:
         meta.update(lineage_meta(lineage, trainer.step))
@@ -160,11 +171,28 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
 
         meta["hu_reference"] = training_hu_reference(dataset.source, label_set)
         meta["hu_reference_statistic"] = HU_STATISTIC
-    export = out / "export"
-    if trainer.is_main:  # under DDP the replicas are identical: one rank writes, the others wait for it
-        export_checkpoint(trainer, export, stage, cfg, {**meta, "interrupted": result.interrupted})
-    trainer.accelerator.wait_for_everyone()
+    export_checkpoint(trainer, export, stage, cfg, {**meta, "interrupted": result.interrupted})
     return export
+
+
+def _export_identity(export: Path) -> tuple[int, int, int] | None:
+    """Which file ``export/meta.json`` is (device, inode, mtime), None when there is none."""
+    try:
+        st = (export / "meta.json").stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def _wait_for_export(export: Path, previous: tuple[int, int, int] | None, poll_s: float = 0.5) -> None:
+    """Wait until rank 0 has put a new export in place (written atomically: a new ``meta.json``).
+
+    No timeout: if rank 0 fails, the launcher (torchrun, accelerate launch) ends the others.
+    """
+    import time
+
+    while (now := _export_identity(export)) is None or now == previous:
+        time.sleep(poll_s)
 
 
 def _tcss_setup(cfg: GuideGenConfig, label_set, data):
@@ -190,7 +218,7 @@ def _autoencoder_setup(cfg: GuideGenConfig, label_set, data):
     return AutoencoderTask(cfg, label_set), dataset, meta
 
 
-def _ldm_setup(cfg: GuideGenConfig, label_set, data):
+def _ldm_setup(cfg: GuideGenConfig, label_set, data, out=None):
     from guidegen.training.ldm import ldm_setup
 
-    return ldm_setup(cfg, label_set, data)
+    return ldm_setup(cfg, label_set, data, out)

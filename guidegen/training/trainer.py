@@ -42,10 +42,14 @@ Run directory layout (``RUN/``)::
     checkpoint/    state.pt + meta.json of the latest checkpoint, written atomically by rank 0
 
 Exact resume: a checkpoint holds the weights, EMA, optimizer and grad-scaler states, the step,
-the data position (epoch, batch within epoch) and the RNG states (python, numpy, torch CPU,
-CUDA) of *every* rank (gathered to rank 0). The data order is a pure function of
-``(seed, epoch)`` (:class:`ResumableBatchSampler`), so a run resumed from step k ends with the
-same weights as an uninterrupted run, bit for bit, on the same hardware and world size. With
+the data position (epoch, and the samples of that epoch consumed by all ranks together) and the
+RNG states (python, numpy, torch CPU, the CUDA state of the rank's own device) of *every* rank
+(gathered to rank 0). The data order is a pure function of ``(seed, epoch)``
+(:class:`ResumableBatchSampler`), so a run resumed from step k ends with the same weights as an
+uninterrupted run, bit for bit, on the same hardware and world size. Resumed with another world
+size, the run continues the same epoch at the batch that holds the first sample not yet consumed
+(:func:`resume_position`: nothing is skipped, at most one partial global batch is seen twice) and
+with reseeded RNG streams. With
 ``num_workers > 0``, randomness *inside* ``Dataset.__getitem__`` lives in the worker processes
 and is not restored; draw per-item randomness from the item index, or do random augmentation
 in ``training_step`` (which uses the restored main-process RNG).
@@ -177,7 +181,8 @@ class StageTask(ABC):
       keys on every rank (they are averaged across ranks at log time).
     * :attr:`ema_modules`: names of the modules that get an EMA copy (default ``("model",)``;
       ``()`` for none).
-    * :meth:`sample` is called on rank 0 every ``cfg.sample_every`` steps (and at the end) with
+    * :meth:`sample` is called on rank 0 every ``cfg.sample_every`` steps (and at the end; not on
+      a step where a stop was requested, and after the step's checkpoint when one is due) with
       the modules to sample from (the EMA copies where there are EMAs, in eval mode), under
       ``torch.no_grad()`` and with an RNG seeded by ``(seed, step)`` that does not disturb the
       training RNG. It writes its own files (e.g. a PNG montage) under ``out_dir``.
@@ -209,6 +214,28 @@ class StageTask(ABC):
 # --------------------------------------------------------------------------------------------
 # Data order
 # --------------------------------------------------------------------------------------------
+
+
+def resume_position(epoch: int, samples_done: int, n: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """Where a layout of ``world_size`` ranks × ``batch_size`` resumes after ``samples_done``.
+
+    ``samples_done``: samples of ``epoch`` consumed by all ranks together (batch ``b`` of every
+    rank covers positions ``[b·B·W, (b+1)·B·W)`` of the epoch's permutation, see
+    :class:`ResumableBatchSampler`). Returns ``(epoch, batch)``, the per-rank batch index whose
+    global batch holds the first sample not yet consumed: rounded down, so no sample is skipped
+    and fewer than ``batch_size * world_size`` are seen twice. A position at or past the last full
+    batch of this layout is the next epoch's start (what the sampler would yield next anyway).
+    """
+    batch = max(int(samples_done), 0) // (batch_size * world_size)
+    if batch >= (n // world_size) // batch_size:
+        return epoch + 1, 0
+    return epoch, batch
+
+
+def advance_position(epoch: int, batch: int, batches_per_epoch: int) -> tuple[int, int]:
+    """The data position after consuming batch ``batch`` of ``epoch`` (as the sampler yields)."""
+    batch += 1
+    return (epoch + 1, 0) if batch >= batches_per_epoch else (epoch, batch)
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -248,7 +275,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
 # --------------------------------------------------------------------------------------------
 
 
-def get_rng_state() -> dict:
+def get_rng_state(cuda_device: int | None = None) -> dict:
+    """This process's RNG states; CUDA: only device ``cuda_device`` (default the current one).
+
+    One device's state, not ``get_rng_state_all()``: a rank draws on its own device only, and a
+    list per *visible* device would not fit a resume with another number of visible devices.
+    """
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -256,17 +288,42 @@ def get_rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device() if cuda_device is None else cuda_device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def pick_cuda_rng_state(saved: Any, device_index: int) -> tuple[torch.Tensor | None, str | None]:
+    """The CUDA RNG state to restore on device ``device_index`` from a checkpoint's ``rng["cuda"]``.
+
+    ``saved`` is this rank's device state (a tensor, current format) or, in older checkpoints, a
+    list with one state per device that was visible to the process. Returns ``(state, None)``,
+    or ``(None, note)`` when nothing fits (the list has no entry for this device index): the
+    CUDA RNG then keeps its current state rather than failing the resume.
+    """
+    if isinstance(saved, torch.Tensor):
+        return saved, None
+    if isinstance(saved, (list, tuple)):
+        if 0 <= device_index < len(saved) and isinstance(saved[device_index], torch.Tensor):
+            return saved[device_index], None
+        return None, (f"checkpoint holds CUDA RNG states of {len(saved)} visible device(s), none for device "
+                      f"{device_index}: CUDA RNG not restored, the run is not bit-identical to an uninterrupted one")
+    return None, f"checkpoint's CUDA RNG state is unreadable ({type(saved).__name__}): CUDA RNG not restored"
+
+
+def set_rng_state(state: dict, cuda_device: int | None = None) -> str | None:
+    """Restore :func:`get_rng_state`'s ``state`` (CUDA: on ``cuda_device``, default the current
+    device). Returns a note when the CUDA state could not be restored, else None."""
     random.setstate(_tuplify(state["python"]))
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        index = torch.cuda.current_device() if cuda_device is None else cuda_device
+        cuda_state, note = pick_cuda_rng_state(state["cuda"], index)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, index)
+        return note
+    return None
 
 
 def _tuplify(x: Any) -> Any:
@@ -435,6 +492,9 @@ class Trainer:
         self.accelerator = accelerator or _make_accelerator(cfg.mixed_precision, cpu, find_unused_parameters)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        device = self.accelerator.device
+        # the CUDA device whose RNG this rank saves and restores (None: current device)
+        self._cuda_device: int | None = device.index if device.type == "cuda" else None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.run_dir.glob(_TMP_PREFIX + "*"):  # incomplete writes of a killed run
@@ -501,11 +561,21 @@ class Trainer:
                 ema.load_state_dict(state["ema"][k])
         if self.accelerator.scaler is not None and state.get("scaler") is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        self.step = int(state["step"])
         self.resumed_from = self.step
+        saved_epoch, samples_done = int(state["epoch"]), self._saved_samples_done(state)
+        self.epoch, self.batch_in_epoch = resume_position(saved_epoch, samples_done, self.num_items,
+                                                          self.cfg.batch_size, self.world_size)
+        repeated = samples_done - self._samples_done() if self.epoch == saved_epoch else 0
+        if (self.epoch, self.batch_in_epoch) != (saved_epoch, int(state["batch_in_epoch"])) or repeated:
+            self._note(f"data position: {samples_done} sample(s) of epoch {saved_epoch} were consumed; this layout "
+                       f"({self.world_size} process(es) × batch {self.cfg.batch_size}) resumes at epoch {self.epoch}, "
+                       f"batch {self.batch_in_epoch}" + (f" ({repeated} sample(s) seen again)" if repeated else ""))
         rngs = state["rng"]
         if state["world_size"] == self.world_size and self.rank < len(rngs):
-            set_rng_state(rngs[self.rank])
+            note = set_rng_state(rngs[self.rank], self._cuda_device)
+            if note:
+                self._note(note)
         else:
             seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
             self._note(f"resumed with {self.world_size} process(es) from a checkpoint of {state['world_size']}: "
@@ -516,6 +586,25 @@ class Trainer:
             self._note(f"resuming with changed {', '.join(changed)}: data order / results differ from the original run")
         self._note(f"resumed from {ckpt.name}/ at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
+    def _saved_samples_done(self, state: dict) -> int:
+        """A checkpoint's data position as samples of its epoch consumed by all ranks together.
+
+        Checkpoints before ``sample_in_epoch`` hold only the per-rank ``batch_in_epoch``: it is
+        converted with the world size and batch size they were saved with.
+        """
+        if "sample_in_epoch" in state:
+            return int(state["sample_in_epoch"])
+        batch = int(state["batch_in_epoch"])
+        saved_ws = state.get("world_size")
+        saved_bs = state.get("train_config", {}).get("batch_size", self.cfg.batch_size)
+        if saved_ws is None:  # unknown layout: read the batch index as this layout's, as before
+            self._note("checkpoint does not record its world size: its batch index is taken as this layout's")
+            saved_ws = self.world_size
+        return batch * int(saved_bs) * int(saved_ws)
+
+    def _samples_done(self) -> int:
+        return self.batch_in_epoch * self.cfg.batch_size * self.world_size
+
     def training_state(self) -> dict:
         """This rank's complete training state (RNG of this rank only)."""
         scaler = self.accelerator.scaler
@@ -523,19 +612,20 @@ class Trainer:
             "format": _FORMAT,
             "step": self.step,
             "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
+            "batch_in_epoch": self.batch_in_epoch,  # per rank; resume reads sample_in_epoch
+            "sample_in_epoch": self._samples_done(),
             "world_size": self.world_size,
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "ema": {k: e.state_dict() for k, e in self.ema.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": [get_rng_state()],
+            "rng": [get_rng_state(self._cuda_device)],
             "train_config": self.cfg.model_dump(mode="json"),
         }
 
     def save_checkpoint(self) -> None:
         """Write ``RUN/checkpoint/`` atomically. Collective: every rank must call it."""
-        rng = get_rng_state()
+        rng = get_rng_state(self._cuda_device)
         if self.world_size > 1:
             gathered: list[Any] = [None] * self.world_size
             torch.distributed.all_gather_object(gathered, rng)
@@ -548,7 +638,7 @@ class Trainer:
             torch.save(state, tmp / _STATE_FILE)
             write_json_atomic(tmp / "meta.json", {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "world_size": self.world_size, "written_by_rank": self.rank,
+                "sample_in_epoch": self._samples_done(), "world_size": self.world_size, "written_by_rank": self.rank,
                 "modules": sorted(self.modules), "ema": sorted(self.ema), "optimizers": sorted(self.optimizers),
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "train_config": self.cfg.model_dump(mode="json"),
@@ -595,9 +685,7 @@ class Trainer:
         accum = self.cfg.grad_accum
         for micro in range(accum):
             batch = _to_device(next(loader_iter), self.accelerator.device)
-            self.batch_in_epoch += 1
-            if self.batch_in_epoch >= self._batches_per_epoch:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.epoch, self.batch_in_epoch = advance_position(self.epoch, self.batch_in_epoch, self._batches_per_epoch)
             ctx.micro_step, ctx.sync, ctx.backward_called = micro, micro == accum - 1, False
             with contextlib.ExitStack() as stack:
                 if not ctx.sync:  # DDP: accumulate locally, all-reduce only on the last micro-batch
@@ -680,8 +768,9 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == total:
                         last_log = self._log(window, window_time, window_steps, samples_per_step, writer)
                         window, window_time, window_steps = {}, 0.0, 0
-                    if self.step % cfg.sample_every == 0 or self.step == total:
-                        self._sample()
+                    # Stop check and checkpoint before samples: a SIGTERM on a sample step must not
+                    # wait for the sampler (a launcher's grace period is ~30 s), and a kill while
+                    # sampling loses nothing.
                     stop = self._stop_everywhere()
                     if stop or self.step % cfg.checkpoint_every == 0 or self.step == total:
                         self.save_checkpoint()
@@ -689,6 +778,8 @@ class Trainer:
                     if stop:
                         self._note(f"interrupted: stopped after step {self.step}, checkpoint written")
                         break
+                    if self.step % cfg.sample_every == 0 or self.step == total:
+                        self._sample()
             finally:
                 if bar is not None:
                     bar.close()
