@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +27,8 @@ from guidegen.data.prepare import (
 from guidegen.data.totalseg import totalseg_classes, totalseg_ids
 from guidegen.errors import GuideGenError
 from guidegen.io import load_nifti, ras_affine, save_nifti
+
+from helpers_cli import run_cli_inprocess  # noqa: E402  (tests/ is on sys.path)
 
 GRID = (16, 16, 16)
 OPTS = PrepareOptions(grid=GRID, previews=False, margin_mm=10.0)
@@ -64,16 +65,7 @@ def _expected_crop(orig: np.ndarray, orig_affine: np.ndarray, out: np.ndarray, o
 
 
 def _run_cli(monkeypatch, capsys, *args):
-    from guidegen.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["guidegen", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli_inprocess(monkeypatch, capsys, *args)
 
 
 # ------------------------------------------------------------------------------ tables

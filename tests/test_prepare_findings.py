@@ -1,7 +1,6 @@
 """``guidegen prepare``: a report's tumours checked against the label map, ``--findings``, unknown class files."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +11,8 @@ from guidegen.data.prepare import PrepareOptions, check_findings, prepare_datase
 from guidegen.errors import GuideGenError
 from guidegen.evaluation.metrics import case_stats, sphere_diameter_mm
 from guidegen.io import ras_affine, save_nifti
+
+from helpers_cli import run_cli_inprocess  # noqa: E402  (tests/ is on sys.path)
 
 GRID = (16, 16, 16)
 OPTS = PrepareOptions(grid=GRID, previews=False)
@@ -54,17 +55,7 @@ def _reports(root, rows: dict) -> object:
 
 
 def _run_cli(monkeypatch, capsys, *args):
-    from guidegen.cli import main
-
-    monkeypatch.setenv("COLUMNS", "400")  # the dry-run table unfolded
-    monkeypatch.setattr(sys, "argv", ["guidegen", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli_inprocess(monkeypatch, capsys, *args, columns=400)  # the dry-run table unfolded
 
 
 def _kinds(meta: dict) -> list[str]:

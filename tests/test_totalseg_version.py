@@ -1,6 +1,5 @@
 """TotalSegmentator v1 vs v2 multi-label maps: recognised from the lungs, contradictions rejected."""
 
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +9,8 @@ from guidegen.data.prepare import PrepareOptions, parse_totalseg_version, prepar
 from guidegen.data.totalseg import guess_totalseg_version, lung_ratio, totalseg_classes, totalseg_ids
 from guidegen.errors import GuideGenError
 from guidegen.io import ras_affine, save_nifti
+
+from helpers_cli import run_cli_inprocess  # noqa: E402  (tests/ is on sys.path)
 
 # Voxel counts of a whole-torso CT (about ml x 100), by class name.
 TORSO = {
@@ -107,16 +108,7 @@ def _write_case(root, case: str, version: int, lungs: bool = True) -> np.ndarray
 
 
 def _run_cli(monkeypatch, capsys, *args):
-    from guidegen.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["guidegen", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli_inprocess(monkeypatch, capsys, *args)
 
 
 def test_v1_map_is_read_as_v1_under_auto_and_rejected_as_v2(tmp_path, monkeypatch, capsys, label_set):
