@@ -144,6 +144,7 @@ def test_datasets_serve_grid_tensors_and_cache(tmp_path):
     item = ds[1]
     assert item["labels"].shape == (8, 8, 8) and item["ct"].shape == (1, 8, 8, 8)
     assert item["case"] == "c1" and item["text"] == "liver mass 2 cm"
+    np.testing.assert_allclose(ds.spacing_of("c1"), item["spacing"].numpy(), rtol=1e-6)  # read alone, same value
     assert json.loads(item["findings_json"]) == {"tumors": [{"site": "liver"}]}
     lds = LabelMapDataset(tmp_path / "ds", (8, 8, 8))
     assert "ct" not in lds[0] and lds.cache.dir != ds.cache.dir

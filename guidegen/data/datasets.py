@@ -60,6 +60,14 @@ class GridCaseDataset(Dataset):
             self.cache.store(case, item, self.sources(case))
         return item
 
+    def spacing_of(self, case: str) -> np.ndarray:
+        """(3,) voxel spacing in mm of ``case`` on the grid, read alone from its cache entry (not
+        the volumes: every rank reads it for every case at start-up)."""
+        if not self.cache.is_fresh(case, self.sources(case)):
+            self._item(case)
+        with np.load(self.cache.path(case)) as z:
+            return np.asarray(z["spacing_mm"], dtype=np.float64)
+
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
         item = self._item(case)

@@ -206,6 +206,14 @@ class LatentDataset(Dataset):
         with np.load(p) as z:
             return {k: z[k] for k in z.files}
 
+    def spacing_of(self, case: str) -> np.ndarray:
+        """(3,) voxel spacing in mm of ``case`` on the grid, read alone from its cache entry."""
+        p = self.path(case)
+        if not p.is_file():
+            raise GuideGenError(f"{p}: latent not cached; build the latent cache first (LatentDataset(..., build=True))")
+        with np.load(p) as z:
+            return np.asarray(z["spacing_mm"], dtype=np.float64)
+
     def latent_stats(self) -> tuple[float, float]:
         """(mean, std) of the cached latents over all cases (≈ (0, 1) when the AE's scale is right)."""
         zs = np.concatenate([self._item(c)["latent"].ravel() for c in self.cases])

@@ -45,7 +45,7 @@ def _check_run_config(out: Path, cfg: GuideGenConfig, stage: str) -> None:
 
 def data_geometry(dataset) -> dict:
     """Mean spacing / extent (mm) of the training grid over the dataset's cache (for output affines)."""
-    spacings = np.stack([np.asarray(dataset._item(c)["spacing_mm"], dtype=np.float64) for c in dataset.cases])
+    spacings = np.stack([dataset.spacing_of(c) for c in dataset.cases])
     return {"grid": list(dataset.grid), "spacing_mm": spacings.mean(0).round(4).tolist(), "spacing_mm_std": spacings.std(0).round(4).tolist()}
 
 
