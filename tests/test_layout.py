@@ -172,3 +172,17 @@ def test_cache_entry_of_a_replaced_label_map_is_recomputed(tmp_path):
     after = LabelMapDataset(tmp_path / "ds", (8, 8, 8))[0]["labels"]
     assert before.any() and not after.any()  # recomputed from the new (empty) map
     assert LabelMapDataset(tmp_path / "ds", (8, 8, 8)).cache.is_fresh("c0", ds.sources("c0"))  # and stored fresh
+
+
+def test_grid_cache_is_built_in_shares_across_ranks(tmp_path):
+    """Under torchrun rank r builds the cases at positions i % world == r before the barrier, the
+    rest (none, on a shared directory) after it."""
+    w = DatasetWriter(tmp_path / "ds", name="toy")
+    for i in range(5):
+        w.write_case(_toy_case(f"c{i}", seed=i), preview=False)
+    w.finalize()
+    ds = LabelMapDataset(tmp_path / "ds", (8, 8, 8))
+    seen = []
+    ds.build_cache(progress=False, rank=1, world_size=2, barrier=lambda: seen.append(sorted(p.stem for p in ds.cache.dir.glob("*.npz"))))
+    assert seen == [["c1", "c3"]]  # its share, before the barrier
+    assert all(ds.cache.is_fresh(c, ds.sources(c)) for c in ds.cases)  # the others' share, built after it here

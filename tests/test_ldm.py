@@ -194,6 +194,7 @@ def test_latent_cache_sharded_over_ranks_matches_single_process(workspace, tmp_p
 
     from guidegen.data import latents as L
     from guidegen.data.phantom_dataset import write_phantom_dataset
+    from guidegen.training import common as common_mod
     from guidegen.training import ldm as ldm_mod
 
     data = write_phantom_dataset(tmp_path / "data", n=3, grid=(32, 32, 40), seed=5, previews=False, progress=False)
@@ -210,10 +211,10 @@ def test_latent_cache_sharded_over_ranks_matches_single_process(workspace, tmp_p
         def fake_barrier_factory():
             return lambda: seen.append(sorted(p.stem for p in single.dir.glob("*.npz")))
 
-        monkeypatch.setattr(ldm_mod, "_distributed_barrier", fake_barrier_factory)
+        monkeypatch.setattr(common_mod, "distributed_barrier", fake_barrier_factory)
         if rank == 0:
             ds = L.LatentDataset(data, GRID, workspace["ae"], build=False, progress=False)
-            ldm_mod.build_latent_cache(ds, progress=False)
+            common_mod.build_cache_on_ranks(ds, progress=False)
         else:  # through the stage setup: the same sharding, on resolve_device("auto") (cpu here)
             cfg = tiny_cfg(autoencoder_checkpoint=str(workspace["ae"]))
             _, ds, _ = ldm_mod.ldm_setup(cfg, label_set, data)
@@ -228,16 +229,16 @@ def test_latent_cache_sharded_over_ranks_matches_single_process(workspace, tmp_p
 
 def test_single_process_cache_needs_no_process_group(workspace, monkeypatch):
     from guidegen.data import latents as L
-    from guidegen.training import ldm as ldm_mod
+    from guidegen.training import common as common_mod
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
     def boom():
         raise AssertionError("no barrier in a single process")
 
-    monkeypatch.setattr(ldm_mod, "_distributed_barrier", boom)
+    monkeypatch.setattr(common_mod, "distributed_barrier", boom)
     ds = L.LatentDataset(workspace["data"], GRID, workspace["ae"], build=False, progress=False)
-    ldm_mod.build_latent_cache(ds, progress=False)
+    common_mod.build_cache_on_ranks(ds, progress=False)
     assert ds.missing() == []
 
 

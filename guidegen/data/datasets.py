@@ -42,9 +42,24 @@ class GridCaseDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
-    def build_cache(self, progress: bool = True) -> None:
-        """Preprocess every case not cached yet (with a progress bar)."""
-        todo = [c for c in self.cases if not self.cache.is_fresh(c, self.sources(c))]
+    def build_cache(self, progress: bool = True, *, rank: int = 0, world_size: int = 1, barrier=None) -> None:
+        """Preprocess every case not cached yet (with a progress bar).
+
+        Sharded over ``world_size`` processes: this one (``rank``) builds the stale cases at
+        positions ``i`` of :attr:`cases` with ``i % world_size == rank``, then calls ``barrier`` (a
+        collective every process reaches); cases still stale afterwards (a dataset directory the
+        processes do not share) are built here. Entries are written atomically.
+        """
+        def stale(positions: bool) -> list[str]:
+            return [c for i, c in enumerate(self.cases)
+                    if (not positions or i % world_size == rank) and not self.cache.is_fresh(c, self.sources(c))]
+
+        if world_size > 1:
+            for case in tqdm(stale(True), desc=f"caching {self.grid}", disable=not progress):
+                self._item(case)
+            if barrier is not None:
+                barrier()
+        todo = stale(False)
         for case in tqdm(todo, desc=f"caching {self.grid}", disable=not progress or not todo):
             self._item(case)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,3 +46,44 @@ def class_weight_vector(weights: dict[str, float], label_set: LabelSet) -> Tenso
     for name, value in weights.items():
         w[label_set.id_of(name)] = value
     return w
+
+
+# the cache barrier waits for the slowest rank's share of the preprocessing / encoding
+CACHE_BARRIER_TIMEOUT_H = 48
+
+
+def distributed_barrier() -> Callable[[], None]:
+    """A barrier over the processes of a torchrun job, usable before the Trainer's Accelerator exists.
+
+    Sets up the process group through ``accelerate.PartialState`` (with the same ``cpu`` choice
+    as :func:`guidegen.training.trainer._make_accelerator`), which the Trainer's Accelerator then
+    reuses, and a gloo group with a long timeout for the barrier itself: the ranks reach it after
+    building their share of a cache, possibly hours apart, past the default group's (NCCL:
+    10 min) timeout. Called by every rank at the same point, before any of that work.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=CACHE_BARRIER_TIMEOUT_H))
+
+    def barrier() -> None:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
+
+    return barrier
+
+
+def build_cache_on_ranks(dataset, progress: bool = True) -> None:
+    """Build ``dataset``'s missing cache entries (a grid cache, or the LDM's latents), sharded over
+    the processes of a torchrun job (``RANK`` / ``WORLD_SIZE``): each builds its share, then all
+    wait until every share is done. A single process builds everything, as before."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dataset.build_cache(progress=progress)
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    barrier = distributed_barrier()
+    dataset.build_cache(progress=progress and rank == 0, rank=rank, world_size=world, barrier=barrier)

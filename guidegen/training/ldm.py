@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,6 @@ from guidegen.training.trainer import StageTask, StepContext
 PREVIEW_CASES = 2
 PREVIEW_MAX_STEPS = 25  # DDIM steps of the periodic training previews
 AUTOENCODER_RECORD = "autoencoder.json"  # in an LDM run directory: the AE (latent space) the run started on
-CACHE_BARRIER_TIMEOUT_H = 48  # the latent cache barrier waits for the slowest rank's share of the encoding
 
 log = logging.getLogger(__name__)
 
@@ -192,42 +191,6 @@ def _warn(text: str, out: Path | None) -> None:
             fh.write(f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} [warning] {text}\n")
 
 
-def _distributed_barrier() -> Callable[[], None]:
-    """A barrier over the processes of a torchrun job, usable before the Trainer's Accelerator exists.
-
-    Sets up the process group through ``accelerate.PartialState`` (with the same ``cpu`` choice
-    as :func:`guidegen.training.trainer._make_accelerator`), which the Trainer's Accelerator then
-    reuses, and a gloo group with a long timeout for the barrier itself: the ranks reach it after
-    encoding their share of the latent cache, possibly hours apart, past the default group's
-    (NCCL: 10 min) timeout. Called by every rank at the same point, before any encoding.
-    """
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from accelerate import PartialState
-
-    PartialState(cpu=not torch.cuda.is_available())
-    group = dist.new_group(backend="gloo", timeout=timedelta(hours=CACHE_BARRIER_TIMEOUT_H))
-
-    def barrier() -> None:
-        dist.barrier(group=group)
-        dist.destroy_process_group(group)
-
-    return barrier
-
-
-def build_latent_cache(dataset, progress: bool = True) -> None:
-    """Encode ``dataset``'s (a ``LatentDataset(..., build=False)``) missing cases, sharded over the
-    processes of a torchrun job (``RANK`` / ``WORLD_SIZE``), then wait until every process is done."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        dataset.build_cache(progress=progress)
-        return
-    rank = int(os.environ.get("RANK", "0"))
-    barrier = _distributed_barrier()
-    dataset.build_cache(progress=progress and rank == 0, rank=rank, world_size=world, barrier=barrier)
-
-
 def check_autoencoder_record(out: Path, ae_dir: Path, latent_sha256: str, ae_sha256: str) -> None:
     """Tie an LDM run to the latent space it started on (``out/autoencoder.json``).
 
@@ -262,7 +225,7 @@ def ldm_setup(cfg: GuideGenConfig, label_set: LabelSet, data: str | Path, out: s
     from guidegen.data.latents import LatentDataset, load_autoencoder
     from guidegen.pipeline import resolve_device
     from guidegen.text.knowledge import TextConditioner
-    from guidegen.training.common import text_cache_dir
+    from guidegen.training.common import build_cache_on_ranks, text_cache_dir
     from guidegen.training.run import data_geometry
 
     out = Path(out) if out is not None else None
@@ -283,7 +246,7 @@ def ldm_setup(cfg: GuideGenConfig, label_set: LabelSet, data: str | Path, out: s
     dataset = LatentDataset(data, cfg.data.grid, ae_dir, build=False, device=resolve_device("auto"), progress=progress)
     if out is not None:  # before the (possibly long) encoding into a cache the run could not use
         check_autoencoder_record(out, ae_dir, dataset.latent_sha256, dataset.ae_sha256)
-    build_latent_cache(dataset, progress=progress)
+    build_cache_on_ranks(dataset, progress=progress)
     latent_shape = tuple(dataset[0]["latent"].shape)
     mean, std = dataset.latent_stats()
     previews = []

@@ -198,11 +198,11 @@ def _wait_for_export(export: Path, previous: tuple[int, int, int] | None, poll_s
 def _tcss_setup(cfg: GuideGenConfig, label_set, data):
     from guidegen.data.datasets import LabelMapDataset
     from guidegen.text.knowledge import TextConditioner
-    from guidegen.training.common import text_cache_dir
+    from guidegen.training.common import build_cache_on_ranks, text_cache_dir
     from guidegen.training.tcss import TCSSTask
 
     dataset = LabelMapDataset(data, cfg.data.grid)
-    dataset.build_cache()
+    build_cache_on_ranks(dataset)
     conditioner = TextConditioner(cfg.text, cache_dir=text_cache_dir(data))
     meta = {"label_set": label_set.name, "text_encoder": conditioner.encoder.encoder_id, **data_geometry(dataset)}
     return TCSSTask(cfg, label_set, conditioner, spacing_mm=tuple(meta["spacing_mm"])), dataset, meta
@@ -211,9 +211,10 @@ def _tcss_setup(cfg: GuideGenConfig, label_set, data):
 def _autoencoder_setup(cfg: GuideGenConfig, label_set, data):
     from guidegen.data.datasets import CTLabelDataset
     from guidegen.training.autoencoder import AutoencoderTask
+    from guidegen.training.common import build_cache_on_ranks
 
     dataset = CTLabelDataset(data, cfg.data.grid)
-    dataset.build_cache()
+    build_cache_on_ranks(dataset)
     meta = {"label_set": label_set.name, **data_geometry(dataset)}
     return AutoencoderTask(cfg, label_set), dataset, meta
 
