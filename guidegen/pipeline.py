@@ -451,8 +451,7 @@ def check_finished_request(out: Path, case: str, request: dict) -> None:
         raise GuideGenError(f"{meta_path}: unreadable meta of a finished sample ({err})") from None
     if done is None:
         return
-    done = json.loads(json.dumps(done))  # compare both as JSON (tuples vs lists, int keys)
-    wanted = json.loads(json.dumps(request))
+    wanted = json.loads(json.dumps(request))  # as the stored one reads back (tuples as lists, int keys as str)
     differ = [k for k in wanted if done.get(k) != wanted[k]]
     if differ:
         shown = ", ".join(f"{k}: {done.get(k)!r} -> {wanted[k]!r}" if k != "models" else "models: other checkpoints" for k in differ)

@@ -579,10 +579,7 @@ def render_findings_text(findings: dict) -> str:
     """A short report from :func:`findings_from_masks` output (one sentence per tumour)."""
     parts = ["CT of the chest, abdomen and pelvis."]
     for t in findings.get("tumors") or []:
-        where = (t.get("site") or "unknown organ").replace("_", " ")
-        if t.get("side"):
-            where = f"{t['side']} {where}"
-        parts.append(f"A {t['size_mm'] / 10:.1f} cm mass in the {where}.")
+        parts.append(f"A {t['size_mm'] / 10:.1f} cm mass in the {_describe(t, None)}.")
     if len(parts) == 1:
         parts.append("No focal mass.")
     return " ".join(parts)
