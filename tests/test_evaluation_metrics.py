@@ -13,7 +13,10 @@ from guidegen.evaluation.metrics import (
     dice_per_class,
     frechet_distance,
     knn_precision_recall,
+    mask_centroid,
+    mask_extent,
     match_tumors,
+    midline_x_mm,
     mean_dice_per_class,
     relative_w1,
 )
@@ -142,6 +145,31 @@ def test_ct_to_unit_range():
 def liver_case():
     spec = sample_spec(np.random.default_rng(3), tumors=[TumorSpec("liver", 45.0), TumorSpec("kidney", 30.0, "right")])
     return render_phantom(3, (40, 40, 48), spec)
+
+
+def test_mask_centroid_and_extent_equal_the_index_list_ones():
+    rng = np.random.default_rng(3)
+    mask = rng.random((9, 7, 11)) < 0.05
+    idx = np.argwhere(mask)
+    assert np.array_equal(mask_centroid(mask), idx.mean(0))  # bitwise: integer sums are exact
+    lo, hi = mask_extent(mask)
+    assert np.array_equal(lo, idx.min(0)) and np.array_equal(hi, idx.max(0))
+    one = np.zeros((4, 5, 6), bool)
+    one[1, 4, 2] = True
+    assert mask_centroid(one).tolist() == [1.0, 4.0, 2.0]
+    assert [v.tolist() for v in mask_extent(one)] == [[1, 4, 2], [1, 4, 2]]
+    assert mask_centroid(np.zeros((3, 3, 3), bool)) is None and mask_extent(np.zeros((3, 3, 3), bool)) is None
+
+
+def test_midline_from_the_spine_else_the_body():
+    labels = np.zeros((10, 4, 4), np.uint8)
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    affine[0, 3] = -5.0
+    labels[0:4] = LS.id_of("liver")  # body voxels x = 0..3: centroid 1.5 -> -2 mm
+    assert midline_x_mm(labels, affine, LS) == pytest.approx(-2.0)
+    labels[7, 1, 1] = LS.id_of("vertebrae")  # the spine wins: x = 7 -> 9 mm
+    assert midline_x_mm(labels, affine, LS) == pytest.approx(9.0)
+    assert midline_x_mm(np.zeros_like(labels), affine, LS) == 0.0
 
 
 def test_case_stats_on_phantom(liver_case):
