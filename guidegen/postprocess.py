@@ -145,15 +145,26 @@ def organ_parts(labels: np.ndarray, class_id: int, tumor_id: int | None) -> tupl
     return parts, organ_voxels[present - 1]
 
 
-# a voxel within this many voxels of a lesion (26-neighbourhood steps) is "near" it for the
-# organ-part ranking: the rims a forced lesion leaves are 1-3 voxels thick on the model grid
-LESION_RIM_VOXELS = 2
+# a voxel within this distance of a lesion is "near" it for the organ-part ranking: the rims a
+# forced lesion leaves are 1-3 voxels thick on the demo grid (5.6-8.2 mm voxels), and the GPU
+# presets scale volume matching's pooling box, which makes the rims, by the grid: so the reach is
+# physical, 2 demo voxels
+LESION_RIM_MM = 14.0
 
 
-def keep_organ_parts(labels: np.ndarray, label_set, lesions: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+def lesion_rim_voxels(affine: np.ndarray) -> int:
+    """:data:`LESION_RIM_MM` in 26-neighbourhood steps on a grid with this (4, 4) affine (>= 1):
+    2 on the demo grid, 5 at 128³ and 11 at 256³ over the same field of view."""
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return max(1, int(round(LESION_RIM_MM / float(spacing.mean()))))
+
+
+def keep_organ_parts(labels: np.ndarray, label_set, lesions: np.ndarray | None = None,
+                     rim_voxels: int = 2) -> tuple[np.ndarray, int]:
     """Keep, for every class with a fixed number of parts (``LabelClass.parts``: 1 liver, 2 kidneys),
     its that-many largest parts (:func:`organ_parts`), sized by their voxels farther than
-    ``LESION_RIM_VOXELS`` from a lesion (ties by all their voxels); every other part takes the
+    ``rim_voxels`` 26-neighbourhood steps from a lesion (ties by all their voxels;
+    :func:`lesion_rim_voxels` gives it for a grid); every other part takes the
     majority label of its shell other than the class itself and the tumour (so a removed fragment
     never grows a lesion). ``lesions``: (X, Y, Z) bool, the lesions the parts are judged against
     (default: the tumour voxels of ``labels``). Returns ``(cleaned copy, voxels changed)``.
@@ -172,7 +183,7 @@ def keep_organ_parts(labels: np.ndarray, label_set, lesions: np.ndarray | None =
     exclude_tumor = () if label_set.tumor_id is None else (label_set.tumor_id,)
     if lesions is None:
         lesions = out == label_set.tumor_id if label_set.tumor_id is not None else np.zeros(out.shape, bool)
-    near_lesion = (ndimage.binary_dilation(lesions, structure=_STRUCT26, iterations=LESION_RIM_VOXELS)
+    near_lesion = (ndimage.binary_dilation(lesions, structure=_STRUCT26, iterations=rim_voxels)
                    if lesions.any() else lesions)
     for cls in label_set.classes:
         if cls.parts is None:
@@ -219,6 +230,6 @@ def clean_label_map(labels: np.ndarray, affine: np.ndarray, label_set, requested
     # the parts are judged against every lesion the model drew: a rim stays a rim after its
     # lesion was removed as unrequested
     sampled_lesions = np.asarray(labels) == label_set.tumor_id if label_set.tumor_id is not None else None
-    out, parts = keep_organ_parts(out, label_set, sampled_lesions)
+    out, parts = keep_organ_parts(out, label_set, sampled_lesions, lesion_rim_voxels(affine))
     out, isolated = relabel_isolated_voxels(out)
     return out, {"isolated_voxels": isolated, "stray_tumor_voxels": stray, "organ_part_voxels": parts}

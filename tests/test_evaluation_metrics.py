@@ -373,12 +373,11 @@ def _bladder_rim_map() -> np.ndarray:
 
 
 def test_keep_organ_parts_ranks_parts_by_their_voxels_away_from_lesions():
-    from guidegen.postprocess import LESION_RIM_VOXELS, keep_organ_parts
+    from guidegen.postprocess import keep_organ_parts
 
     lung, bladder, body, tum = LS.id_of("lung"), LS.id_of("urinary_bladder"), LS.id_of("body"), LS.tumor_id
     vol = _bladder_rim_map()
-    assert LESION_RIM_VOXELS == 2  # the counts in _bladder_rim_map's docstring assume it
-    out, changed = keep_organ_parts(vol, LS)
+    out, changed = keep_organ_parts(vol, LS, rim_voxels=2)  # the counts in _bladder_rim_map's docstring assume 2
     assert changed == 1512 and (out == bladder).sum() == 900 and (out[20:30, 20:30, 1:10] == bladder).all()
     rim = vol == bladder
     rim[20:30, 20:30, 1:10] = False
@@ -390,6 +389,26 @@ def test_keep_organ_parts_ranks_parts_by_their_voxels_away_from_lesions():
     # judged against a lesion that is gone from the map (removed as unrequested), the rim still loses
     out, _ = keep_organ_parts(far, LS, lesions=vol == tum)
     assert (out[20:30, 20:30, 1:10] == bladder).all() and not (out[rim] == bladder).any()
+
+
+def test_lesion_rim_reach_is_physical():
+    from guidegen.postprocess import keep_organ_parts, lesion_rim_voxels
+
+    demo = np.diag([7.4609, 5.6028, 8.1656, 1.0])  # the demo checkpoints' spacing
+    assert lesion_rim_voxels(demo) == 2
+    assert lesion_rim_voxels(np.diag([2.8, 2.1, 4.1, 1.0])) == 5  # 128 x 128 x 128 over the demo's field of view
+    assert lesion_rim_voxels(np.diag([100.0, 100.0, 100.0, 1.0])) == 1
+    rot = np.array([[0.0, -6.0, 0.0, 0.0], [7.0, 0.0, 0.0, 0.0], [0.0, 0.0, 8.0, 0.0], [0, 0, 0, 1.0]])
+    assert lesion_rim_voxels(rot) == 2  # spacing from the column norms, not the diagonal
+    # a rim of 3 voxels beyond its lesion: 5 steps of reach count all of it as rim, 1 step leaves
+    # part of it "away" and the rim outranks the distant bladder
+    lung, bladder, body, tum = LS.id_of("lung"), LS.id_of("urinary_bladder"), LS.id_of("body"), LS.tumor_id
+    vol = np.full((40, 40, 40), body, np.uint8)
+    vol[5:25, 5:25, 5:25] = bladder
+    vol[8:22, 8:22, 8:22] = tum
+    vol[30:36, 30:36, 30:36] = bladder  # 216 voxels, the rim 5832
+    assert (keep_organ_parts(vol, LS, rim_voxels=3)[0][30:36, 30:36, 30:36] == bladder).all()
+    assert (keep_organ_parts(vol, LS, rim_voxels=1)[0][30:36, 30:36, 30:36] == body).all()
 
 
 def test_clean_label_map_judges_organ_parts_against_the_sampled_lesions():
