@@ -120,6 +120,8 @@ def prepare(
     )
     if dry_run:
         Console(width=max(Console().width, 140)).print(summary_table(report))
+        for line in report.warnings:
+            typer.echo(f"warning: {line}")
     typer.echo(f"{report.summary_line()} in {report.seconds:.1f} s")
     report.raise_for_problems()
 

@@ -74,11 +74,13 @@ def test_report_tumour_without_tumour_mask_is_written_with_a_warning(tmp_path, m
     assert "dry run: 2 valid case(s)" in stdout and "1 case(s): the report names a tumour the label map lacks" in stdout
     row = next(line for line in stdout.splitlines() if "│ c1 " in line)
     assert "not in map: 40 mm left kidney tumour" in row
+    full = [line for line in stdout.splitlines() if line.startswith("warning: ")]
+    assert len(full) == 1 and full[0].startswith("warning: c1: the report names a 40 mm left kidney tumour")
 
     code, stdout, stderr = _run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "out")
     assert code == 0, stderr
     assert "wrote 2 case(s)" in stdout and "0 problem(s)" in stdout
-    assert "1 case(s): the report names a tumour the label map lacks" in stdout
+    assert "1 case(s): the report names a tumour the label map lacks" in stdout and "warnings.txt" in stdout
     reader = DatasetReader(tmp_path / "out")
     assert reader.case_ids() == ["c1", "c2"]  # written despite the warning
     meta = reader.meta("c1")
@@ -89,10 +91,17 @@ def test_report_tumour_without_tumour_mask_is_written_with_a_warning(tmp_path, m
     assert meta["findings_source"] == "report"
     assert reader.report("c1")["findings"]["tumors"] == [{"site": "kidney", "side": "left", "size_mm": 40.0}]  # default: the report's
     assert reader.meta("c2")["warnings"] == [] and reader.meta("c2")["findings_check"]["checked"] is False
+    listed = (tmp_path / "out" / "warnings.txt").read_text().splitlines()
+    assert listed == [f"c1: {meta['warnings'][0]['message']}"]
 
     # a re-run skips both cases and still counts c1's warning (read from its meta)
     code, stdout, _ = _run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "out")
     assert code == 0 and "2 already done" in stdout and "1 case(s): the report names a tumour the label map lacks" in stdout
+    assert (tmp_path / "out" / "warnings.txt").read_text().splitlines() == listed
+    # once the report agrees, the re-written dataset has no warnings and no stale list
+    reports.write_text(reports.read_text().replace("A 4 cm mass in the left kidney.", "No focal mass."))
+    code, stdout, _ = _run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "out", "--overwrite")
+    assert code == 0 and "warnings" not in stdout and not (tmp_path / "out" / "warnings.txt").exists()
 
 
 def test_tumour_in_liver_but_report_names_kidney_is_a_site_mismatch(tmp_path, label_set):

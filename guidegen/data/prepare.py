@@ -24,7 +24,8 @@ the evaluation's tumour matching (:func:`guidegen.evaluation.metrics.match_tumor
 report names that the map lacks, a map tumour region the report does not name, a tumour in
 another organ (or side) than the report says, a size more than ±50 % off. Disagreements are
 *warnings*, not problems: the case is still written, with the details in its meta
-(``findings_check``, ``warnings``), the dry-run table and the counts in the summary line.
+(``findings_check``, ``warnings``), one line per warning in ``<out>/warnings.txt`` (after a
+dry run: below the table) and the counts in the summary line.
 
 Design decision — one pass, per case: every case is validated completely (all of its problems
 collected, not just the first) and, only if it has none, written right away by the same worker.
@@ -60,7 +61,7 @@ from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check
 from guidegen.data.totalseg import BODY_CLASS_NAMES, guess_totalseg_version, known_class_names, lung_ratio, totalseg_classes
 from guidegen.errors import GuideGenError
 from guidegen.evaluation.metrics import CaseStats, TumorComponent, case_stats, match_tumors, midline_x_mm
-from guidegen.io import is_nifti, load_nifti, spacing_from_affine, strip_nifti_suffix
+from guidegen.io import is_nifti, load_nifti, spacing_from_affine, strip_nifti_suffix, write_text_atomic
 from guidegen.labels import LabelSet, load_label_set
 
 BODY_HU_THRESHOLD = -500.0  # DESIGN §2: tissue of the body envelope is denser than this
@@ -69,6 +70,7 @@ ID_COLUMNS = ("case", "id", "case_id")
 TEXT_COLUMNS = ("text", "report", "report_text")
 FINDINGS_SOURCES = ("report", "masks")  # --findings: where a case's tumour findings come from
 # Warnings: the case is still written. kind → what the summary line counts the cases by.
+WARNINGS_FILE = "warnings.txt"  # in --out: one line per warning of the run
 WARNING_KINDS = {
     "report_tumor_missing": "the report names a tumour the label map lacks",
     "site_mismatch": "the report puts a tumour in another organ or side than the label map",
@@ -147,8 +149,9 @@ class PrepareReport:
 
     @property
     def warnings(self) -> list[str]:
-        """Every warning of the run, one line each: ``<case>: <message>``."""
-        return [f"{r.case}: {w['message']}" for r in self.results for w in r.warnings]
+        """Every warning of the cases written, valid (dry run) or skipped, one line each:
+        ``<case>: <message>`` (an invalid case's problems come first)."""
+        return [f"{r.case}: {w['message']}" for r in self.results if r.status != "invalid" for w in r.warnings]
 
     def warning_counts(self) -> dict[str, int]:
         """``{warning kind: number of cases with it}`` (kinds of :data:`WARNING_KINDS`, in that order),
@@ -161,7 +164,7 @@ class PrepareReport:
         note = f"; {assumed} multi-label map(s) read as TotalSegmentator v2 by default (lungs do not tell the version; set --totalseg-version)" if assumed else ""
         counts = self.warning_counts()
         if counts:
-            where = "see the table" if self.dry_run else "cases written; details in meta/<case>.json"
+            where = "listed below the table" if self.dry_run else f"cases written; one line each in {self.out / WARNINGS_FILE}"
             note += f"; warnings ({where}): " + ", ".join(f"{n} case(s): {WARNING_KINDS[kind]}" for kind, n in counts.items())
         if self.dry_run:
             return f"dry run: {self.count('valid')} valid case(s), {self.count('invalid')} invalid, {len(self.problems)} problem(s); nothing written{note}"
@@ -865,6 +868,20 @@ def process_case(inputs: CaseInputs, opts: PrepareOptions, out: str | None) -> C
         return CaseResult(inputs.case, "invalid", [f"{inputs.ct}: unexpected error ({type(exc).__name__}: {msg})"], {"case": inputs.case})
 
 
+def write_warnings_file(report: PrepareReport) -> None:
+    """``<out>/warnings.txt``: every warning of the run's cases (skipped ones' from their meta),
+    one ``<case>: <message>`` line each, written atomically; removed when there are none, so it
+    never describes an earlier run."""
+    if report.out is None:
+        return
+    path = report.out / WARNINGS_FILE
+    lines = report.warnings
+    if lines:
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _stored_warnings(out: Path, case: str) -> list[dict]:
     """The warnings in a written case's meta (so a re-run that skips it still counts them)."""
     try:
@@ -955,7 +972,9 @@ def prepare_dataset(
     if writer is not None:
         writer.finalize()
     results.sort(key=lambda r: r.case)
-    return PrepareReport(results=results, input_problems=input_problems, out=None if dry_run else Path(out), dry_run=dry_run, seconds=time.perf_counter() - t0)
+    report = PrepareReport(results=results, input_problems=input_problems, out=None if dry_run else Path(out), dry_run=dry_run, seconds=time.perf_counter() - t0)
+    write_warnings_file(report)
+    return report
 
 
 def summary_table(report: PrepareReport):
