@@ -29,6 +29,7 @@ from guidegen.errors import GuideGenError
 from guidegen.io import load_nifti, ras_affine, save_nifti
 
 from helpers_cli import run_cli_inprocess  # noqa: E402  (tests/ is on sys.path)
+from helpers_toy import kidney_liver_map  # noqa: E402
 
 GRID = (16, 16, 16)
 OPTS = PrepareOptions(grid=GRID, previews=False, margin_mm=10.0)
@@ -189,15 +190,7 @@ def test_body_derived_from_ct():
 
 
 def test_findings_from_masks_site_side_size(label_set):
-    labels = np.zeros((40, 30, 30), np.uint8)
-    labels[2:38, 2:28, 2:28] = label_set.body_id
-    labels[5:15, 10:20, 10:20] = label_set.id_of("kidney")  # low x = patient's left
-    labels[25:35, 10:20, 10:20] = label_set.id_of("liver")
-    x, y, z = np.meshgrid(*(np.arange(n) for n in labels.shape), indexing="ij")
-    big = (x - 15) ** 2 + (y - 15) ** 2 + (z - 15) ** 2 <= 3**2  # touches the kidney
-    small = (x - 24) ** 2 + (y - 15) ** 2 + (z - 15) ** 2 <= 1  # touches the liver
-    labels[big | small] = label_set.tumor_id
-    affine = ras_affine((2.0, 2.0, 2.0))
+    labels, affine, (big, small) = kidney_liver_map(label_set, [(15, 3**2), (24, 1)])  # touching the kidney, the liver
     f = findings_from_masks(labels, affine, label_set)
     assert [t["site"] for t in f["tumors"]] == ["kidney", "liver"]
     assert f["tumors"][0]["side"] == "left" and f["tumors"][1]["side"] is None

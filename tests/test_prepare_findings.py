@@ -10,9 +10,10 @@ from guidegen.data.layout import DatasetReader
 from guidegen.data.prepare import PrepareOptions, check_findings, prepare_dataset, tumor_stats
 from guidegen.errors import GuideGenError
 from guidegen.evaluation.metrics import case_stats, sphere_diameter_mm
-from guidegen.io import ras_affine, save_nifti
+from guidegen.io import save_nifti
 
 from helpers_cli import run_cli_inprocess  # noqa: E402  (tests/ is on sys.path)
+from helpers_toy import kidney_liver_map  # noqa: E402
 
 GRID = (16, 16, 16)
 OPTS = PrepareOptions(grid=GRID, previews=False)
@@ -150,15 +151,7 @@ def test_findings_masks_takes_the_tumour_from_the_label_map(tmp_path, monkeypatc
 
 def test_check_findings_size_unreported_and_missing(label_set):
     """Unit check on a synthetic map: size off, an unnamed region, more report tumours than regions."""
-    labels = np.zeros((40, 30, 30), np.uint8)
-    labels[2:38, 2:28, 2:28] = label_set.body_id
-    labels[5:15, 10:20, 10:20] = label_set.id_of("kidney")  # low x = patient's left
-    labels[25:35, 10:20, 10:20] = label_set.id_of("liver")
-    x, y, z = np.meshgrid(*(np.arange(n) for n in labels.shape), indexing="ij")
-    kidney_t = (x - 10) ** 2 + (y - 15) ** 2 + (z - 15) ** 2 <= 3**2
-    liver_t = (x - 30) ** 2 + (y - 15) ** 2 + (z - 15) ** 2 <= 1
-    labels[kidney_t | liver_t] = label_set.tumor_id
-    affine = ras_affine((2.0, 2.0, 2.0))
+    labels, affine, (kidney_t, _) = kidney_liver_map(label_set, [(10, 3**2), (30, 1)])  # inside the kidney, the liver
     measured = sphere_diameter_mm(kidney_t.sum() * 8.0)  # ~13 mm
 
     check, warnings = check_findings([{"site": "kidney", "side": "left", "size_mm": 40.0}], labels, affine, label_set)
