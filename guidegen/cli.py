@@ -329,12 +329,30 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click's usage errors and aborts
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        usage_errors, aborts = _click_exception_types()
+        if isinstance(exc, usage_errors):
             typer.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code or 2)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, aborts):
             typer.echo("aborted", err=True)
             sys.exit(1)
         raise
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """``(usage-error classes, abort classes)`` of click and of the copy of click that typer
+    bundles since 0.29 (``typer._click``, ``typer.exceptions``), whose exceptions do not
+    subclass click's."""
+    import importlib
+
+    modules = []
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            continue
+
+    def found(attr: str) -> tuple[type, ...]:
+        return tuple({getattr(m, attr) for m in modules if isinstance(getattr(m, attr, None), type)})
+
+    return found("ClickException"), found("Abort")

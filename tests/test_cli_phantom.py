@@ -115,3 +115,17 @@ def test_preview_and_info_commands(phantom_dir, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = run_cli("info")
     assert res.returncode == 0 and "guidegen22" in res.stdout and "torch" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "--bogus", "x"), "error: No such option: --bogus"),
+    (("generate", "--n", "abc", "x"), "error: Invalid value for '--n'"),
+    (("bogus",), "error: No such command 'bogus'"),
+    (("generate", "--labels"), "error: Option '--labels' requires an argument"),
+])
+def test_usage_errors_are_one_line_exit_2(args, message):
+    """typer >= 0.29 raises its bundled click's exceptions, which are not click's: still one line."""
+    res = run_cli(*args)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message) and "Traceback" not in res.stderr
