@@ -94,6 +94,7 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, d
     img = nib.Nifti1Image(arr.astype(dtype), np.asarray(affine, dtype=np.float64))
     img.header.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
+    img.header.set_xyzt_units("mm", "sec")  # readers that do not assume mm (the NIfTI default is "unknown")
     img.set_sform(img.affine, code=1)
     img.set_qform(img.affine, code=1)
     with atomic_write(path) as tmp:
@@ -107,6 +108,8 @@ def load_nifti(path: str | os.PathLike, *, reorient_to_ras: bool = True, dtype: 
     NIfTI volume (missing, not NIfTI, corrupt, 2D, 4D with more than one frame).
     """
     path = Path(path)
+    if path.is_dir():
+        raise GuideGenError(f"{path}: is a directory; expected a NIfTI file (.nii or .nii.gz)")
     if not path.is_file():
         raise GuideGenError(f"{path}: file not found")
     if not is_nifti(path):
@@ -125,6 +128,23 @@ def load_nifti(path: str | os.PathLike, *, reorient_to_ras: bool = True, dtype: 
     if dtype is not None:
         data = data.astype(dtype)
     return np.asarray(data), np.asarray(img.affine, dtype=np.float64)
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(array in RAS axis order, its affine, the orientation that undoes it)`` of an (X, Y, Z)
+    volume whose axes follow ``affine`` (LPS, oblique, permuted ...): the voxels are flipped and
+    permuted only, never resampled, so :func:`from_ras` restores the input exactly."""
+    native = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    ras = nib.orientations.axcodes2ornt("RAS")
+    forward = nib.orientations.ornt_transform(native, ras)
+    out = nib.orientations.apply_orientation(array, forward)
+    ras_affine_ = np.asarray(affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(forward, array.shape)
+    return np.ascontiguousarray(out), ras_affine_, nib.orientations.ornt_transform(ras, native)
+
+
+def from_ras(array: np.ndarray, back: np.ndarray) -> np.ndarray:
+    """An array on the RAS grid of :func:`to_ras` back on the input's axes (``back`` from it)."""
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, back))
 
 
 def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:

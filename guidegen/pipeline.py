@@ -15,6 +15,7 @@ A checkpoint root holds one exported checkpoint directory per stage: ``tcss/``,
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,8 +244,37 @@ class CTGenerator:
         ct_small = self.on_grid(small, prompt, findings, seed, steps, guidance, progress)
         ct = np.full(labels.shape, -1000.0, dtype=np.float32)
         ct[box] = resize_ct(ct_small, crop.shape)
+        outside = fill_outside_box(ct, labels, box, self.label_set.body_id)
         settings["resampled_from_grid"] = list(self.grid)
+        settings["labelled_outside_box"] = {"voxels": outside, "share": round(outside / max(int((labels > 0).sum()), 1), 4)}
         return as_hu_int16(ct), settings, (small.astype(np.uint8), as_hu_int16(ct_small))
+
+
+def fill_outside_box(ct: np.ndarray, labels: np.ndarray, box: tuple[slice, ...], body_id: int | None) -> int:
+    """Give the labelled voxels of a user's map that lie outside the rendered torso ``box`` (legs,
+    head or arms beyond the organs' z-range: the model is trained on torso crops, so squeezing
+    them into its grid would distort the torso) their class's median HU inside the box, else
+    the body envelope's; in place on ``ct`` (X, Y, Z) float HU. Returns how many voxels.
+
+    Left at air they read as holes in the patient; filled, they are plain tissue, not generated.
+    """
+    inside = np.zeros(labels.shape, bool)
+    inside[box] = True
+    todo = (labels > 0) & ~inside
+    if not todo.any():
+        return 0
+    crop_ct, crop_lab = ct[box], labels[box]
+
+    def median_of(cid: int) -> float | None:
+        vox = crop_ct[crop_lab == cid]
+        return float(np.median(vox)) if vox.size else None
+
+    fallback = median_of(body_id) if body_id is not None else None
+    for cid in np.unique(labels[todo]):
+        level = median_of(int(cid))
+        level = level if level is not None else fallback
+        ct[todo & (labels == cid)] = level if level is not None else 0.0
+    return int(todo.sum())
 
 
 def as_hu_int16(ct: np.ndarray) -> np.ndarray:
@@ -257,25 +287,52 @@ def as_hu_int16(ct: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PromptItem:
+    """One prompt of a run. ``seed_offset``: added to ``--seed`` for its samples (0 for a
+    one-prompt run; from the id for a prompts file, :func:`id_seed_offset`)."""
+
     id: str
     prompt: str
+    seed_offset: int = 0
+
+
+def id_seed_offset(prompt_id: str) -> int:
+    """A prompt's seed offset from its id (SHA-256, < 2**28): a sample's seed depends on its own
+    prompt id only, so inserting, removing or reordering lines of a prompts file leaves every
+    other prompt's samples as they were (a re-run skips them instead of refusing them)."""
+    import hashlib
+
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:7], 16)
+
+
+PROMPT_ID_KEYS = ("id", "case", "case_id")  # the id column / key (`case` as in reports.jsonl and prepare)
+PROMPT_TEXT_KEYS = ("prompt", "text", "report")
 
 
 def read_prompts(path: str | Path) -> list[PromptItem]:
-    """Prompts from a file: plain text (one per line), CSV (``id``,``prompt``/``text``) or JSONL.
+    """Prompts from a file: plain text (``.txt`` or no suffix: one per line), CSV / TSV (an id
+    column ``id``, ``case`` or ``case_id`` and a ``prompt``, ``text`` or ``report`` column) or
+    JSONL (one object per line with the same keys).
 
-    Ids default to ``p0000``, ``p0001``, ... in file order; they name the output cases.
+    Ids default to ``p0000``, ``p0001``, ... in file order when a file has no id column (or a
+    row leaves it empty); they name the output cases. A byte-order mark (Excel's UTF-8 CSV) is
+    ignored; every problem names the file and, where it has one, the line.
     """
     import csv
+    import io
 
     from guidegen.data.layout import check_case_id
 
     path = Path(path)
+    if path.is_dir():
+        raise GuideGenError(f"{path}: is a directory; expected a prompts file (.txt, .csv, .tsv or .jsonl)")
     if not path.is_file():
         raise GuideGenError(f"{path}: prompts file not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    items: list[PromptItem] = []
-    if path.suffix.lower() == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix not in ("", ".txt", ".csv", ".tsv", ".jsonl"):
+        raise GuideGenError(f"{path}: unknown prompts file type {suffix!r}; use .txt (one prompt per line), .csv, .tsv or .jsonl")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    rows: list[tuple[str, object, object]] = []  # (where, id or None, prompt)
+    if suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -283,29 +340,44 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise GuideGenError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            prompt = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
-            if not isinstance(prompt, str):
-                raise GuideGenError(f"{path}:{n}: each line needs a 'prompt' (or 'text') string")
-            items.append(PromptItem(str(obj.get("id", f"p{len(items):04d}")), prompt))
-    elif path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        if rows and not ({"prompt", "text"} & set(rows[0])):
-            raise GuideGenError(f"{path}: CSV needs a 'prompt' or 'text' column (has {', '.join(rows[0])})")
-        for row in rows:
-            items.append(PromptItem(str(row.get("id") or f"p{len(items):04d}"), row.get("prompt") or row.get("text") or ""))
+            if not isinstance(obj, dict):
+                raise GuideGenError(f"{path}:{n}: each line must be a JSON object with a 'prompt' (or 'text') string")
+            rows.append((f"{path}:{n}", _first_key(obj, PROMPT_ID_KEYS), _first_key(obj, PROMPT_TEXT_KEYS)))
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        if not set(PROMPT_TEXT_KEYS) & set(columns):
+            raise GuideGenError(f"{path}: needs a 'prompt' or 'text' column (has {', '.join(columns) or 'none'})")
+        for row in reader:
+            rows.append((f"{path}:{reader.line_num}", _first_key(row, PROMPT_ID_KEYS), _first_key(row, PROMPT_TEXT_KEYS)))
     else:
-        items = [PromptItem(f"p{i:04d}", line.strip()) for i, line in enumerate(l for l in text.splitlines() if l.strip())]
-    if not items:
+        rows = [(f"{path}:{n}", None, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not rows:
         raise GuideGenError(f"{path}: no prompts found")
+    items: list[PromptItem] = []
     seen: set[str] = set()
-    for it in items:
-        check_case_id(it.id)
-        if it.id in seen:
-            raise GuideGenError(f"{path}: duplicate prompt id {it.id!r}")
-        seen.add(it.id)
-        if not it.prompt.strip():
-            raise GuideGenError(f"{path}: prompt {it.id!r} is empty")
+    for i, (where, pid, prompt) in enumerate(rows):
+        pid = f"p{i:04d}" if pid is None or str(pid).strip() == "" else str(pid).strip()
+        try:
+            check_case_id(pid)
+        except GuideGenError as err:
+            raise GuideGenError(f"{where}: {err}") from None
+        if pid in seen:
+            raise GuideGenError(f"{where}: duplicate prompt id {pid!r}")
+        seen.add(pid)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise GuideGenError(f"{where}: prompt {pid!r} is empty or missing")
+        items.append(PromptItem(pid, prompt, seed_offset=id_seed_offset(pid)))
     return items
+
+
+def _first_key(row: dict, keys: tuple[str, ...]) -> object:
+    """The value of the first of ``keys`` that ``row`` holds with a value (None when none does)."""
+    for key in keys:
+        if row.get(key) is not None:
+            return row[key]
+    return None
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -418,13 +490,15 @@ def sample_ids(items: list[PromptItem], n: int) -> list[tuple[str, PromptItem, i
     return [(f"{it.id}_s{k}" if n > 1 else it.id, it, k) for it in items for k in range(n)]
 
 
-def sample_seed(base_seed: int, global_index: int, attempt: int = 0) -> int:
-    """Seed of one sample: independent of how samples are sharded across ranks."""
-    return base_seed + global_index + 1_000_003 * attempt
+def sample_seed(base_seed: int, item: PromptItem, k: int, attempt: int = 0) -> int:
+    """Seed of sample ``k`` of ``item`` (``attempt`` > 0: a QC retry): independent of how the
+    samples are sharded across ranks and of the other prompts of the run."""
+    return base_seed + item.seed_offset + k + 1_000_003 * attempt
 
 
 def sample_request(pipe: GuideGenPipeline, prompt: str, seed: int, *, steps: int | None = None, guidance: float | None = None,
-                   ct_steps: int | None = None, ct_guidance: float | None = None, labels_file: str | None = None) -> dict:
+                   ct_steps: int | None = None, ct_guidance: float | None = None, labels_file: str | None = None,
+                   labels_digest: str | None = None) -> dict:
     """What decides one sample's content: its prompt, first seed, sampler options and models.
 
     Stored in ``meta/<id>.json`` (``request``) so that a re-run into the same ``--out`` can tell
@@ -433,7 +507,7 @@ def sample_request(pipe: GuideGenPipeline, prompt: str, seed: int, *, steps: int
     under ids that no longer say what they hold). ``None`` options mean the checkpoint's
     defaults, which the models' identity pins.
     """
-    return {"prompt": prompt, "seed": seed, "labels_file": labels_file, "tcss_steps": steps, "tcss_guidance": guidance,
+    return {"prompt": prompt, "seed": seed, "labels_file": labels_file, "labels_digest": labels_digest, "tcss_steps": steps, "tcss_guidance": guidance,
             "tcss_temperature": pipe.labels.temperature, "ct_steps": ct_steps, "ct_guidance": ct_guidance,
             "labels_only": pipe.ct is None, "clean_labels": pipe.clean_labels,
             "ct_texture": pipe.ct.texture if pipe.ct is not None else None, "models": pipe.versions()}
@@ -482,17 +556,25 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
     out = Path(out)
     writer = _open_dataset_writer(out, pipe, rank)
     samples = sample_ids(items, n)
-    todo = [(i, cid, it, k) for i, (cid, it, k) in enumerate(samples) if i % world_size == rank]
-    written = []
-    for i, cid, it, k in tqdm(todo, desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=not progress, unit="sample"):
-        request = sample_request(pipe, it.prompt, sample_seed(seed, i), steps=steps, guidance=guidance, ct_steps=ct_steps,
-                                 ct_guidance=ct_guidance)
+    mine = [(cid, it, k) for i, (cid, it, k) in enumerate(samples) if i % world_size == rank]
+    requests = {cid: sample_request(pipe, it.prompt, sample_seed(seed, it, k), steps=steps, guidance=guidance, ct_steps=ct_steps,
+                                    ct_guidance=ct_guidance) for cid, it, k in mine}
+    # every finished sample is checked before any new one is drawn: a conflict found half-way
+    # would leave a dataset that mixes the two requests
+    todo = []
+    for cid, it, k in mine:
         if writer.has_case(cid):
-            check_finished_request(out, cid, request)
-            continue
+            check_finished_request(out, cid, requests[cid])
+        else:
+            todo.append((cid, it, k))
+    if todo:
+        writer.mark_incomplete()
+    written = []
+    for cid, it, k in tqdm(todo, desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=not progress, unit="sample"):
+        request = requests[cid]
         attempts = []
         for attempt in range(qc_retries + 1):
-            s = sample_seed(seed, i, attempt)
+            s = sample_seed(seed, it, k, attempt)
             sample = pipe.generate(it.prompt, seed=s, steps=steps, guidance=guidance, ct_steps=ct_steps, ct_guidance=ct_guidance)
             qc = quality_check(sample, pipe)
             attempts.append({"seed": s, "passed": qc["passed"], "failures": qc["failures"]})
@@ -511,6 +593,7 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
         }
         writer.write_case(CaseRecord(case=cid, labels=sample.labels, affine=sample.affine, ct=sample.ct, text=it.prompt,
                                      findings=sample.findings.to_dict(), meta=meta))
+        warn_qc(cid, meta["qc"])
         written.append(cid)
     # The last rank to finish sees every case and finalizes; two ranks finishing together both
     # do, one after the other (finalize is idempotent and locked against report appends).
@@ -605,39 +688,87 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
     return written
 
 
+def labels_case_id(labels_path: Path, seed: int) -> str:
+    """Case id of a mask → CT sample: the file's name (characters a case id cannot hold become
+    ``_``; ``my case.nii.gz`` → ``my_case``) and the seed."""
+    import re
+
+    from guidegen.io import strip_nifti_suffix
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", strip_nifti_suffix(labels_path.name)).strip("._-") or "labels"
+    return f"{stem}_seed{seed}"
+
+
+def labels_digest(labels: np.ndarray, affine: np.ndarray) -> str:
+    """SHA-256 (16 hex digits) of a label map's shape, voxels (uint8) and affine: what tells two
+    maps of the same file name apart (TotalSegmentator names every patient's map
+    ``segmentations.nii.gz``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(str(tuple(labels.shape)).encode())
+    h.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    h.update(np.asarray(affine, dtype=np.float64).round(6).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _generate_for_labels(labels_path: Path, prompt: str, out: Path, checkpoint: Path | None, device: str, seed: int,
                          ct_steps: int | None, ct_guidance: float | None, texture: bool = True) -> str:
-    """Mask → CT: generate a CT for a user's label map, returned on the user's own grid and affine."""
-    from guidegen.data.layout import CaseRecord, DatasetWriter
-    from guidegen.io import load_nifti, strip_nifti_suffix
+    """Mask → CT: generate a CT for a user's label map, returned on the user's own grid, axes
+    and affine (an LPS or permuted map is turned to RAS for the model and the CT turned back).
+
+    Everything that can be refused (ids outside the label set, an all-background map, an
+    ``--out`` that is not a dataset) is checked before any model loads, and ``--out`` is only
+    created once there is a sample to write.
+    """
+    from guidegen.data.layout import CaseRecord, DatasetWriter, check_output_root
+    from guidegen.io import from_ras, load_nifti, to_ras
     from guidegen.qc import quality_check
 
-    lab, affine = load_nifti(labels_path)
-    if not np.issubdtype(lab.dtype, np.integer):
-        if not np.all(np.isfinite(lab)) or not np.allclose(lab, np.rint(lab)):
+    native, native_affine = load_nifti(labels_path, reorient_to_ras=False)
+    if not np.issubdtype(native.dtype, np.integer):
+        if not np.all(np.isfinite(native)) or not np.allclose(native, np.rint(native)):
             raise GuideGenError(f"{labels_path}: label map must hold integer class ids, found non-integer values")
-    lab = np.rint(lab).astype(np.int64)
+    native = np.rint(native).astype(np.int64)
     # checked before any model loads (tens of seconds): a map of another label set fails at once
     label_set = checkpoint_label_set(checkpoint)
     k = label_set.num_classes
-    if lab.min() < 0 or lab.max() >= k:
-        bad = sorted(set(np.unique(lab[(lab < 0) | (lab >= k)]).tolist()))[:5]
+    if native.min() < 0 or native.max() >= k:
+        bad = sorted(set(np.unique(native[(native < 0) | (native >= k)]).tolist()))[:5]
         raise GuideGenError(f"{labels_path}: label ids {bad} are outside label set {label_set.name} (0..{k - 1}); "
                             "convert a TotalSegmentator or other map with `guidegen prepare` and pass its labels/<case>.nii.gz")
-    lab = lab.astype(np.uint8)
+    if not native.any():
+        raise GuideGenError(f"{labels_path}: the label map is all background (0): nothing to render")
+    native = native.astype(np.uint8)
+    case = labels_case_id(labels_path, seed)
+    mode = check_output_root(out, overwrite_option=False)
+    lab, affine, back = to_ras(native, native_affine)
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, texture=texture)
-    case = f"{strip_nifti_suffix(labels_path.name)}_seed{seed}"
-    request = sample_request(pipe, prompt, seed, ct_steps=ct_steps, ct_guidance=ct_guidance, labels_file=labels_path.name)
-    mode = "resume" if (Path(out) / "dataset.json").is_file() else "new"
-    writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode, info={"source": "guidegen generate --labels"})
-    if writer.has_case(case):
-        check_finished_request(Path(out), case, request)
-        print(f"{case}: already generated in {out}")
-        return case
+    request = sample_request(pipe, prompt, seed, ct_steps=ct_steps, ct_guidance=ct_guidance, labels_file=labels_path.name,
+                             labels_digest=labels_digest(native, native_affine))
+    writer = None
+    if mode == "resume":
+        writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode="resume", info={"source": "guidegen generate --labels"})
+        if writer.has_case(case):
+            check_finished_request(Path(out), case, request)
+            print(f"{case}: already generated in {out}")
+            return case
     sample = pipe.generate(prompt, seed=seed, ct_steps=ct_steps, ct_guidance=ct_guidance, labels=lab, labels_affine=affine)
+    qc = quality_check(sample, pipe)
     meta = {"source": "guidegen generate --labels", "labels_file": labels_path.name, "seed": seed, "settings": sample.settings,
-            "timings": sample.timings, "models": pipe.versions(), "request": request, "qc": quality_check(sample, pipe)}
-    writer.write_case(CaseRecord(case=case, labels=lab, affine=affine, ct=sample.ct, text=prompt, findings=sample.findings.to_dict(), meta=meta))
+            "timings": sample.timings, "models": pipe.versions(), "request": request, "qc": qc}
+    if writer is None:
+        writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode, info={"source": "guidegen generate --labels"})
+    writer.write_case(CaseRecord(case=case, labels=native, affine=native_affine, ct=from_ras(sample.ct, back), text=prompt,
+                                 findings=sample.findings.to_dict(), meta=meta))
     writer.finalize()
+    warn_qc(case, qc)
     print(f"1 sample written to {out}")
     return case
+
+
+def warn_qc(case: str, qc: dict) -> None:
+    """One ``warning:`` line on stderr for a sample that failed QC (the details are in its meta)."""
+    if not qc.get("passed", True):
+        shown = "; ".join(qc["failures"][:3]) + (f"; and {len(qc['failures']) - 3} more" if len(qc["failures"]) > 3 else "")
+        print(f"warning: {case}: QC failed ({shown}); see meta/{case}.json", file=sys.stderr)

@@ -34,6 +34,9 @@ MIN_ORGANS = 18
 DEFAULT_HU_REFERENCE = {"air": [-1100.0, -900.0], "fat": [-150.0, -50.0], "lung": [-950.0, -600.0], "liver": [20.0, 200.0]}
 HU_MARGIN = 25.0  # tolerance around the training range (HU)
 HU_STATISTIC = "trimmed_mean_10"
+# a user's map may reach beyond the torso the model renders (legs, head); up to this share of its
+# labelled voxels (the box margin's partial slices) pass, more is reported
+OUTSIDE_BOX_SHARE = 0.01
 
 
 def trimmed_mean(values: np.ndarray, cut: float = 0.1) -> float:
@@ -127,6 +130,10 @@ def quality_check(sample, pipe) -> dict:
         median_reference = pipe.ct.ae_meta.get("hu_reference_median") if pipe.ct is not None else None
         if sample.settings.get("ct_texture") and median_reference:
             reference, statistic = median_reference, "median"
+        outside = sample.settings.get("labelled_outside_box", {}).get("share", 0.0)
+        if outside > OUTSIDE_BOX_SHARE:
+            failures.append(f"{outside:.0%} of the labelled voxels lie beyond the organs' z-range the model renders "
+                            "(filled with their class's median HU, not generated)")
         labels, ct = sample.model_grid if sample.model_grid is not None else (sample.labels, sample.ct)
         hu_info, hu_fail = hu_checks(ct, labels, label_set, reference, statistic)
         out["hu"] = {**hu_info, "grid": "model" if sample.model_grid is not None else "output"}

@@ -62,7 +62,7 @@ def _report_cases(out: Path) -> list[str]:
 
 def test_sharded_generation_writes_each_case_once_and_resumes(tcss_root, tmp_path):
     from guidegen.data.layout import DatasetReader
-    from guidegen.pipeline import sample_seed
+    from guidegen.pipeline import read_prompts, sample_seed
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(PROMPTS)
@@ -78,8 +78,9 @@ def test_sharded_generation_writes_each_case_once_and_resumes(tcss_root, tmp_pat
     assert sorted(_report_cases(out)) == CASES  # exactly once each, after both ranks appended
     info = json.loads((out / "dataset.json").read_text())
     assert info["status"] == "complete" and info["num_cases"] == len(CASES)
-    # seeds follow the global sample index, not the rank that drew it
-    assert [reader.meta(c)["seed"] for c in CASES] == [sample_seed(0, i) for i in range(len(CASES))]
+    # seeds follow the prompt id and sample index, not the rank that drew it
+    items = {it.id: it for it in read_prompts(prompts)}
+    assert [reader.meta(c)["seed"] for c in CASES] == [sample_seed(0, items[c.split("_s")[0]], int(c.split("_s")[1])) for c in CASES]
     assert reader.load_case("a_s0").labels.shape == (16, 16, 24)
 
     # re-run after a "crash" that lost one case of each rank: only those two are redone

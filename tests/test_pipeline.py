@@ -164,6 +164,14 @@ def test_rerun_refuses_finished_samples_of_another_request(ckpt_root, tmp_path):
     del meta["request"]
     (out / "meta" / "a.json").write_text(json.dumps(meta))
     assert run() == []
+    # every finished sample is checked before a new one is drawn: a new prompt above an edited
+    # one writes nothing, and the dataset stays complete
+    prompts.write_text('{"id": "new", "prompt": "liver mass 2 cm"}\n{"id": "a", "prompt": "liver mass 3 cm"}\n')
+    meta["request"] = {"prompt": "kidney mass"}
+    (out / "meta" / "a.json").write_text(json.dumps(meta))
+    with pytest.raises(GuideGenError, match="prompt: 'kidney mass' -> 'liver mass 3 cm'"):
+        run()
+    assert DatasetReader(out).case_ids() == ["a"] and json.loads((out / "dataset.json").read_text())["status"] == "complete"
 
 
 def test_resolve_device_gives_each_torchrun_rank_its_gpu(monkeypatch):
@@ -220,6 +228,71 @@ def test_mask_to_ct_on_the_users_grid(ckpt_root, tmp_path, label_set):
     np.testing.assert_allclose(ct_aff, aff)
     meta = json.loads((out / "meta" / f"{cid}.json").read_text())
     assert meta["settings"]["resampled_from_grid"] and meta["qc"]["hu"]["grid"] == "model"  # calibration where it was generated
+
+
+def test_mask_to_ct_keeps_an_lps_maps_axes_and_fills_beyond_the_torso(ckpt_root, tmp_path, label_set):
+    """An LPS map comes back on its own axes and affine, with the CT of the same map given in
+    RAS flipped the same way; body voxels beyond the organs' z-range are tissue, not air, and
+    QC says so; a file name with a space gives a valid case id."""
+    import nibabel as nib
+
+    from guidegen.data.phantom import render_phantom
+
+    case = render_phantom(5, (24, 20, 28))
+    labels = np.concatenate([np.full((24, 20, 10), 0, np.uint8), case.labels], axis=2)
+    labels[4:20, 4:16, :10] = label_set.body_id  # "legs": body only, below every organ
+    aff = ras_affine((9.0, 11.0, 13.0), origin=(-100.0, 20.0, 5.0))
+    to_lps = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt("LPS"))
+    lps = nib.Nifti1Image(labels, aff).as_reoriented(to_lps)
+    ras_path, lps_path = tmp_path / "ras.nii.gz", tmp_path / "my case.nii.gz"
+    save_nifti(ras_path, labels, aff, np.uint8)
+    save_nifti(lps_path, np.asarray(lps.dataobj), lps.affine, np.uint8)
+    cts = {}
+    for name, path in (("ras", ras_path), ("lps", lps_path)):
+        out = tmp_path / name
+        res = run_cli("generate", "--labels", path, "--checkpoint", ckpt_root, "--out", out)
+        assert res.returncode == 0, res.stderr
+        reader = DatasetReader(out)
+        (cid,) = reader.case_ids()
+        cts[name] = load_nifti(reader.ct_path(cid), reorient_to_ras=False)
+        lab, lab_aff = load_nifti(reader.labels_path(cid), reorient_to_ras=False)
+        assert np.array_equal(lab, np.asarray(nib.load(path).dataobj)) and np.allclose(lab_aff, nib.load(path).affine)
+        assert np.allclose(cts[name][1], lab_aff)
+        meta = json.loads((out / "meta" / f"{cid}.json").read_text())
+        assert meta["settings"]["labelled_outside_box"]["voxels"] > 0
+        assert any("beyond the organs' z-range" in f for f in meta["qc"]["failures"])
+        assert f"warning: {cid}: QC failed" in res.stderr and "Traceback" not in res.stderr
+    assert cid == "my_case_seed0"
+    assert np.array_equal(cts["lps"][0], cts["ras"][0][::-1, ::-1, :])  # the same CT, on the LPS axes
+    legs = cts["ras"][0][:, :, :8][labels[:, :, :8] == label_set.body_id]
+    assert legs.min() > -500  # tissue, not air
+
+
+def test_mask_to_ct_refuses_before_loading_models(ckpt_root, tmp_path, label_set):
+    """An all-background map, an --out that holds something else, and another map under the same
+    file name: one line each, nothing created or replaced."""
+    from guidegen.data.phantom import render_phantom
+
+    empty = tmp_path / "empty.nii.gz"
+    save_nifti(empty, np.zeros((8, 8, 8), np.uint8), np.eye(4), np.uint8)
+    res = run_cli("generate", "--labels", empty, "--checkpoint", ckpt_root, "--out", tmp_path / "e")
+    assert res.returncode == 2 and "all background" in res.stderr and not (tmp_path / "e").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    seg = tmp_path / "a" / "segmentations.nii.gz"
+    seg.parent.mkdir()
+    save_nifti(seg, render_phantom(1, (24, 20, 28)).labels, ras_affine((9.0, 11.0, 13.0)), np.uint8)
+    res = run_cli("generate", "--labels", seg, "--checkpoint", ckpt_root, "--out", busy)
+    assert res.returncode == 2 and "holds no guidegen dataset (choose a new or empty directory)" in res.stderr
+    assert "--overwrite" not in res.stderr and sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    out = tmp_path / "o"
+    assert run_cli("generate", "--labels", seg, "--checkpoint", ckpt_root, "--out", out).returncode == 0
+    other = tmp_path / "b" / "segmentations.nii.gz"  # TotalSegmentator's name for every patient
+    other.parent.mkdir()
+    save_nifti(other, render_phantom(2, (24, 20, 28)).labels, ras_affine((9.0, 11.0, 13.0)), np.uint8)
+    res = run_cli("generate", "--labels", other, "--checkpoint", ckpt_root, "--out", out)
+    assert res.returncode == 2 and "segmentations_seed0.json: this sample was generated with other settings (labels_digest" in res.stderr
 
 
 @pytest.mark.parametrize(

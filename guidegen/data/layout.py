@@ -89,6 +89,25 @@ def _dir_is_empty(path: Path) -> bool:
     return not any(path.iterdir())
 
 
+def check_output_root(root: str | os.PathLike, *, overwrite_option: bool, resume: bool = True) -> str:
+    """Check an output directory before any work: ``"new"`` (absent or empty) or ``"resume"``
+    (holds a dataset: ``dataset.json``); raise one line for a file, or a non-empty directory
+    that holds no dataset (or any non-empty one when ``resume`` is False).
+
+    ``overwrite_option``: whether the calling command has ``--overwrite`` (the message offers it).
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise GuideGenError(f"{root}: exists and is not a directory")
+    if not root.is_dir() or _dir_is_empty(root):
+        return "new"
+    if resume and (root / "dataset.json").is_file():
+        return "resume"
+    what = "holds no guidegen dataset" if resume else "is not empty"
+    hint = "use --overwrite to replace its dataset, or choose a new or empty directory" if overwrite_option else "choose a new or empty directory"
+    raise GuideGenError(f"{root}: directory {what} ({hint})")
+
+
 def write_case_preview(root: str | os.PathLike, record: CaseRecord, label_set: LabelSet) -> None:
     """``root/previews/<case>.png`` of a record (atomic).
 
@@ -124,11 +143,12 @@ class DatasetWriter:
 
     def _prepare_root(self, mode: str) -> None:
         root = self.root
-        if root.exists() and not root.is_dir():
-            raise GuideGenError(f"{root}: exists and is not a directory")
+        if mode == "overwrite":
+            if root.exists() and not root.is_dir():
+                raise GuideGenError(f"{root}: exists and is not a directory")
+        else:
+            check_output_root(root, overwrite_option=True, resume=mode == "resume")
         if root.is_dir() and not _dir_is_empty(root):
-            if mode == "new":
-                raise GuideGenError(f"{root}: directory is not empty (use --overwrite to replace its dataset)")
             if mode == "overwrite":
                 for entry in _LAYOUT_ENTRIES:
                     target = root / entry
@@ -156,6 +176,12 @@ class DatasetWriter:
             **self.info,
         }
         write_json_atomic(self.root / "dataset.json", body)
+
+    def mark_incomplete(self) -> None:
+        """Set ``dataset.json``'s status to incomplete while a resumed run adds cases (a reader
+        must not take the dataset for finished; :meth:`finalize` marks it complete again)."""
+        with self._reports_locked():
+            self._write_dataset_json(status="incomplete")
 
     def case_ids(self) -> list[str]:
         return sorted(p.name.removesuffix(".json") for p in (self.root / "meta").glob("*.json"))
