@@ -674,8 +674,12 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
                                 "--ct-steps, --ct-guidance, --seed and --no-texture apply)")
         return [_generate_for_labels(labels_path, prompt or "", out, checkpoint, device, seed, ct_steps, ct_guidance, texture)]
     items = read_prompts(prompts_file) if prompts_file is not None else [PromptItem(single_prompt_id(prompt or "", seed), prompt or "")]
-    for it in items:
-        prompt_findings(it.prompt)  # fail on an empty prompt before loading any model
+    # fail on an empty prompt before loading any model; say which prompts give no findings
+    blank = [it.id for it in items if prompt_findings(it.prompt) == Findings()]
+    if blank:
+        shown = ", ".join(blank[:3]) + (f" and {len(blank) - 3} more" if len(blank) > 3 else "")
+        print(f"warning: no findings (sex, age, tumour, stage, phase) read from prompt {shown}: only the sentence "
+              "conditions the label map (prompts are read in English; `guidegen parse \"...\"` shows what is read)", file=sys.stderr)
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only, clean_labels=not raw_labels,
                                             texture=texture)
     if temperature is not None:

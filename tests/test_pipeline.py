@@ -174,6 +174,16 @@ def test_rerun_refuses_finished_samples_of_another_request(ckpt_root, tmp_path):
     assert DatasetReader(out).case_ids() == ["a"] and json.loads((out / "dataset.json").read_text())["status"] == "complete"
 
 
+def test_a_prompt_without_findings_is_warned_about(ckpt_root, tmp_path, capsys):
+    from guidegen.pipeline import run_generate_command
+
+    run_generate_command(prompt="55-jährige Frau, 3 cm Tumor im Pankreas", out=tmp_path / "o", prompts_file=None, n=1, seed=0,
+                         steps=2, guidance=None, ct_steps=None, ct_guidance=None, checkpoint=ckpt_root, device="cpu",
+                         labels_only=True, labels_path=None, qc_retries=0)
+    err = capsys.readouterr().err
+    assert "warning: no findings (sex, age, tumour, stage, phase) read from prompt gen_" in err and "English" in err
+
+
 def test_resolve_device_gives_each_torchrun_rank_its_gpu(monkeypatch):
     import torch
 
