@@ -6,6 +6,7 @@ code 2 — never a traceback. The work itself lives in the modules the commands 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -57,6 +58,8 @@ def phantom(
         raise GuideGenError(f"--n must be at least 1, got {n}")
     if workers < 1:
         raise GuideGenError(f"--workers must be at least 1, got {workers}")
+    if seed < 0:
+        raise GuideGenError(f"--seed must be >= 0, got {seed}")
     grid = parse_grid(size, option="--size")
     write_phantom_dataset(out, n=n, grid=grid, seed=seed, workers=workers, overwrite=overwrite, previews=previews)
 
@@ -160,7 +163,7 @@ def generate(
     out: Path = typer.Option(Path("out"), "--out", help="Output dataset directory (re-runs skip finished samples)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="File of prompts: .txt (one per line), .csv or .jsonl with ids."),
     n: int = typer.Option(1, "--n", "--num-samples", help="Samples per prompt (under torchrun write --num-samples: torchrun reads --n as its own option)."),
-    seed: int = typer.Option(0, "--seed", help="Base seed; sample i uses seed + i."),
+    seed: int = typer.Option(0, "--seed", help="Base seed (>= 0): sample k of a prompt uses seed + k, plus an offset from its id in a --prompts file."),
     steps: Optional[int] = typer.Option(None, "--steps", help="TCSS sampling steps (network calls; default from the checkpoint)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="TCSS classifier-free guidance scale."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="TCSS x_0 sampling temperature (default from the checkpoint; lower: sharper maps, less variety)."),
@@ -222,6 +225,17 @@ def _train(stage: str, config: Optional[Path], data: Path, out: Path, max_steps:
         # each other (measured 3–35× slower steps with 2 threads under load).
         torch.set_num_threads(threads)
     export = run_training(stage, config, data, out, max_steps=max_steps, init_from=init_from)
+    meta = json.loads((export / "meta.json").read_text())
+    if meta.get("interrupted"):
+        # a chain (`train autoencoder && train ldm`) or a preemption script must see the stop
+        import signal
+
+        from guidegen.checkpoints import total_train_steps
+
+        typer.echo(f"interrupted after step {total_train_steps(meta)}: checkpoint in "
+                   f"{out / 'checkpoint'}, partial export in {export}; re-run the same command to resume", err=True)
+        stopped_by = meta.get("stop_signal")
+        sys.exit(128 + (signal.Signals[stopped_by].value if stopped_by in signal.Signals.__members__ else signal.SIGINT.value))
     typer.echo(f"inference checkpoint: {export}")
 
 
@@ -319,7 +333,7 @@ def export_nnunet(
 def main() -> None:
     """Console-script entry point: run the app, turning known errors into one line + exit 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except GuideGenError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -337,6 +351,12 @@ def main() -> None:
             typer.echo("aborted", err=True)
             sys.exit(1)
         raise
+    # typer turns Ctrl-C into an exit code that, without standalone mode, comes back as the
+    # return value instead of an exception
+    if isinstance(code, int) and code != 0:
+        if code == 130:
+            typer.echo("interrupted", err=True)
+        sys.exit(code)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -25,6 +25,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def unet_levels_problem(channels: tuple[int, ...], attention_levels: tuple[bool, ...], num_head_channels: int) -> str | None:
+    """What is wrong with a diffusion UNet's level settings (None: nothing): one attention flag
+    per level, and the head width dividing every attention level's channels and the last level's
+    (its middle block always has attention). Keys are named relative to the section."""
+    if len(channels) != len(attention_levels):
+        return f"channels has {len(channels)} levels but attention_levels has {len(attention_levels)}"
+    if any(a and c % num_head_channels for c, a in zip(channels, attention_levels)) or channels[-1] % num_head_channels:
+        return (f"num_head_channels ({num_head_channels}) must divide the channels of every attention level and the "
+                f"last level, got channels {list(channels)}")
+    return None
+
+
 class TrainConfig(_Strict):
     """Optimisation loop settings shared by the three trainers."""
 
@@ -40,7 +52,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(250, ge=1)
     checkpoint_every: int = Field(100, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy SeedSequence takes no negative entropy
     num_workers: int = Field(0, ge=0)
 
 
@@ -147,6 +159,9 @@ class TCSSConfig(_Strict):
 
     @model_validator(mode="after")
     def _window_inside_schedule(self) -> "TCSSConfig":
+        problem = unet_levels_problem(self.channels, self.attention_levels, self.num_head_channels)
+        if problem:
+            raise ValueError(problem)
         if self.sample_window_t >= self.timesteps:
             raise ValueError(f"sample_window_t must be below timesteps ({self.timesteps}), got {self.sample_window_t}")
         return self
@@ -263,6 +278,13 @@ class LDMConfig(_Strict):
     # shipped guidegen/weights/demo/autoencoder
     autoencoder_checkpoint: str | None = None
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _unet_levels(self) -> "LDMConfig":
+        problem = unet_levels_problem(self.channels, self.attention_levels, self.num_head_channels)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class GuideGenConfig(_Strict):

@@ -652,6 +652,8 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
         raise GuideGenError(f"--n must be at least 1, got {n}")
     if qc_retries < 0:
         raise GuideGenError(f"--qc-retries must be >= 0, got {qc_retries}")
+    if seed < 0:
+        raise GuideGenError(f"--seed must be >= 0, got {seed}")
     if steps is not None and steps < 1:
         raise GuideGenError(f"--steps must be at least 1, got {steps}")
     if temperature is not None and not temperature > 0:

@@ -92,6 +92,11 @@ def test_bad_size_is_one_line_error(tmp_path, size):
     assert "Traceback" not in res.stderr
 
 
+def test_negative_seed_is_one_line_error_and_writes_nothing(tmp_path):
+    res = run_cli("phantom", "--n", 1, "--size", 16, "--seed", -3, "--out", tmp_path / "x")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --seed must be >= 0, got -3" and not (tmp_path / "x").exists()
+
+
 def test_non_empty_out_refused_unless_overwrite(tmp_path):
     out = tmp_path / "full"
     out.mkdir()
@@ -129,3 +134,16 @@ def test_usage_errors_are_one_line_exit_2(args, message):
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(message) and "Traceback" not in res.stderr
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    """typer hands Ctrl-C back as a return value (not an exception) without standalone mode."""
+    import guidegen.text.findings as findings
+    from helpers_cli import run_cli_inprocess
+
+    def interrupted(text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(findings, "parse_findings", interrupted)
+    code, _, err = run_cli_inprocess(monkeypatch, capsys, "parse", "liver mass")
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted"

@@ -54,3 +54,20 @@ def test_unknown_preset_lists_the_presets_and_the_closest():
     assert preset_names()[:1] == ["demo"] and {"torso-128", "torso-256"} <= set(preset_names())
     far = _error("xyzzy")
     assert "did you mean" not in far and "available presets: " + ", ".join(preset_names()) in far
+
+
+def test_unet_level_settings_are_checked_when_the_config_loads(tmp_path):
+    """Before any data is cached or a model built, for every stage's section (not only the one trained)."""
+    bad = tmp_path / "bad2.yaml"
+    bad.write_text("tcss:\n  channels: [8, 16]\n  attention_levels: [false, true, true]\n"
+                   "ldm:\n  channels: [32, 48]\n  attention_levels: [false, true]\n")
+    msg = _error(bad)
+    assert msg.startswith("bad2.yaml: 2 problems: ")
+    assert "tcss: channels has 2 levels but attention_levels has 3" in msg
+    assert "ldm: num_head_channels (32) must divide the channels of every attention level and the last level, got channels [32, 48]" in msg
+
+
+def test_a_negative_training_seed_is_a_config_error(tmp_path):
+    bad = tmp_path / "seed.yaml"
+    bad.write_text("autoencoder:\n  train:\n    seed: -1\n")
+    assert "autoencoder.train.seed: Input should be greater than or equal to 0 (got -1)" in _error(bad)

@@ -313,6 +313,7 @@ def test_mask_to_ct_refuses_before_loading_models(ckpt_root, tmp_path, label_set
         (["liver mass", "--checkpoint", "/nonexistent/ckpt"], "checkpoint directory not found"),
         (["liver mass", "--n", "0"], "--n"),
         (["liver mass", "--temperature", "0"], "--temperature must be > 0"),
+        (["liver mass", "--seed", "-1"], "--seed must be >= 0"),
         ([], "PROMPT"),
     ],
 )

@@ -181,3 +181,25 @@ def test_tcss_sample_previews_ask_for_the_prompts_tumours_as_generate_does(setup
     assert req.lesion_boxes[0, label_set.id_of("liver")].tolist() == tcss_mod.lesion_box(40.0, meta["spacing_mm"])
     assert seen["site_gate_lesion_scale"] is True
     assert len(list(tmp_path.glob("step0000007_prompt*.png"))) == 2
+
+
+@pytest.mark.parametrize("stop_signal, code", [("SIGTERM", 143), ("SIGINT", 130), (None, 0)])
+def test_an_interrupted_run_exits_non_zero(tmp_path, monkeypatch, capsys, stop_signal, code):
+    """A chain (`train autoencoder && train ldm`) or a preemption script must tell a stopped run
+    from a finished one: 128 + the signal, and a line saying how to resume."""
+    import guidegen.training.run as run_module
+    from helpers_cli import run_cli_inprocess
+
+    def fake_run_training(stage, config, data, out, **_):
+        export = out / "export"
+        export.mkdir(parents=True)
+        (export / "meta.json").write_text(json.dumps({"train_steps": 7, "interrupted": stop_signal is not None, "stop_signal": stop_signal}))
+        return export
+
+    monkeypatch.setattr(run_module, "run_training", fake_run_training)
+    got, out, err = run_cli_inprocess(monkeypatch, capsys, "train", "tcss", "--data", tmp_path, "--out", tmp_path / "run")
+    assert got == code
+    if stop_signal:
+        assert "interrupted after step 7" in err and "re-run the same command to resume" in err and "inference checkpoint" not in out
+    else:
+        assert "inference checkpoint:" in out

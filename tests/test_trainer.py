@@ -262,7 +262,7 @@ def test_sigint_stops_cleanly_with_checkpoint(tmp_path):
     run = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     res = Trainer(run, cfg(max_steps=10), Regression(interrupt_at=2), ToyData(), progress=False).fit()
-    assert res.interrupted and res.step == 3
+    assert res.interrupted and res.step == 3 and res.stop_signal == signal.SIGINT
     assert final_state(run)["step"] == 3
     assert "interrupted" in (run / "train.log").read_text()
     assert signal.getsignal(signal.SIGINT) is before  # handler restored

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
 
+from guidegen.config import unet_levels_problem
 from guidegen.errors import GuideGenError
 from guidegen.models.conditioned import ConditionedDenoiser
 from guidegen.models.tcss_unet import _norm_groups
@@ -96,12 +97,9 @@ class LatentUNet(nn.Module):
                  label_fractions: bool = True, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         channels, attention_levels = tuple(channels), tuple(attention_levels)
-        if len(channels) != len(attention_levels):
-            raise GuideGenError(f"ldm.channels has {len(channels)} levels but ldm.attention_levels has {len(attention_levels)}")
-        bad = [c for c, a in zip(channels, attention_levels) if a and c % num_head_channels]
-        if bad or channels[-1] % num_head_channels:  # the middle block always has attention
-            raise GuideGenError(f"ldm.num_head_channels ({num_head_channels}) must divide the channels of every "
-                                f"attention level and the last level, got channels {list(channels)}")
+        problem = unet_levels_problem(channels, attention_levels, num_head_channels)
+        if problem:
+            raise GuideGenError(f"ldm.{problem}")
         self.latent_channels, self.context_dim, self.factor = latent_channels, context_dim, factor
         self.gradient_checkpointing = gradient_checkpointing
         self.latent_multiple = 2 ** (len(channels) - 1)  # every latent axis must divide by this

@@ -28,7 +28,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
 
-from guidegen.config import TCSSConfig
+from guidegen.config import TCSSConfig, unet_levels_problem
 from guidegen.errors import GuideGenError
 from guidegen.models.unet_checkpoint import check_context, unet_forward
 
@@ -83,13 +83,9 @@ class TCSSUNet(nn.Module):
                  patch_size: int = 1, alphas_bar: Tensor | None = None) -> None:
         super().__init__()
         channels, attention_levels = tuple(channels), tuple(attention_levels)
-        if len(channels) != len(attention_levels):
-            raise GuideGenError(
-                f"tcss.channels has {len(channels)} levels but tcss.attention_levels has {len(attention_levels)}")
-        bad = [c for c, a in zip(channels, attention_levels) if a and c % num_head_channels]
-        if bad or channels[-1] % num_head_channels:  # the middle block always has attention
-            raise GuideGenError(f"tcss.num_head_channels ({num_head_channels}) must divide the channels of every "
-                                f"attention level and the last level, got channels {list(channels)}")
+        problem = unet_levels_problem(channels, attention_levels, num_head_channels)
+        if problem:
+            raise GuideGenError(f"tcss.{problem}")
         if num_classes < 2:
             raise GuideGenError(f"the label set must have at least 2 classes, got {num_classes}")
         self.num_classes = num_classes

@@ -7,6 +7,7 @@ small inference checkpoint (DESIGN §7) that ``generate`` loads.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +172,8 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
 
         meta["hu_reference"] = training_hu_reference(dataset.source, label_set)
         meta["hu_reference_statistic"] = HU_STATISTIC
-    export_checkpoint(trainer, export, stage, cfg, {**meta, "interrupted": result.interrupted})
+    stopped_by = signal.Signals(result.stop_signal).name if result.stop_signal else None
+    export_checkpoint(trainer, export, stage, cfg, {**meta, "interrupted": result.interrupted, "stop_signal": stopped_by})
     return export
 
 

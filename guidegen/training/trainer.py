@@ -427,6 +427,7 @@ class FitResult:
     interrupted: bool  # stopped early by SIGINT / SIGTERM (a checkpoint was written)
     resumed_from: int | None  # step of the checkpoint this call resumed from
     last_log: dict = field(default_factory=dict)
+    stop_signal: int | None = None  # the signal that stopped this process (None: not stopped, or another rank was)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -543,6 +544,7 @@ class Trainer:
 
         self._history: list[dict] = self._read_history() if self.is_main else []
         self._stop_requested = False
+        self._stop_signal: int | None = None
         self._nonfinite_in_a_row: dict[str, int] = {}  # per optimizer: a healthy critic must not hide a diverged model
 
     # ---------------------------------------------------------------- checkpoint in / out
@@ -788,7 +790,7 @@ class Trainer:
                 del loader_iter
         if last_saved != self.step:  # not reached in the normal flow; kept as a guard
             self.save_checkpoint()
-        return FitResult(self.step, self._stop_requested, self.resumed_from, last_log)
+        return FitResult(self.step, self._stop_requested, self.resumed_from, last_log, self._stop_signal)
 
     # ---------------------------------------------------------------- logging / samples
 
@@ -914,6 +916,7 @@ class Trainer:
             if self._stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # second Ctrl-C: stop now
             self._stop_requested = True
+            self._stop_signal = self._stop_signal or signum
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
