@@ -95,9 +95,16 @@ def test_changed_config_on_resume_is_refused(setup):
     other = root / "other.yaml"
     raw = yaml.safe_load(cfg.read_text())
     raw["tcss"]["timesteps"] = 30
+    raw["tcss"].setdefault("train", {})["lr"] = 1e-3
     other.write_text(yaml.safe_dump(raw))
-    with pytest.raises(GuideGenError, match="different config"):
+    with pytest.raises(GuideGenError, match=r"different config \(tcss\.timesteps, tcss\.train\.lr changed; only train\.max_steps"):
         run_training("tcss", other, data, root / "d", max_steps=2, progress=False)
+    # cadences do not touch the weights: a resume may change them
+    cadence = yaml.safe_load(cfg.read_text())
+    cadence["tcss"].setdefault("train", {}).update(log_every=7, checkpoint_every=5, sample_every=9)
+    other.write_text(yaml.safe_dump(cadence))
+    meta = json.loads((run_training("tcss", other, data, root / "d", max_steps=2, progress=False) / "meta.json").read_text())
+    assert meta["train_steps"] == 2
 
 
 @pytest.mark.parametrize("stage", ["tcss", "autoencoder"])

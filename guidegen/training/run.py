@@ -25,10 +25,23 @@ STAGES = ("tcss", "autoencoder", "ldm")
 STAGE_SECTIONS = {"tcss": ("data", "text", "tcss"), "autoencoder": ("data", "autoencoder"), "ldm": ("data", "text", "ldm")}
 
 
+# train keys a resumed run may change: the step budget, and cadences that do not touch the
+# weights (samples are drawn under their own RNG state; workers only prefetch)
+RESUMABLE_TRAIN_KEYS = ("max_steps", "log_every", "sample_every", "checkpoint_every", "num_workers")
+
+
 def _stage_view(cfg: GuideGenConfig, stage: str) -> dict:
     view = {k: v for k, v in cfg.model_dump(mode="json").items() if k in STAGE_SECTIONS[stage]}
-    view[stage]["train"].pop("max_steps", None)  # the step budget may change between sessions
+    for key in RESUMABLE_TRAIN_KEYS:
+        view[stage]["train"].pop(key, None)
     return view
+
+
+def _changed_keys(old: object, new: object, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (``tcss.train.lr``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new)) for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if old != new else []
 
 
 def _check_run_config(out: Path, cfg: GuideGenConfig, stage: str) -> None:
@@ -36,9 +49,11 @@ def _check_run_config(out: Path, cfg: GuideGenConfig, stage: str) -> None:
     saved = out / "config.yaml"
     if saved.is_file() and (out / "checkpoint").exists():
         old = load_config(saved)
-        changed = [k for k in STAGE_SECTIONS[stage] if _stage_view(old, stage).get(k) != _stage_view(cfg, stage).get(k)]
+        changed = _changed_keys(_stage_view(old, stage), _stage_view(cfg, stage))
         if changed:
-            raise GuideGenError(f"{saved}: this run was started with a different config ({', '.join(changed)} changed); "
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise GuideGenError(f"{saved}: this run was started with a different config ({shown} changed; only "
+                                f"{', '.join(f'train.{k}' for k in RESUMABLE_TRAIN_KEYS)} may change on resume); "
                                 "use a new --out or the same --config")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, dump_config(cfg))
