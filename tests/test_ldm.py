@@ -258,7 +258,7 @@ def test_fallback_and_interrupted_autoencoder_warn(workspace, tmp_path, monkeypa
     meta_path.write_text(json.dumps({**meta, "interrupted": True}))
     monkeypatch.setattr(guidegen.checkpoints, "shipped_root", lambda: shipped)
     out = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="guidegen.training.ldm"):
+    with caplog.at_level(logging.WARNING, logger="guidegen.training"):
         ldm_setup(tiny_cfg(), label_set, workspace["data"], out)
     text = caplog.text
     assert "ldm.autoencoder_checkpoint is not set" in text and "shipped:demo/autoencoder" in text
@@ -267,7 +267,7 @@ def test_fallback_and_interrupted_autoencoder_warn(workspace, tmp_path, monkeypa
     assert "[warning] ldm.autoencoder_checkpoint is not set" in log and "interrupted: true" in log
 
     caplog.clear()  # an explicitly configured, complete AE: no warning
-    with caplog.at_level(logging.WARNING, logger="guidegen.training.ldm"):
+    with caplog.at_level(logging.WARNING, logger="guidegen.training"):
         ldm_setup(tiny_cfg(autoencoder_checkpoint=str(workspace["ae"])), label_set, workspace["data"])
     assert caplog.text == ""
 

@@ -210,3 +210,29 @@ def test_an_interrupted_run_exits_non_zero(tmp_path, monkeypatch, capsys, stop_s
         assert "interrupted after step 7" in err and "re-run the same command to resume" in err and "inference checkpoint" not in out
     else:
         assert "inference checkpoint:" in out
+
+
+def test_resume_on_other_or_incomplete_data_is_warned_and_exports_record_their_data(setup, caplog):
+    import logging
+    import shutil
+
+    from guidegen.training.run import run_training
+
+    root, data, cfg = setup
+    run = root / "data_run"
+    meta = json.loads((run_training("tcss", cfg, data, run, max_steps=1, progress=False) / "meta.json").read_text())
+    assert meta["data"]["cases"] == 2 and meta["data"]["name"] == data.name and len(meta["data"]["digest"]) == 16
+    assert "[warning]" not in (run / "train.log").read_text()
+    other = root / "data_other"
+    shutil.copytree(data, other)
+    first = sorted((other / "meta").glob("*.json"))[0]
+    first.unlink()  # one case fewer, and the set marked as an interrupted write
+    info = json.loads((other / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps({**info, "status": "incomplete"}))
+    with caplog.at_level(logging.WARNING, logger="guidegen.training"):
+        meta = json.loads((run_training("tcss", cfg, other, run, max_steps=2, progress=False) / "meta.json").read_text())
+    log = (run / "train.log").read_text()
+    assert "not the dataset this run started on (data, 2 cases; now data_other, 1 cases)" in log
+    assert "dataset.json says status 'incomplete'" in log and "training on its 1 complete case(s)" in log
+    assert "not the dataset this run started on" in caplog.text
+    assert meta["data"]["cases"] == 1 and meta["train_steps"] == 2

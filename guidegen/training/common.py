@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,19 @@ from torch import Tensor
 from guidegen.labels import LabelSet
 from guidegen.text.findings import Findings, parse_findings
 from guidegen.text.knowledge import TextConditioner
+
+log = logging.getLogger(__name__)
+
+
+def warn_run(text: str, out: Path | None) -> None:
+    """A warning on stderr (logging) and, on the main process, in the run's ``train.log``."""
+    from datetime import datetime
+
+    log.warning(text)
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train.log", "a") as fh:
+            fh.write(f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} [warning] {text}\n")
 
 
 def findings_of(text: str, findings_json: str | None) -> Findings:

@@ -16,7 +16,6 @@ loaded machine: ~0.95 s wall per step with one torch thread; (64, 128, 128) cost
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,14 +30,12 @@ from guidegen.errors import GuideGenError
 from guidegen.labels import LabelSet
 from guidegen.models.ldm_unet import LatentDenoiser, LatentUNet
 from guidegen.text.knowledge import TextConditioner, sample_drop_mask
-from guidegen.training.common import batch_condition
+from guidegen.training.common import batch_condition, warn_run
 from guidegen.training.trainer import StageTask, StepContext
 
 PREVIEW_CASES = 2
 PREVIEW_MAX_STEPS = 25  # DDIM steps of the periodic training previews
 AUTOENCODER_RECORD = "autoencoder.json"  # in an LDM run directory: the AE (latent space) the run started on
-
-log = logging.getLogger(__name__)
 
 
 def build_ldm_model(cfg: GuideGenConfig, label_set: LabelSet, text_dim: int, latent_channels: int,
@@ -180,17 +177,6 @@ def resolve_autoencoder_checkpoint(cfg: GuideGenConfig) -> Path:
                         "train one with 'guidegen train autoencoder' and set ldm.autoencoder_checkpoint to RUN/export")
 
 
-def _warn(text: str, out: Path | None) -> None:
-    """A warning on stderr (logging) and, on the main process, in the run's ``train.log``."""
-    from datetime import datetime
-
-    log.warning(text)
-    if out is not None and int(os.environ.get("RANK", "0")) == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "train.log", "a") as fh:
-            fh.write(f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} [warning] {text}\n")
-
-
 def check_autoencoder_record(out: Path, ae_dir: Path, latent_sha256: str, ae_sha256: str) -> None:
     """Tie an LDM run to the latent space it started on (``out/autoencoder.json``).
 
@@ -231,12 +217,12 @@ def ldm_setup(cfg: GuideGenConfig, label_set: LabelSet, data: str | Path, out: s
     out = Path(out) if out is not None else None
     ae_dir = resolve_autoencoder_checkpoint(cfg)
     if not cfg.ldm.autoencoder_checkpoint:
-        _warn(f"ldm.autoencoder_checkpoint is not set: falling back to the shipped demo autoencoder "
+        warn_run(f"ldm.autoencoder_checkpoint is not set: falling back to the shipped demo autoencoder "
               f"{describe_checkpoint_path(ae_dir)} ({ae_dir}, trained on phantoms); with your own data set "
               "ldm.autoencoder_checkpoint to your autoencoder's RUN/export", out)
     ae_meta_path = ae_dir / "meta.json"
     if ae_meta_path.is_file() and json.loads(ae_meta_path.read_text()).get("interrupted"):
-        _warn(f"{ae_dir}: this autoencoder export was written by an interrupted run (meta.json interrupted: true); "
+        warn_run(f"{ae_dir}: this autoencoder export was written by an interrupted run (meta.json interrupted: true); "
               "its latent space may change when that run is resumed and exported again", out)
     ae, ae_cfg, _ = load_autoencoder(ae_dir)
     if ae_cfg.data.label_set != label_set.name:

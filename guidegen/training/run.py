@@ -7,6 +7,7 @@ small inference checkpoint (DESIGN §7) that ``generate`` loads.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -57,6 +58,48 @@ def _check_run_config(out: Path, cfg: GuideGenConfig, stage: str) -> None:
                                 "use a new --out or the same --config")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, dump_config(cfg))
+
+
+DATA_RECORD = "data.json"  # in a run directory: the dataset the run started on
+
+
+def dataset_record(reader) -> dict:
+    """``{"name", "cases", "digest"}`` of a training set: its folder name, complete cases and a
+    hash of their ids and file sizes (cheap on thousands of cases; a rewritten volume of the
+    same size is not seen)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    cases = reader.case_ids()
+    for case in cases:
+        sizes = [p.stat().st_size if p.is_file() else -1 for p in (reader.labels_path(case), reader.root / "ct" / f"{case}.nii.gz")]
+        h.update(f"{case}:{sizes[0]}:{sizes[1]};".encode())
+    return {"name": reader.root.name, "cases": len(cases), "digest": h.hexdigest()[:16]}
+
+
+def check_run_data(out: Path, reader) -> dict:
+    """Record the training set a run starts on (``out/data.json``) and warn when a resume uses
+    another one or an incomplete one: the resume is then not exact (the data order follows the
+    case list), which may be intended (more data) but should never be silent."""
+    from guidegen.training.common import warn_run
+
+    record = dataset_record(reader)
+    if reader.info.get("status") != "complete":
+        warn_run(f"{reader.root}: dataset.json says status {reader.info.get('status')!r} (an interrupted phantom, "
+                 f"prepare or generate run?): training on its {record['cases']} complete case(s)", out)
+    path = out / DATA_RECORD
+    started = None
+    if path.is_file():
+        try:
+            started = json.loads(path.read_text())
+        except ValueError:
+            started = None
+    if started is not None and (out / "checkpoint").exists() and started.get("digest") != record["digest"]:
+        warn_run(f"--data {reader.root}: not the dataset this run started on ({started.get('name')}, {started.get('cases')} "
+                 f"cases; now {record['name']}, {record['cases']} cases): resuming on it, the data order is not the original's", out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(path, record)
+    return record
 
 
 def data_geometry(dataset) -> dict:
@@ -156,6 +199,7 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
     reader = DatasetReader(data)
     if reader.label_set.name != label_set.name:
         raise GuideGenError(f"{data}: dataset label set {reader.label_set.name!r} differs from the config's {label_set.name!r}")
+    data_record = check_run_data(out, reader)
     if stage == "tcss":
         task, dataset, meta = _tcss_setup(cfg, label_set, data)
     elif stage == "autoencoder":
@@ -188,7 +232,7 @@ def run_training(stage: str, config: str | Path | None, data: str | Path, out: s
         meta["hu_reference"] = training_hu_reference(dataset.source, label_set)
         meta["hu_reference_statistic"] = HU_STATISTIC
     stopped_by = signal.Signals(result.stop_signal).name if result.stop_signal else None
-    export_checkpoint(trainer, export, stage, cfg, {**meta, "interrupted": result.interrupted, "stop_signal": stopped_by})
+    export_checkpoint(trainer, export, stage, cfg, {**meta, "data": data_record, "interrupted": result.interrupted, "stop_signal": stopped_by})
     return export
 
 
