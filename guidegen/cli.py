@@ -76,7 +76,12 @@ def preview(
     from guidegen.viz import save_case_preview
 
     reader = DatasetReader(data)
-    cases = [case] if case else reader.case_ids()
+    known = reader.case_ids()
+    if case is not None and case not in known:
+        raise GuideGenError(f"--case {case!r}: no complete case of that id in {data} ({len(known)} case(s), e.g. {', '.join(known[:3]) or 'none'})")
+    cases = [case] if case else known
+    if out is not None and out.suffix == ".png" and len(cases) != 1:
+        raise GuideGenError(f"--out {out}: a PNG path takes one case (give --case); for {len(cases)} cases give a directory")
     for cid in cases:
         item = reader.load_case(cid)
         if out is not None and out.suffix == ".png" and len(cases) == 1:
