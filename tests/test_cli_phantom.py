@@ -121,7 +121,7 @@ def test_preview_and_info_commands(phantom_dir, tmp_path):
     res = run_cli("preview", "--data", phantom_dir, "--out", tmp_path / "all.png")
     assert res.returncode == 2 and "a PNG path takes one case (give --case)" in res.stderr and not (tmp_path / "all.png").exists()
     res = run_cli("preview", "--data", phantom_dir, "--case", "nope")
-    assert res.returncode == 2 and "--case 'nope': no complete case of that id" in res.stderr and "phantom_000000" in res.stderr
+    assert res.returncode == 2 and "--case 'nope': no complete case of that id" in res.stderr and "phantom_000001" in res.stderr
     res = run_cli("info")
     assert res.returncode == 0 and "guidegen22" in res.stdout and "torch" in res.stdout
 
