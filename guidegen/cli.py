@@ -349,6 +349,9 @@ def main() -> None:
         raise
     except Exception as exc:  # click's usage errors and aborts
         usage_errors, aborts = _click_exception_types()
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `guidegen` or `guidegen train` alone: the help, not an error
+            typer.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code or 2)
         if isinstance(exc, usage_errors):
             typer.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code or 2)

@@ -87,9 +87,11 @@ def test_bad_inputs(phantom, tmp_path, exported):
         export_nnunet(phantom, tmp_path / "raw", 1000, "X")
     with pytest.raises(GuideGenError, match="--name"):
         export_nnunet(phantom, tmp_path / "raw", 1, "has space")
+    with pytest.raises(GuideGenError, match="without the DatasetNNN_ prefix"):
+        export_nnunet(phantom, tmp_path / "raw", 5, "Dataset005_x")
     with pytest.raises(GuideGenError, match="exists and is not empty"):
         export_nnunet(phantom, tmp_path / "raw", 42, "GuideGenPhantom")
-    with pytest.raises(GuideGenError, match="already holds Dataset042_GuideGenPhantom"):
+    with pytest.raises(GuideGenError, match="already holds Dataset042_GuideGenPhantom.*remove Dataset042_GuideGenPhantom first"):
         export_nnunet(phantom, tmp_path / "raw", 42, "Other")
     assert export_nnunet(phantom, tmp_path / "raw", 42, "GuideGenPhantom", overwrite=True) == exported
     noct = tmp_path / "noct"

@@ -41,6 +41,8 @@ def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str,
         raise GuideGenError(f"--dataset-id: must be between 1 and 999 (nnU-Net uses 3 digits), got {dataset_id}")
     if not _NAME.match(name or ""):
         raise GuideGenError(f"--name: use letters, digits, '_' or '-' (no spaces), got {name!r}")
+    if re.match(r"^Dataset\d{3}_", name):
+        raise GuideGenError(f"--name: give the name without the DatasetNNN_ prefix (--dataset-id sets the number), got {name!r}")
     reader = open_dataset(data, "--data")
     cases = reader.case_ids()
     missing = [c for c in cases if not reader.ct_path(c).is_file()]
@@ -52,7 +54,8 @@ def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str,
     target = nnunet_dataset_dir(out, dataset_id, name)
     clash = [p.name for p in out.glob(f"Dataset{int(dataset_id):03d}_*") if p != target] if out.is_dir() else []
     if clash:
-        raise GuideGenError(f"--dataset-id {dataset_id}: {out} already holds {clash[0]}; nnU-Net needs one dataset per id")
+        raise GuideGenError(f"--dataset-id {dataset_id}: {out} already holds {clash[0]}; nnU-Net needs one dataset per id "
+                            f"(choose another --dataset-id, or remove {clash[0]} first)")
     replace = target.exists() and any(target.iterdir())
     if replace and not overwrite:
         raise GuideGenError(f"--out {target}: exists and is not empty (use --overwrite to replace it)")
