@@ -11,6 +11,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,6 +91,11 @@ def test_metrics_json_keys_and_ranges(runs):
     assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0
     assert "liver" in m["alignment_dice"] and "background" not in m["alignment_dice"]
     assert all(0.0 <= v <= 1.0 for v in m["alignment_dice"].values())
+    # the real ceiling averages the same classes as the synthetic mean
+    scored = [k for k, v in m["alignment_dice"].items() if v is not None]
+    assert m["alignment_dice_classes"] == len(scored)
+    ref = [m["alignment_dice_real_reference"][k] for k in scored if m["alignment_dice_real_reference"].get(k) is not None]
+    assert m["alignment_dice_real_reference_mean"] == pytest.approx(np.mean(ref), abs=1e-3)
     assert m["downstream"]["n_train"] == 6 and m["downstream"]["n_test_real"] == 2
     assert any("Slice-wise FID/LPIPS skipped" in n for n in m["notes"])
 

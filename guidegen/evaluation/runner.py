@@ -461,7 +461,11 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
         ref_pred = segment(seg, ct_to_unit(real_ref.ct))
         ref = _per_class(mean_dice_per_class(ref_pred, real_ref.labels, ls.num_classes), names)
     metrics["alignment_dice_real_reference"] = ref
-    metrics["alignment_dice_real_reference_mean"] = _mean(ref) if ref else None
+    # the ceiling over the classes the synthetic mean has (a class absent from every synthetic
+    # map has no Dice there): both means then average the same classes
+    scored = {k: v for k, v in ref.items() if metrics["alignment_dice"].get(k) is not None}
+    metrics["alignment_dice_real_reference_mean"] = _mean(scored) if ref else None
+    metrics["alignment_dice_classes"] = sum(v is not None for v in metrics["alignment_dice"].values())
     metrics["segmenter"] = {"train_cases": len(seg_train), "steps": cfg.segmenter.steps, "cached": smeta["cached"], "train_seconds": smeta.get("seconds")}
     timings["alignment"] = time.perf_counter() - t
 
