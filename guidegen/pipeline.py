@@ -682,11 +682,15 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
         shown = ", ".join(blank[:3]) + (f" and {len(blank) - 3} more" if len(blank) > 3 else "")
         print(f"warning: no findings (sex, age, tumour, stage, phase) read from prompt {shown}: only the sentence "
               "conditions the label map (prompts are read in English; `guidegen parse \"...\"` shows what is read)", file=sys.stderr)
+    rank, world = _distributed_rank()
+    if rank == 0:  # a foreign --out fails now, not after the models load (the other ranks wait for rank 0's dataset)
+        from guidegen.data.layout import check_output_root
+
+        check_output_root(out, overwrite_option=False)
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only, clean_labels=not raw_labels,
                                             texture=texture)
     if temperature is not None:
         pipe.labels.temperature = temperature
-    rank, world = _distributed_rank()
     written = generate_dataset(pipe, items, out, n=n, seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps,
                                ct_guidance=ct_guidance, qc_retries=qc_retries, rank=rank, world_size=world)
     if rank == 0:

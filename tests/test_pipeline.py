@@ -342,3 +342,22 @@ def test_bad_label_inputs(ckpt_root, tmp_path):
     res = run_cli("generate", "--labels", junk, "--checkpoint", ckpt_root, "--out", tmp_path / "o2")
     assert res.returncode == 2 and "junk.nii.gz" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o1" / "ct").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_foreign_out_is_refused_before_the_models_load(tmp_path, monkeypatch):
+    from guidegen.errors import GuideGenError
+    from guidegen.pipeline import GuideGenPipeline, run_generate_command
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("models loaded before --out was checked")
+
+    monkeypatch.setattr(GuideGenPipeline, "from_pretrained", no_load)
+    with pytest.raises(GuideGenError, match=r"busy: directory holds no guidegen dataset \(choose a new or empty directory\)"):
+        run_generate_command(prompt="liver mass 3 cm", out=busy, prompts_file=None, n=1, seed=0, steps=None, guidance=None,
+                             ct_steps=None, ct_guidance=None, checkpoint=None, device="cpu", labels_only=True, labels_path=None,
+                             qc_retries=0)
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
