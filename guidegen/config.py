@@ -158,10 +158,14 @@ class TCSSConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _window_inside_schedule(self) -> "TCSSConfig":
+    def _unet_levels(self) -> "TCSSConfig":
         problem = unet_levels_problem(self.channels, self.attention_levels, self.num_head_channels)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _window_inside_schedule(self) -> "TCSSConfig":
         if self.sample_window_t >= self.timesteps:
             raise ValueError(f"sample_window_t must be below timesteps ({self.timesteps}), got {self.sample_window_t}")
         return self

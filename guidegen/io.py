@@ -138,8 +138,8 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     ras = nib.orientations.axcodes2ornt("RAS")
     forward = nib.orientations.ornt_transform(native, ras)
     out = nib.orientations.apply_orientation(array, forward)
-    ras_affine_ = np.asarray(affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(forward, array.shape)
-    return np.ascontiguousarray(out), ras_affine_, nib.orientations.ornt_transform(ras, native)
+    out_affine = np.asarray(affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(forward, array.shape)
+    return np.ascontiguousarray(out), out_affine, nib.orientations.ornt_transform(ras, native)
 
 
 def from_ras(array: np.ndarray, back: np.ndarray) -> np.ndarray:

@@ -186,3 +186,21 @@ def test_grid_cache_is_built_in_shares_across_ranks(tmp_path):
     ds.build_cache(progress=False, rank=1, world_size=2, barrier=lambda: seen.append(sorted(p.stem for p in ds.cache.dir.glob("*.npz"))))
     assert seen == [["c1", "c3"]]  # its share, before the barrier
     assert all(ds.cache.is_fresh(c, ds.sources(c)) for c in ds.cases)  # the others' share, built after it here
+
+
+@pytest.mark.parametrize("codes", ["LPS", "PIR", "SAL", "RAS"])
+def test_to_ras_flips_and_permutes_like_nibabel_and_from_ras_undoes_it(codes):
+    import nibabel as nib
+
+    from guidegen.io import from_ras, to_ras
+
+    rng = np.random.default_rng(1)
+    ras = rng.integers(0, 22, (5, 6, 7)).astype(np.uint8)
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-10.0, 20.0, 30.0)
+    to_codes = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(codes))
+    img = nib.Nifti1Image(ras, affine).as_reoriented(to_codes)
+    native, native_affine = np.asarray(img.dataobj), img.affine
+    out, out_affine, back = to_ras(native, native_affine)
+    assert np.array_equal(out, ras) and np.allclose(out_affine, affine)  # the voxels and the world are the same
+    assert np.array_equal(from_ras(out, back), native)

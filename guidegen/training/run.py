@@ -72,7 +72,7 @@ def dataset_record(reader) -> dict:
     h = hashlib.sha256()
     cases = reader.case_ids()
     for case in cases:
-        sizes = [p.stat().st_size if p.is_file() else -1 for p in (reader.labels_path(case), reader.root / "ct" / f"{case}.nii.gz")]
+        sizes = [p.stat().st_size if p.is_file() else -1 for p in (reader.labels_path(case), reader.ct_path(case))]
         h.update(f"{case}:{sizes[0]}:{sizes[1]};".encode())
     return {"name": reader.root.name, "cases": len(cases), "digest": h.hexdigest()[:16]}
 
@@ -84,7 +84,7 @@ def check_run_data(out: Path, reader) -> dict:
     from guidegen.training.common import warn_run
 
     record = dataset_record(reader)
-    if reader.info.get("status") != "complete":
+    if reader.info.get("status") == "incomplete":
         warn_run(f"{reader.root}: dataset.json says status {reader.info.get('status')!r} (an interrupted phantom, "
                  f"prepare or generate run?): training on its {record['cases']} complete case(s)", out)
     path = out / DATA_RECORD
