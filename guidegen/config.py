@@ -37,6 +37,18 @@ def unet_levels_problem(channels: tuple[int, ...], attention_levels: tuple[bool,
     return None
 
 
+class _DiffusionUNetSection(_Strict):
+    """A stage whose denoiser is a diffusion UNet (``channels``, ``attention_levels``,
+    ``num_head_channels`` in the subclass): its level settings are checked when the config loads."""
+
+    @model_validator(mode="after")
+    def _unet_levels(self):
+        problem = unet_levels_problem(self.channels, self.attention_levels, self.num_head_channels)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
 class TrainConfig(_Strict):
     """Optimisation loop settings shared by the three trainers."""
 
@@ -89,7 +101,7 @@ class TextConfig(_Strict):
     layerwise_injection: bool = False
 
 
-class TCSSConfig(_Strict):
+class TCSSConfig(_DiffusionUNetSection):
     """Stage 1: categorical diffusion over label maps (DESIGN §6)."""
 
     timesteps: int = Field(1000, ge=2)
@@ -156,13 +168,6 @@ class TCSSConfig(_Strict):
         if v % 2 != 1:
             raise ValueError(f"must be an odd number of voxels, got {v}")
         return v
-
-    @model_validator(mode="after")
-    def _unet_levels(self) -> "TCSSConfig":
-        problem = unet_levels_problem(self.channels, self.attention_levels, self.num_head_channels)
-        if problem:
-            raise ValueError(problem)
-        return self
 
     @model_validator(mode="after")
     def _window_inside_schedule(self) -> "TCSSConfig":
@@ -260,7 +265,7 @@ class AutoencoderConfig(_Strict):
         return self
 
 
-class LDMConfig(_Strict):
+class LDMConfig(_DiffusionUNetSection):
     """Stage 3: Gaussian latent diffusion conditioned on labels and text (DESIGN §6)."""
 
     timesteps: int = Field(1000, ge=2)
@@ -282,13 +287,6 @@ class LDMConfig(_Strict):
     # shipped guidegen/weights/demo/autoencoder
     autoencoder_checkpoint: str | None = None
     train: TrainConfig = TrainConfig()
-
-    @model_validator(mode="after")
-    def _unet_levels(self) -> "LDMConfig":
-        problem = unet_levels_problem(self.channels, self.attention_levels, self.num_head_channels)
-        if problem:
-            raise ValueError(problem)
-        return self
 
 
 class GuideGenConfig(_Strict):
