@@ -630,13 +630,6 @@ def single_prompt_id(prompt: str, seed: int) -> str:
     return f"gen_{hashlib.sha256(prompt.strip().encode()).hexdigest()[:8]}_seed{seed}"
 
 
-def _distributed_rank() -> tuple[int, int]:
-    """(rank, world size) under torchrun (env vars), else (0, 1)."""
-    import os
-
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | None, n: int, seed: int, steps: int | None,
                          guidance: float | None, ct_steps: int | None, ct_guidance: float | None, checkpoint: Path | None,
                          device: str, labels_only: bool, labels_path: Path | None, qc_retries: int,
@@ -682,7 +675,9 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
         shown = ", ".join(blank[:3]) + (f" and {len(blank) - 3} more" if len(blank) > 3 else "")
         print(f"warning: no findings (sex, age, tumour, stage, phase) read from prompt {shown}: only the sentence "
               "conditions the label map (prompts are read in English; `guidegen parse \"...\"` shows what is read)", file=sys.stderr)
-    rank, world = _distributed_rank()
+    from guidegen.training.common import launch_rank
+
+    rank, world = launch_rank()
     if rank == 0:  # a foreign --out fails now, not after the models load (the other ranks wait for rank 0's dataset)
         from guidegen.data.layout import check_output_root
 

@@ -22,6 +22,13 @@ from guidegen.data.layout import DatasetReader
 from guidegen.errors import GuideGenError
 
 
+def cache_sources(reader: DatasetReader, case: str, with_ct: bool) -> list[Path]:
+    """The files a grid-cache entry of ``case`` is computed from, whose size and mtime it keeps
+    (:func:`guidegen.data.cache.source_stamp`): the label map, and the CT when the entry holds it.
+    One rule for the datasets that read the cache and ``guidegen prepare``, which writes it."""
+    return [reader.labels_path(case)] + ([reader.ct_path(case)] if with_ct else [])
+
+
 class GridCaseDataset(Dataset):
     """Cases of a dataset directory resized to ``grid`` (cached under ``DATASET/cache``)."""
 
@@ -65,7 +72,7 @@ class GridCaseDataset(Dataset):
 
     def sources(self, case: str) -> list[Path]:
         """The files a cached item of ``case`` is computed from (its label map, and CT if used)."""
-        return [self.reader.labels_path(case)] + ([self.reader.ct_path(case)] if self.with_ct else [])
+        return cache_sources(self.reader, case, self.with_ct)
 
     def _item(self, case: str) -> dict:
         item = self.cache.load(case, self.sources(case))

@@ -56,6 +56,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from guidegen.data.cache import PreprocessCache, PreprocessConfig, preprocess_case, torso_bbox
+from guidegen.data.datasets import cache_sources
 from guidegen.data.dicom import looks_like_dicom_folder, read_dicom_series
 from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check_case_id
 from guidegen.data.totalseg import BODY_CLASS_NAMES, guess_totalseg_version, known_class_names, lung_ratio, totalseg_classes
@@ -843,9 +844,8 @@ def store_cache(root: Path, record: CaseRecord, opts: PrepareOptions) -> None:
     with_ct, labels_only = cache_configs(opts)
     item = preprocess_case(record.labels, record.ct, record.affine, with_ct, label_set)
     reader = DatasetReader(root)
-    labels_file, ct_file = reader.labels_path(record.case), reader.ct_path(record.case)
-    PreprocessCache(root, with_ct).store(record.case, item, [labels_file] + ([ct_file] if ct_file.is_file() else []))
-    PreprocessCache(root, labels_only).store(record.case, {**item, "ct": None}, [labels_file])
+    PreprocessCache(root, with_ct).store(record.case, item, cache_sources(reader, record.case, with_ct=record.ct is not None))
+    PreprocessCache(root, labels_only).store(record.case, {**item, "ct": None}, cache_sources(reader, record.case, with_ct=False))
 
 
 def process_case(inputs: CaseInputs, opts: PrepareOptions, out: str | None) -> CaseResult:

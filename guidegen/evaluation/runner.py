@@ -449,15 +449,13 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
 
     # alignment ---------------------------------------------------------------------
     t = time.perf_counter()
-    use_split = bool(held_idx)
-    seg_train = real_train
-    seg, smeta = trained_segmenter(seg_train, cfg.segmenter, cache, "segmenter_real", progress=progress)
+    seg, smeta = trained_segmenter(real_train, cfg.segmenter, cache, "segmenter_real", progress=progress)
     pred = segment(seg, ct_to_unit(synth_set.ct))
     align = mean_dice_per_class(pred, synth_set.labels, ls.num_classes)
     metrics["alignment_dice"] = _per_class(align, names)
     metrics["alignment_dice_mean"] = _mean(metrics["alignment_dice"])
     ref = {}
-    if use_split:  # the same net on held-out real cases: the ceiling synthetic alignment can reach
+    if not in_sample:  # the same net on held-out real cases: the ceiling synthetic alignment can reach
         ref_pred = segment(seg, ct_to_unit(real_ref.ct))
         ref = _per_class(mean_dice_per_class(ref_pred, real_ref.labels, ls.num_classes), names)
     metrics["alignment_dice_real_reference"] = ref
@@ -466,7 +464,7 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
     scored = {k: v for k, v in ref.items() if metrics["alignment_dice"].get(k) is not None}
     metrics["alignment_dice_real_reference_mean"] = _mean(scored) if ref else None
     metrics["alignment_dice_classes"] = sum(v is not None for v in metrics["alignment_dice"].values())
-    metrics["segmenter"] = {"train_cases": len(seg_train), "steps": cfg.segmenter.steps, "cached": smeta["cached"], "train_seconds": smeta.get("seconds")}
+    metrics["segmenter"] = {"train_cases": len(real_train), "steps": cfg.segmenter.steps, "cached": smeta["cached"], "train_seconds": smeta.get("seconds")}
     timings["alignment"] = time.perf_counter() - t
 
     # text fidelity -----------------------------------------------------------------
@@ -487,13 +485,12 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
     metrics["downstream_dice_synthetic"] = metrics["downstream_dice_real"] = None
     if not cfg.downstream:
         notes.append("Usefulness (downstream segmentation) skipped by configuration.")
-    elif not held_idx:
-        notes.append(f"Usefulness skipped: the real set has {len(real_set)} cases; at least 4 are needed to hold some out.")
+    elif in_sample:
+        notes.append(f"Usefulness skipped: the real set has {len(real_set)} cases; at least {MIN_SPLIT_CASES} are needed to hold some out.")
     else:
         n = min(len(synth_set), len(train_idx), cfg.downstream_n or 10**9)
         steps = cfg.downstream_steps or cfg.segmenter.steps
         dcfg = replace(cfg.segmenter, steps=steps)
-        held = real_ref
         results = {}
         for arm, src, idx in (("synthetic", synth_set, list(range(n))), ("real", real_set, train_idx[:n])):
             if arm == "real" and idx == train_idx and dcfg == cfg.segmenter:
@@ -502,7 +499,7 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
                 sub = _with_digest(src, idx)
                 cdir = cache if arm == "real" else None  # synthetic sets change every run; do not cache them
                 net, _ = trained_segmenter(sub, dcfg, cdir, f"segmenter_{arm}_n{n}", progress=progress)
-            d = _per_class(mean_dice_per_class(segment(net, ct_to_unit(held.ct)), held.labels, ls.num_classes), names)
+            d = _per_class(mean_dice_per_class(segment(net, ct_to_unit(real_ref.ct)), real_ref.labels, ls.num_classes), names)
             results[arm] = d
         metrics["downstream_dice_synthetic"] = _mean(results["synthetic"])
         metrics["downstream_dice_real"] = _mean(results["real"])
@@ -522,8 +519,8 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
         "figures": {
             "feature_net": {"part": train_part, "cases": len(real_train)},
             "frechet_precision_recall_real_features": {"part": ref_part, "cases": len(real_ref)},
-            "segmenter_real": {"part": train_part, "cases": len(seg_train)},
-            "alignment_dice_real_reference": {"part": "held_out", "cases": len(held_idx)} if use_split else None,
+            "segmenter_real": {"part": train_part, "cases": len(real_train)},
+            "alignment_dice_real_reference": None if in_sample else {"part": "held_out", "cases": len(held_idx)},
             "attribute_classifier": {"part": train_part, "cases": len(real_train)},
             "attribute_accuracy_real": {"part": ref_part, "cases": len(real_ref)},
             "downstream_real_train": {"part": "train", "cases": ds_info["n_train"]} if ds_info else None,

@@ -18,12 +18,18 @@ from guidegen.text.knowledge import TextConditioner
 log = logging.getLogger(__name__)
 
 
+def launch_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process under torchrun / accelerate (their ``RANK`` and
+    ``WORLD_SIZE``), ``(0, 1)`` in a plain process; readable before any process group exists."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def warn_run(text: str, out: Path | None) -> None:
     """A warning on stderr (logging) and, on the main process, in the run's ``train.log``."""
     from datetime import datetime
 
     log.warning(text)
-    if out is not None and int(os.environ.get("RANK", "0")) == 0:
+    if out is not None and launch_rank()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "a") as fh:
             fh.write(f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} [warning] {text}\n")
@@ -94,10 +100,9 @@ def build_cache_on_ranks(dataset, progress: bool = True) -> None:
     """Build ``dataset``'s missing cache entries (a grid cache, or the LDM's latents), sharded over
     the processes of a torchrun job (``RANK`` / ``WORLD_SIZE``): each builds its share, then all
     wait until every share is done. A single process builds everything, as before."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = launch_rank()
     if world <= 1:
         dataset.build_cache(progress=progress)
         return
-    rank = int(os.environ.get("RANK", "0"))
     barrier = distributed_barrier()
     dataset.build_cache(progress=progress and rank == 0, rank=rank, world_size=world, barrier=barrier)

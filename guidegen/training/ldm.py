@@ -16,7 +16,6 @@ loaded machine: ~0.95 s wall per step with one torch thread; (64, 128, 128) cost
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,7 +29,7 @@ from guidegen.errors import GuideGenError
 from guidegen.labels import LabelSet
 from guidegen.models.ldm_unet import LatentDenoiser, LatentUNet
 from guidegen.text.knowledge import TextConditioner, sample_drop_mask
-from guidegen.training.common import batch_condition, warn_run
+from guidegen.training.common import batch_condition, launch_rank, warn_run
 from guidegen.training.trainer import StageTask, StepContext
 
 PREVIEW_CASES = 2
@@ -196,7 +195,7 @@ def check_autoencoder_record(out: Path, ae_dir: Path, latent_sha256: str, ae_sha
                                 f"export there now has {latent_sha256[:16]}: it was re-exported since this run started; "
                                 "start a new --out or restore that export")
         return
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank()[0] == 0:
         write_json_atomic(path, {"autoencoder_checkpoint": describe_checkpoint_path(ae_dir),
                                  "autoencoder_latent_sha256": latent_sha256, "autoencoder_sha256": ae_sha256})
 
@@ -218,12 +217,12 @@ def ldm_setup(cfg: GuideGenConfig, label_set: LabelSet, data: str | Path, out: s
     ae_dir = resolve_autoencoder_checkpoint(cfg)
     if not cfg.ldm.autoencoder_checkpoint:
         warn_run(f"ldm.autoencoder_checkpoint is not set: falling back to the shipped demo autoencoder "
-              f"{describe_checkpoint_path(ae_dir)} ({ae_dir}, trained on phantoms); with your own data set "
-              "ldm.autoencoder_checkpoint to your autoencoder's RUN/export", out)
+                 f"{describe_checkpoint_path(ae_dir)} ({ae_dir}, trained on phantoms); with your own data set "
+                 "ldm.autoencoder_checkpoint to your autoencoder's RUN/export", out)
     ae_meta_path = ae_dir / "meta.json"
     if ae_meta_path.is_file() and json.loads(ae_meta_path.read_text()).get("interrupted"):
         warn_run(f"{ae_dir}: this autoencoder export was written by an interrupted run (meta.json interrupted: true); "
-              "its latent space may change when that run is resumed and exported again", out)
+                 "its latent space may change when that run is resumed and exported again", out)
     ae, ae_cfg, _ = load_autoencoder(ae_dir)
     if ae_cfg.data.label_set != label_set.name:
         raise GuideGenError(f"{ae_dir}: autoencoder was trained on label set {ae_cfg.data.label_set!r}, "

@@ -7,7 +7,6 @@ small inference checkpoint (DESIGN §7) that ``generate`` loads.
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def check_run_data(out: Path, reader) -> dict:
     """Record the training set a run starts on (``out/data.json``) and warn when a resume uses
     another one or an incomplete one: the resume is then not exact (the data order follows the
     case list), which may be intended (more data) but should never be silent."""
-    from guidegen.training.common import warn_run
+    from guidegen.training.common import launch_rank, warn_run
 
     record = dataset_record(reader)
     if reader.info.get("status") == "incomplete":
@@ -97,7 +96,7 @@ def check_run_data(out: Path, reader) -> dict:
     if started is not None and (out / "checkpoint").exists() and started.get("digest") != record["digest"]:
         warn_run(f"--data {reader.root}: not the dataset this run started on ({started.get('name')}, {started.get('cases')} "
                  f"cases; now {record['name']}, {record['cases']} cases): resuming on it, the data order is not the original's", out)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank()[0] == 0:
         write_json_atomic(path, record)
     return record
 

@@ -89,6 +89,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from guidegen.config import GuideGenConfig, TrainConfig, dump_config
 from guidegen.errors import GuideGenError
 from guidegen.io import atomic_write, write_json_atomic, write_text_atomic
+from guidegen.training.common import launch_rank
 from guidegen.training.ema import EMA
 
 CHECKPOINT_DIR = "checkpoint"
@@ -454,7 +455,7 @@ def _make_accelerator(mixed_precision: str, cpu: bool, find_unused_parameters: b
     # Under plain `torchrun` on machines without a GPU, Accelerate only sets up gloo DDP when
     # told it runs on CPU (its own launcher does this with --cpu).
     no_gpu = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and no_gpu:
+    if launch_rank()[1] > 1 and no_gpu:
         cpu = True
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
