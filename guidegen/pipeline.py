@@ -356,16 +356,21 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
     if not rows:
         raise GuideGenError(f"{path}: no prompts found")
     items: list[PromptItem] = []
-    seen: set[str] = set()
+    # ids name files: two that differ only in case are one file on macOS and Windows
+    seen: dict[str, tuple[str, str]] = {}  # casefolded id -> (id, where)
     for i, (where, pid, prompt) in enumerate(rows):
         pid = f"p{i:04d}" if pid is None or str(pid).strip() == "" else str(pid).strip()
         try:
             check_case_id(pid)
         except GuideGenError as err:
             raise GuideGenError(f"{where}: {err}") from None
-        if pid in seen:
-            raise GuideGenError(f"{where}: duplicate prompt id {pid!r}")
-        seen.add(pid)
+        if pid.casefold() in seen:
+            first, first_where = seen[pid.casefold()]
+            problem = (f"duplicate prompt id {pid!r} (first at {first_where})" if first == pid else
+                       f"prompt id {pid!r} differs from {first!r} ({first_where}) only in case: one file name on "
+                       "case-insensitive file systems")
+            raise GuideGenError(f"{where}: {problem}")
+        seen[pid.casefold()] = (pid, where)
         if not isinstance(prompt, str) or not prompt.strip():
             raise GuideGenError(f"{where}: prompt {pid!r} is empty or missing")
         items.append(PromptItem(pid, prompt, seed_offset=id_seed_offset(pid)))
@@ -505,18 +510,38 @@ def sample_request(pipe: GuideGenPipeline, prompt: str, seed: int, *, steps: int
     a finished sample of *this* request (skipped) from one made with other settings, another
     checkpoint or an edited prompt (refused: keeping it would mix two requests in one dataset
     under ids that no longer say what they hold). ``None`` options mean the checkpoint's
-    defaults, which the models' identity pins.
+    defaults, which the models' identity pins; an option spelled out at its default value is
+    recorded as ``None`` too (:func:`request_defaults`), so ``--steps 50`` and no ``--steps``
+    are one request when 50 is the default.
     """
-    return {"prompt": prompt, "seed": seed, "labels_file": labels_file, "labels_digest": labels_digest, "tcss_steps": steps, "tcss_guidance": guidance,
-            "tcss_temperature": pipe.labels.temperature, "ct_steps": ct_steps, "ct_guidance": ct_guidance,
-            "labels_only": pipe.ct is None, "clean_labels": pipe.clean_labels,
-            "ct_texture": pipe.ct.texture if pipe.ct is not None else None, "models": pipe.versions()}
+    request = {"prompt": prompt, "seed": seed, "labels_file": labels_file, "labels_digest": labels_digest, "tcss_steps": steps,
+               "tcss_guidance": guidance, "tcss_temperature": pipe.labels.temperature, "ct_steps": ct_steps, "ct_guidance": ct_guidance,
+               "labels_only": pipe.ct is None, "clean_labels": pipe.clean_labels,
+               "ct_texture": pipe.ct.texture if pipe.ct is not None else None, "models": pipe.versions()}
+    return without_defaults(request, request_defaults(pipe))
 
 
-def check_finished_request(out: Path, case: str, request: dict) -> None:
+def request_defaults(pipe: GuideGenPipeline) -> dict:
+    """The sampler options a request records as ``None``: the loaded checkpoints' defaults."""
+    tcfg = pipe.labels.cfg.tcss
+    defaults = {"tcss_steps": tcfg.sample_steps, "tcss_guidance": tcfg.guidance}
+    if pipe.ct is not None:
+        defaults.update(ct_steps=pipe.ct.cfg.ldm.sample_steps, ct_guidance=pipe.ct.cfg.ldm.guidance)
+    return defaults
+
+
+def without_defaults(request: dict, defaults: dict) -> dict:
+    """``request`` with every option equal to its default replaced by ``None`` (its spelling for
+    "the checkpoint's default")."""
+    return {k: None if k in defaults and v is not None and v == defaults[k] else v for k, v in request.items()}
+
+
+def check_finished_request(out: Path, case: str, request: dict, defaults: dict | None = None) -> None:
     """Raise when the finished ``case`` in ``out`` was generated for another ``request``.
 
     Samples written before requests were recorded (no ``request`` in their meta) are accepted.
+    ``defaults`` (:func:`request_defaults`) also reads a stored option spelled out at its
+    default (metas written before :func:`sample_request` normalised them) as ``None``.
     """
     meta_path = out / "meta" / f"{case}.json"
     try:
@@ -525,10 +550,17 @@ def check_finished_request(out: Path, case: str, request: dict) -> None:
         raise GuideGenError(f"{meta_path}: unreadable meta of a finished sample ({err})") from None
     if done is None:
         return
+    defaults = defaults or {}
+    done = without_defaults(done, defaults)
     wanted = json.loads(json.dumps(request))  # as the stored one reads back (tuples as lists, int keys as str)
     differ = [k for k in wanted if done.get(k) != wanted[k]]
+
+    def spelled(key: str, value):
+        return f"the default ({defaults[key]!r})" if value is None and key in defaults else repr(value)
+
     if differ:
-        shown = ", ".join(f"{k}: {done.get(k)!r} -> {wanted[k]!r}" if k != "models" else "models: other checkpoints" for k in differ)
+        shown = ", ".join(f"{k}: {spelled(k, done.get(k))} -> {spelled(k, wanted[k])}" if k != "models" else "models: other checkpoints"
+                          for k in differ)
         raise GuideGenError(f"{meta_path}: this sample was generated with other settings ({shown}); "
                             f"write to another --out, or delete the sample to redo it")
 
@@ -564,7 +596,7 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
     todo = []
     for cid, it, k in mine:
         if writer.has_case(cid):
-            check_finished_request(out, cid, requests[cid])
+            check_finished_request(out, cid, requests[cid], request_defaults(pipe))
         else:
             todo.append((cid, it, k))
     if todo:
@@ -755,7 +787,7 @@ def _generate_for_labels(labels_path: Path, prompt: str, out: Path, checkpoint: 
     if mode == "resume":
         writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode="resume", info={"source": "guidegen generate --labels"})
         if writer.has_case(case):
-            check_finished_request(Path(out), case, request)
+            check_finished_request(Path(out), case, request, request_defaults(pipe))
             print(f"{case}: already generated in {out}")
             return case
     sample = pipe.generate(prompt, seed=seed, ct_steps=ct_steps, ct_guidance=ct_guidance, labels=lab, labels_affine=affine)

@@ -134,3 +134,16 @@ def test_failed_overwrite_keeps_the_previous_dataset(phantom, tmp_path, exported
         export_nnunet(phantom, exported.parent, 42, "GuideGenPhantom", overwrite=True)
     assert sorted(p.relative_to(exported) for p in exported.rglob("*")) == before
     assert check_nnunet_dataset(exported) == []
+
+
+def test_an_export_that_fails_its_check_replaces_nothing(phantom, tmp_path, exported, monkeypatch):
+    """The check runs on the new dataset before it takes the name: a failing one is removed and
+    the previous dataset stays."""
+    from guidegen.evaluation import export as export_module
+
+    before = sorted(p.relative_to(exported) for p in exported.rglob("*"))
+    monkeypatch.setattr(export_module, "check_nnunet_dataset", lambda path: ["labelsTr/x.nii.gz: label values [99] not in dataset.json labels"])
+    with pytest.raises(GuideGenError, match=r"Dataset042_GuideGenPhantom: the exported dataset failed its check: labelsTr/x.*nothing was replaced"):
+        export_nnunet(phantom, exported.parent, 42, "GuideGenPhantom", overwrite=True)
+    assert sorted(p.relative_to(exported) for p in exported.rglob("*")) == before
+    assert [p.name for p in exported.parent.iterdir()] == [exported.name]  # no partial copy left

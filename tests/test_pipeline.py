@@ -157,6 +157,21 @@ def test_rerun_refuses_finished_samples_of_another_request(ckpt_root, tmp_path):
     assert run() == []  # the same request: finished, skipped
     with pytest.raises(GuideGenError, match=r"a\.json: this sample was generated with other settings \(tcss_steps: 2 -> 3\)"):
         run(steps=3)
+    # the checkpoint's default (4 steps, guidance 1.5 in the tiny config) spelled out or left
+    # out is one request, also against a meta that spelled it out before requests were normalised
+    second = tmp_path / "p2.jsonl"
+    second.write_text('{"id": "d", "prompt": "liver mass 3 cm"}\n')
+    prompts, kept = second, prompts
+    assert run(steps=None) == ["d"]
+    assert json.loads((out / "meta" / "d.json").read_text())["request"]["tcss_steps"] is None
+    assert run(steps=4, guidance=1.5) == []
+    spelled = json.loads((out / "meta" / "d.json").read_text())
+    spelled["request"]["tcss_steps"] = 4
+    (out / "meta" / "d.json").write_text(json.dumps(spelled))
+    assert run(steps=None) == []
+    with pytest.raises(GuideGenError, match=r"tcss_steps: the default \(4\) -> 3"):
+        run(steps=3)
+    prompts = kept
     prompts.write_text('{"id": "a", "prompt": "spleen mass 3 cm"}\n')
     with pytest.raises(GuideGenError, match="prompt: 'liver mass 3 cm' -> 'spleen mass 3 cm'"):
         run()
@@ -171,7 +186,7 @@ def test_rerun_refuses_finished_samples_of_another_request(ckpt_root, tmp_path):
     (out / "meta" / "a.json").write_text(json.dumps(meta))
     with pytest.raises(GuideGenError, match="prompt: 'kidney mass' -> 'liver mass 3 cm'"):
         run()
-    assert DatasetReader(out).case_ids() == ["a"] and json.loads((out / "dataset.json").read_text())["status"] == "complete"
+    assert DatasetReader(out).case_ids() == ["a", "d"] and json.loads((out / "dataset.json").read_text())["status"] == "complete"
 
 
 def test_a_prompt_without_findings_is_warned_about(ckpt_root, tmp_path, capsys):

@@ -36,6 +36,7 @@ def test_file_types_and_id_columns(tmp_path):
     ("a.csv", "id,words\na,x\n", "needs a 'prompt' or 'text' column (has id, words)"),
     ("a.jsonl", '{"id": "a", "prompt": "x"}\n["b"]\n', "a.jsonl:2: each line must be a JSON object"),
     ("a.jsonl", '{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "a.jsonl:2: duplicate prompt id 'a'"),
+    ("a.csv", "id,prompt\nCase1,x\ncase1,y\n", "a.csv:2) only in case: one file name on case-insensitive file systems"),
     ("a.csv", "id,prompt\nok,x\n../x,y\n", "a.csv:3: invalid case id '../x'"),
     ("a.csv", "id,prompt\nok,x\nempty,\n", "a.csv:3: prompt 'empty' is empty or missing"),
     ("a.txt", "\n \n", "no prompts found"),

@@ -36,7 +36,8 @@ def nnunet_dataset_dir(out: str | Path, dataset_id: int, name: str) -> Path:
 
 
 def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str, *, overwrite: bool = False, progress: bool = False) -> Path:
-    """Write ``data`` as nnU-Net v2 raw dataset ``OUT/DatasetNNN_NAME``; returns that directory."""
+    """Write ``data`` as nnU-Net v2 raw dataset ``OUT/DatasetNNN_NAME``, checked by
+    :func:`check_nnunet_dataset` before it takes that name; returns that directory."""
     if not 1 <= int(dataset_id) <= 999:
         raise GuideGenError(f"--dataset-id: must be between 1 and 999 (nnU-Net uses 3 digits), got {dataset_id}")
     if not _NAME.match(name or ""):
@@ -80,6 +81,12 @@ def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str,
         "label_set": ls.name,
     }
     write_json_atomic(tmp / "dataset.json", body)
+    # checked before it replaces anything: a failing export leaves the previous dataset as it was
+    problems = check_nnunet_dataset(tmp)
+    if problems:
+        shutil.rmtree(tmp)
+        raise GuideGenError(f"{target}: the exported dataset failed its check: {problems[0]} (+{len(problems) - 1} more); "
+                            "nothing was replaced")
     # the dataset it replaces is moved aside, not deleted, until the new one is in place: an
     # export that fails half-way leaves the previous dataset as it was
     old = target.with_name(f".{target.name}.old")
