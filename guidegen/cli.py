@@ -47,10 +47,13 @@ def phantom(
     size: str = typer.Option("64", "--size", help="Grid: S for S³ or X,Y,Z (e.g. 48,48,64)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first case; case i uses seed+i."),
     workers: int = typer.Option(1, "--workers", help="Parallel worker processes."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the dataset in --out (or write into a non-empty one)."),
     previews: bool = typer.Option(True, "--previews/--no-previews", help="Write previews/<case>.png."),
 ) -> None:
-    """Write a procedural torso phantom dataset (labels, CT, reports) in the dataset layout."""
+    """Write a procedural torso phantom dataset (labels, CT, reports) in the dataset layout.
+
+    A re-run into a phantom set of the same --size, --seed and phantom version resumes it
+    (keeps its complete cases; a larger --n extends it)."""
     from guidegen.data.phantom_dataset import write_phantom_dataset
     from guidegen.data.layout import parse_grid
 

@@ -102,7 +102,7 @@ def test_non_empty_out_refused_unless_overwrite(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     res = run_cli("phantom", "--n", 1, "--size", 16, "--out", out, "--no-previews")
-    assert res.returncode == 2 and "not empty" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "holds no guidegen dataset (use --overwrite" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("phantom", "--n", 1, "--size", 16, "--out", out, "--no-previews", "--overwrite")
     assert res.returncode == 0, res.stderr
     assert DatasetReader(out).case_ids() == ["phantom_000000"]
@@ -151,3 +151,24 @@ def test_ctrl_c_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(findings, "parse_findings", interrupted)
     code, _, err = run_cli_inprocess(monkeypatch, capsys, "parse", "liver mass")
     assert code == 130 and err.strip().splitlines()[-1] == "interrupted"
+
+
+def test_rerun_resumes_or_extends_a_phantom_set_and_refuses_other_settings(tmp_path):
+    out = tmp_path / "ph"
+    assert run_cli("phantom", "--n", 2, "--size", 16, "--out", out, "--no-previews").returncode == 0
+    first = (out / "ct" / "phantom_000000.nii.gz").read_bytes()
+    (out / "meta" / "phantom_000001.json").unlink()  # as if killed before case 1 was committed
+    stamp = (out / "meta" / "phantom_000000.json").stat().st_mtime_ns
+    res = run_cli("phantom", "--n", 3, "--size", 16, "--out", out, "--no-previews")
+    assert res.returncode == 0, res.stderr
+    reader = DatasetReader(out)
+    assert reader.case_ids() == ["phantom_000000", "phantom_000001", "phantom_000002"]
+    assert (out / "meta" / "phantom_000000.json").stat().st_mtime_ns == stamp  # kept, not redone
+    assert (out / "ct" / "phantom_000000.nii.gz").read_bytes() == first
+    assert reader.info["status"] == "complete" and reader.info["seeds"] == [0, 2] and reader.info["num_cases"] == 3
+    for args, message in ((("--n", 3, "--size", 24), "grid: [16, 16, 16] -> [24, 24, 24]"),
+                          (("--n", 3, "--size", 16, "--seed", 5), "first seed: 0 -> 5"),
+                          (("--n", 2, "--size", 16), "--n: 3 -> 2 (fewer cases)")):
+        res = run_cli("phantom", *args, "--out", out, "--no-previews")
+        assert res.returncode == 2 and message in res.stderr and "--overwrite" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert DatasetReader(out).case_ids() == ["phantom_000000", "phantom_000001", "phantom_000002"]

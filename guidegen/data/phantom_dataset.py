@@ -9,8 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from guidegen.data.layout import CaseRecord, DatasetWriter, write_case_preview
+from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check_output_root, write_case_preview
+from guidegen.errors import GuideGenError
 from guidegen.labels import load_label_set
+
+PHANTOM_SOURCE = "guidegen procedural phantom"
 
 
 def phantom_digest() -> str:
@@ -80,11 +83,18 @@ def write_phantom_dataset(
     Rendering (and the preview PNG) runs in ``workers`` processes; the volumes, meta and report
     are written in this process, one complete case at a time, so an interrupted run leaves only
     complete cases behind (a preview without its meta belongs to no case and is rewritten).
+    A re-run into a phantom set of the same grid, first seed and phantom version resumes it:
+    its complete cases are kept, the missing ones rendered (a larger ``n`` extends the set).
     """
-    info = {"source": "guidegen procedural phantom", "grid": list(grid), "seeds": [seed, seed + n - 1], "phantom_digest": phantom_digest()}
-    writer = DatasetWriter(out, name="phantom", mode="overwrite" if overwrite else "new", info=info)
-    seeds = list(range(seed, seed + n))
-    bar = tqdm(total=n, desc="phantom cases", unit="case", disable=not progress)
+    info = {"source": PHANTOM_SOURCE, "grid": list(grid), "seeds": [seed, seed + n - 1], "phantom_digest": phantom_digest()}
+    mode = "overwrite" if overwrite else check_output_root(out, overwrite_option=True)
+    if mode == "resume":
+        check_resumable_phantom(Path(out), info)
+    writer = DatasetWriter(out, name="phantom", mode=mode, info=info)
+    seeds = [s for s in range(seed, seed + n) if not writer.has_case(phantom_case_id(s))]
+    if seeds and mode == "resume":
+        writer.mark_incomplete()
+    bar = tqdm(total=n, initial=n - len(seeds), desc="phantom cases", unit="case", disable=not progress)
     if workers == 1:
         for s in seeds:
             writer.write_case(render_record(s, grid), preview=previews)
@@ -92,9 +102,27 @@ def write_phantom_dataset(
     else:
         preview_root = str(writer.root) if previews else None
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for record in pool.map(_render_with_preview, seeds, [grid] * n, [preview_root] * n, [writer.label_set.name] * n):
+            for record in pool.map(_render_with_preview, seeds, [grid] * len(seeds), [preview_root] * len(seeds),
+                                   [writer.label_set.name] * len(seeds)):
                 writer.write_case(record, preview=False)
                 bar.update()
     bar.close()
     writer.finalize()
     return Path(out)
+
+
+def check_resumable_phantom(out: Path, info: dict) -> None:
+    """Raise unless the dataset in ``out`` is a phantom set that ``info``'s run can resume: the
+    same grid, first seed and phantom version, and no case beyond the requested seeds."""
+    have = DatasetReader(out).info
+    if have.get("source") != PHANTOM_SOURCE:
+        raise GuideGenError(f"{out}: holds a dataset that is not a guidegen phantom (use --overwrite to replace it, or choose another --out)")
+    differ = [f"{key}: {have.get(key)} -> {info[key]}" for key in ("grid", "phantom_digest") if have.get(key) != info[key]]
+    old_seeds = have.get("seeds") or [None, None]
+    if old_seeds[0] != info["seeds"][0]:
+        differ.append(f"first seed: {old_seeds[0]} -> {info['seeds'][0]}")
+    elif old_seeds[1] is not None and old_seeds[1] > info["seeds"][1]:
+        differ.append(f"--n: {old_seeds[1] - old_seeds[0] + 1} -> {info['seeds'][1] - info['seeds'][0] + 1} (fewer cases)")
+    if differ:
+        raise GuideGenError(f"{out}: holds a phantom set of other settings ({'; '.join(differ)}); "
+                            "use --overwrite to replace it, or choose another --out")
