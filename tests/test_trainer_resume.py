@@ -4,7 +4,8 @@
   device restore the current device's entry or skip it with a note (never an IndexError).
 * Data position: a global sample offset within the epoch, converted to the batch index of the
   resuming layout (world size 4 → 8 and 8 → 4 skip no sample; the counter follows the sampler).
-* Stop before samples: a stop on a sample step writes the checkpoint and no sample.
+* Stop before samples: a stop on a sample step writes the checkpoint and no sample; the
+  resume draws that step's samples.
 """
 
 from __future__ import annotations
@@ -191,6 +192,13 @@ def test_stop_on_a_sample_step_writes_the_checkpoint_and_no_sample(tmp_path):
     assert load_training_state(find_checkpoint(run))["step"] == 3
     assert task.sampled == [] and not (run / "samples" / "step0003.txt").exists()
     assert "interrupted: stopped after step 3" in (run / "train.log").read_text()
+
+    # the resume draws the skipped samples first, as the uninterrupted run would have
+    again = Regression()
+    res = Trainer(run, cfg(max_steps=4, sample_every=3), again, ToyData(), progress=False).fit()
+    assert res.step == 4 and [step for step, _ in again.sampled] == [3, 4]
+    assert not (run / "samples" / ".pending_step").exists()
+    assert "drawing the samples of step 3" in (run / "train.log").read_text()
 
 
 class FailingSample(Regression):

@@ -726,6 +726,7 @@ class Trainer:
         total = int(max_steps if max_steps is not None else cfg.max_steps)
         if total < 0:
             raise GuideGenError(f"--max-steps must be >= 0, got {total}")
+        self._draw_pending_samples()
         if self.step >= total:
             self._note(f"checkpoint is at step {self.step} >= max_steps {total}: nothing to train")
             return FitResult(self.step, False, self.resumed_from)
@@ -779,6 +780,8 @@ class Trainer:
                         self.save_checkpoint()
                         last_saved = self.step
                     if stop:
+                        if self.step % cfg.sample_every == 0 or self.step == total:
+                            self._mark_samples_pending()
                         self._note(f"interrupted: stopped after step {self.step}, checkpoint written")
                         break
                     if self.step % cfg.sample_every == 0 or self.step == total:
@@ -838,6 +841,26 @@ class Trainer:
         finally:
             for k, m in mods.items():
                 m.train(was_training[k])
+
+    def _pending_samples_file(self) -> Path:
+        return self.run_dir / "samples" / ".pending_step"
+
+    def _mark_samples_pending(self) -> None:
+        """A stop on a sample step skips its samples (see fit); the resume draws them."""
+        if self.is_main:
+            self._pending_samples_file().parent.mkdir(exist_ok=True)
+            write_text_atomic(self._pending_samples_file(), f"{self.step}\n")
+
+    def _draw_pending_samples(self) -> None:
+        """Draw the samples a stop skipped, when the run resumes from that very step (same
+        isolated RNG seed, so the same samples as an uninterrupted run's)."""
+        pending = self._pending_samples_file()
+        if not self.is_main or not pending.is_file():
+            return
+        if pending.read_text().strip() == str(self.step):
+            self._note(f"drawing the samples of step {self.step}, skipped when the run was stopped")
+            self._sample()
+        pending.unlink()
 
     def _note(self, text: str) -> None:
         if self.is_main:
