@@ -180,7 +180,7 @@ def generate(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint root with tcss/, autoencoder/, ldm/ (default: shipped demo)."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one, else cpu), cpu, cuda or cuda:N; under torchrun cuda means each rank's own GPU (LOCAL_RANK)."),
     labels_only: bool = typer.Option(False, "--labels-only", help="Stop after stage 1 (label maps only)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Generate CT for this label map (NIfTI) instead of sampling one."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Generate CT for this label map (NIfTI) instead of sampling one; a directory of maps or a guidegen dataset (its reports as prompts) renders each, --n CTs per map."),
     qc_retries: int = typer.Option(0, "--qc-retries", help="Re-sample a sample that fails QC up to K times with new seeds."),
     raw_labels: bool = typer.Option(False, "--raw-labels", help="Keep the sampled label map as the model gave it (no isolated-voxel or stray-lesion cleanup)."),
     no_texture: bool = typer.Option(False, "--no-texture", help="Render the decoder's deterministic CT: no per-voxel texture draw from the autoencoder's tables."),

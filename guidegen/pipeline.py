@@ -634,7 +634,7 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
     return written
 
 
-def _open_dataset_writer(out: Path, pipe: GuideGenPipeline, rank: int, wait_s: float = 600.0):
+def _open_dataset_writer(out: Path, pipe: GuideGenPipeline, rank: int, wait_s: float = 600.0, source: str = "guidegen generate"):
     """The dataset writer of one rank: rank 0 creates (or resumes) ``out``, the others resume it.
 
     Two ranks creating one directory would race (the second sees a non-empty directory), so
@@ -652,7 +652,7 @@ def _open_dataset_writer(out: Path, pipe: GuideGenPipeline, rank: int, wait_s: f
             time.sleep(0.2)
     mode = "resume" if marker.is_file() else "new"
     return DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode,
-                         info={"source": "guidegen generate", "checkpoints": str(pipe.checkpoint_root.name)})
+                         info={"source": source, "checkpoints": str(pipe.checkpoint_root.name)})
 
 
 def single_prompt_id(prompt: str, seed: int) -> str:
@@ -693,13 +693,14 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
     if labels_path is not None:
         # the mask -> CT path samples no label map: options of stage 1 (and of a batch) would
         # be silently ignored, so they are refused
-        ignored = [name for name, given in (("--prompts", prompts_file is not None), ("--n", n != 1), ("--steps", steps is not None),
+        ignored = [name for name, given in (("--prompts", prompts_file is not None), ("--steps", steps is not None),
                                             ("--guidance", guidance is not None), ("--temperature", temperature is not None),
                                             ("--raw-labels", raw_labels), ("--qc-retries", qc_retries > 0)) if given]
         if ignored:
             raise GuideGenError(f"{', '.join(ignored)}: not used with --labels (the label map is given, not sampled; "
-                                "--ct-steps, --ct-guidance, --seed and --no-texture apply)")
-        return [_generate_for_labels(labels_path, prompt or "", out, checkpoint, device, seed, ct_steps, ct_guidance, texture)]
+                                "--n, --ct-steps, --ct-guidance, --seed and --no-texture apply)")
+        return generate_for_label_maps(label_map_jobs(labels_path, prompt), out, checkpoint, device, seed=seed, n=n,
+                                       ct_steps=ct_steps, ct_guidance=ct_guidance, texture=texture)
     items = read_prompts(prompts_file) if prompts_file is not None else [PromptItem(single_prompt_id(prompt or "", seed), prompt or "")]
     # fail on an empty prompt before loading any model; say which prompts give no findings
     blank = [it.id for it in items if prompt_findings(it.prompt) == Findings()]
@@ -725,15 +726,14 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
     return written
 
 
-def labels_case_id(labels_path: Path, seed: int) -> str:
-    """Case id of a mask → CT sample: the file's name (characters a case id cannot hold become
-    ``_``; ``my case.nii.gz`` → ``my_case``) and the seed."""
+def labels_stem(labels_path: Path) -> str:
+    """The case-id stem of a user's label map file: its name without the NIfTI suffix, characters
+    a case id cannot hold replaced by ``_`` (``my case.nii.gz`` → ``my_case``)."""
     import re
 
     from guidegen.io import strip_nifti_suffix
 
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", strip_nifti_suffix(labels_path.name)).strip("._-") or "labels"
-    return f"{stem}_seed{seed}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", strip_nifti_suffix(labels_path.name)).strip("._-") or "labels"
 
 
 def labels_digest(labels: np.ndarray, affine: np.ndarray) -> str:
@@ -749,59 +749,124 @@ def labels_digest(labels: np.ndarray, affine: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _generate_for_labels(labels_path: Path, prompt: str, out: Path, checkpoint: Path | None, device: str, seed: int,
-                         ct_steps: int | None, ct_guidance: float | None, texture: bool = True) -> str:
-    """Mask → CT: generate a CT for a user's label map, returned on the user's own grid, axes
-    and affine (an LPS or permuted map is turned to RAS for the model and the CT turned back).
+@dataclass(frozen=True)
+class LabelMapJob:
+    """One user label map of a mask → CT run: its file, the case-id stem and the prompt."""
 
-    Everything that can be refused (ids outside the label set, an all-background map, an
-    ``--out`` that is not a dataset) is checked before any model loads, and ``--out`` is only
-    created once there is a sample to write.
-    """
-    from guidegen.data.layout import CaseRecord, DatasetWriter, check_output_root
-    from guidegen.io import from_ras, load_nifti, to_ras
-    from guidegen.qc import quality_check
+    path: Path
+    stem: str
+    prompt: str
 
-    native, native_affine = load_nifti(labels_path, reorient_to_ras=False)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def label_map_jobs(labels_path: Path, prompt: str | None) -> list[LabelMapJob]:
+    """The label maps ``--labels`` names: one NIfTI file; every case of a guidegen dataset (a
+    ``prepare`` output or another generated set: each case's report text is its prompt unless
+    ``prompt`` is given, and its case id the stem); or every ``.nii`` / ``.nii.gz`` file of a
+    directory (the stem from the file name). ``prompt`` None means no PROMPT argument."""
+    if labels_path.is_file():
+        return [LabelMapJob(labels_path, labels_stem(labels_path), prompt or "")]
+    if not labels_path.is_dir():
+        raise GuideGenError(f"{labels_path}: label map not found")
+    if (labels_path / "dataset.json").is_file():
+        from guidegen.evaluation.sets import open_dataset
+
+        reader = open_dataset(labels_path, "--labels")
+        return [LabelMapJob(reader.labels_path(c), c, prompt if prompt is not None else reader.report(c).get("text") or "")
+                for c in reader.case_ids()]
+    files = sorted(f for f in labels_path.iterdir() if f.is_file() and f.name.endswith(NIFTI_SUFFIXES) and not f.name.startswith("."))
+    if not files:
+        raise GuideGenError(f"{labels_path}: directory holds no label maps (.nii / .nii.gz files) and no guidegen dataset")
+    jobs, seen = [], {}
+    for f in files:
+        stem = labels_stem(f)
+        if stem.casefold() in seen:  # case ids name files: one name on case-insensitive file systems
+            raise GuideGenError(f"{f}: gives case id {stem!r} as {seen[stem.casefold()].name} does; rename one of them")
+        seen[stem.casefold()] = f
+        jobs.append(LabelMapJob(f, stem, prompt or ""))
+    return jobs
+
+
+def read_user_label_map(path: Path, label_set: LabelSet) -> tuple[np.ndarray, np.ndarray]:
+    """A user's label map as stored (X, Y, Z) uint8 ids and its affine (axes not reoriented),
+    checked to hold integer ids of ``label_set`` and not only background."""
+    from guidegen.io import load_nifti
+
+    native, affine = load_nifti(path, reorient_to_ras=False)
     if not np.issubdtype(native.dtype, np.integer):
         if not np.all(np.isfinite(native)) or not np.allclose(native, np.rint(native)):
-            raise GuideGenError(f"{labels_path}: label map must hold integer class ids, found non-integer values")
+            raise GuideGenError(f"{path}: label map must hold integer class ids, found non-integer values")
     native = np.rint(native).astype(np.int64)
-    # checked before any model loads (tens of seconds): a map of another label set fails at once
-    label_set = checkpoint_label_set(checkpoint)
     k = label_set.num_classes
     if native.min() < 0 or native.max() >= k:
         bad = sorted(set(np.unique(native[(native < 0) | (native >= k)]).tolist()))[:5]
-        raise GuideGenError(f"{labels_path}: label ids {bad} are outside label set {label_set.name} (0..{k - 1}); "
+        raise GuideGenError(f"{path}: label ids {bad} are outside label set {label_set.name} (0..{k - 1}); "
                             "convert a TotalSegmentator or other map with `guidegen prepare` and pass its labels/<case>.nii.gz")
     if not native.any():
-        raise GuideGenError(f"{labels_path}: the label map is all background (0): nothing to render")
-    native = native.astype(np.uint8)
-    case = labels_case_id(labels_path, seed)
-    mode = check_output_root(out, overwrite_option=False)
-    lab, affine, back = to_ras(native, native_affine)
+        raise GuideGenError(f"{path}: the label map is all background (0): nothing to render")
+    return native.astype(np.uint8), affine
+
+
+def generate_for_label_maps(jobs: list[LabelMapJob], out: Path, checkpoint: Path | None, device: str, *, seed: int, n: int = 1,
+                            ct_steps: int | None = None, ct_guidance: float | None = None, texture: bool = True,
+                            progress: bool = True) -> list[str]:
+    """Mask → CT: ``n`` CTs (seeds ``seed`` … ``seed + n - 1``, case ids ``<stem>_seed<S>``) for
+    each user label map, each returned on the map's own grid, axes and affine (an LPS or
+    permuted map is turned to RAS for the model and the CT turned back). Returns this rank's
+    case ids (written now or found finished).
+
+    Every map this rank renders is read and checked (ids outside the label set, all background)
+    and a foreign ``--out`` refused before any model loads; finished samples are checked against
+    the request before a new one is drawn; under torchrun ranks share the samples as
+    :func:`generate_dataset` does.
+    """
+    from tqdm import tqdm
+
+    from guidegen.data.layout import CaseRecord, check_output_root
+    from guidegen.io import from_ras, to_ras
+    from guidegen.qc import quality_check
+    from guidegen.training.common import launch_rank
+
+    label_set = checkpoint_label_set(checkpoint)
+    rank, world = launch_rank()
+    samples = [(f"{job.stem}_seed{seed + k}", job, seed + k) for job in jobs for k in range(n)]
+    mine = [sample for i, sample in enumerate(samples) if i % world == rank]
+    digests = {}
+    for _, job, _ in mine:  # read once here so a bad map fails before the models load
+        if job.path not in digests:
+            digests[job.path] = labels_digest(*read_user_label_map(job.path, label_set))
+    if rank == 0:
+        check_output_root(out, overwrite_option=False)
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, texture=texture)
-    request = sample_request(pipe, prompt, seed, ct_steps=ct_steps, ct_guidance=ct_guidance, labels_file=labels_path.name,
-                             labels_digest=labels_digest(native, native_affine))
-    writer = None
-    if mode == "resume":
-        writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode="resume", info={"source": "guidegen generate --labels"})
+    requests = {case: sample_request(pipe, job.prompt, s, ct_steps=ct_steps, ct_guidance=ct_guidance, labels_file=job.path.name,
+                                     labels_digest=digests[job.path]) for case, job, s in mine}
+    writer = _open_dataset_writer(out, pipe, rank, source="guidegen generate --labels")
+    todo = []
+    for case, job, s in mine:
         if writer.has_case(case):
-            check_finished_request(Path(out), case, request, request_defaults(pipe))
+            check_finished_request(out, case, requests[case], request_defaults(pipe))
             print(f"{case}: already generated in {out}")
-            return case
-    sample = pipe.generate(prompt, seed=seed, ct_steps=ct_steps, ct_guidance=ct_guidance, labels=lab, labels_affine=affine)
-    qc = quality_check(sample, pipe)
-    meta = {"source": "guidegen generate --labels", "labels_file": labels_path.name, "seed": seed, "settings": sample.settings,
-            "timings": sample.timings, "models": pipe.versions(), "request": request, "qc": qc}
-    if writer is None:
-        writer = DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode, info={"source": "guidegen generate --labels"})
-    writer.write_case(CaseRecord(case=case, labels=native, affine=native_affine, ct=from_ras(sample.ct, back), text=prompt,
-                                 findings=sample.findings.to_dict(), meta=meta))
-    writer.finalize()
-    warn_qc(case, qc)
-    print(f"1 sample written to {out}")
-    return case
+        else:
+            todo.append((case, job, s))
+    if todo:
+        writer.mark_incomplete()
+    for case, job, s in tqdm(todo, desc="mask to CT", unit="sample", disable=not progress or len(todo) < 2):
+        native, native_affine = read_user_label_map(job.path, label_set)
+        lab, affine, back = to_ras(native, native_affine)
+        sample = pipe.generate(job.prompt, seed=s, ct_steps=ct_steps, ct_guidance=ct_guidance, labels=lab, labels_affine=affine)
+        qc = quality_check(sample, pipe)
+        meta = {"source": "guidegen generate --labels", "labels_file": job.path.name, "seed": s, "settings": sample.settings,
+                "timings": sample.timings, "models": pipe.versions(), "request": requests[case], "qc": qc}
+        writer.write_case(CaseRecord(case=case, labels=native, affine=native_affine, ct=from_ras(sample.ct, back), text=job.prompt,
+                                     findings=sample.findings.to_dict(), meta=meta))
+        warn_qc(case, qc)
+    if all(writer.has_case(case) for case, _, _ in samples):
+        writer.finalize()
+    if todo:
+        print(f"{len(todo)} sample(s) written to {out}")
+    return [case for case, _, _ in mine]
 
 
 def warn_qc(case: str, qc: dict) -> None:

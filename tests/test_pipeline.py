@@ -320,6 +320,52 @@ def test_mask_to_ct_refuses_before_loading_models(ckpt_root, tmp_path, label_set
     assert res.returncode == 2 and "segmentations_seed0.json: this sample was generated with other settings (labels_digest" in res.stderr
 
 
+def test_mask_to_ct_for_a_folder_of_maps_and_for_a_dataset(ckpt_root, tmp_path, label_set):
+    """--labels DIR renders --n CTs per map (case ids <stem>_seed<S>), each on its map's own grid;
+    a re-run skips them; a bad map among good ones is refused before anything is written; a
+    guidegen dataset's maps are rendered with their own report text as the prompt."""
+    from guidegen.data.phantom import render_phantom
+    from guidegen.data.phantom_dataset import write_phantom_dataset
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    save_nifti(maps / "a.nii.gz", render_phantom(1, (24, 20, 28)).labels, ras_affine((9.0, 11.0, 13.0)), np.uint8)
+    save_nifti(maps / "b.nii", render_phantom(2, (20, 20, 24)).labels, ras_affine((10.0, 10.0, 14.0)), np.uint8)
+    (maps / "notes.txt").write_text("not a map")
+    out = tmp_path / "o"
+    res = run_cli("generate", "arterial phase", "--labels", maps, "--n", 2, "--seed", 3, "--checkpoint", ckpt_root, "--out", out)
+    assert res.returncode == 0, res.stderr
+    reader = DatasetReader(out)
+    assert reader.case_ids() == ["a_seed3", "a_seed4", "b_seed3", "b_seed4"] and reader.info["status"] == "complete"
+    for case, shape in (("a_seed3", (24, 20, 28)), ("b_seed4", (20, 20, 24))):
+        ct, _ = load_nifti(reader.ct_path(case))
+        meta = json.loads((out / "meta" / f"{case}.json").read_text())
+        assert ct.shape == shape and meta["request"]["prompt"] == "arterial phase" and meta["seed"] == int(case[-1])
+    a3, a4 = (load_nifti(reader.ct_path(c))[0] for c in ("a_seed3", "a_seed4"))
+    assert not np.array_equal(a3, a4)  # two seeds, two CTs of one map
+    stamps = {c: (out / "meta" / f"{c}.json").stat().st_mtime_ns for c in reader.case_ids()}
+    res = run_cli("generate", "arterial phase", "--labels", maps, "--n", 2, "--seed", 3, "--checkpoint", ckpt_root, "--out", out)
+    assert res.returncode == 0 and res.stdout.count("already generated") == 4
+    assert stamps == {c: (out / "meta" / f"{c}.json").stat().st_mtime_ns for c in DatasetReader(out).case_ids()}
+
+    save_nifti(maps / "c.nii.gz", np.full((8, 8, 8), 40, np.uint8), np.eye(4), np.uint8)
+    res = run_cli("generate", "--labels", maps, "--checkpoint", ckpt_root, "--out", tmp_path / "o2")
+    assert res.returncode == 2 and "c.nii.gz: label ids [40] are outside label set" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
+    (tmp_path / "none").mkdir()
+    res = run_cli("generate", "--labels", tmp_path / "none", "--checkpoint", ckpt_root, "--out", tmp_path / "o3")
+    assert res.returncode == 2 and "holds no label maps (.nii / .nii.gz files) and no guidegen dataset" in res.stderr
+
+    ds = write_phantom_dataset(tmp_path / "ph", n=2, grid=(20, 20, 24), seed=7, previews=False, progress=False)
+    res = run_cli("generate", "--labels", ds, "--checkpoint", ckpt_root, "--out", tmp_path / "o4")
+    assert res.returncode == 0, res.stderr
+    source = DatasetReader(ds)
+    assert DatasetReader(tmp_path / "o4").case_ids() == [f"{c}_seed0" for c in source.case_ids()]
+    for c in source.case_ids():
+        meta = json.loads((tmp_path / "o4" / "meta" / f"{c}_seed0.json").read_text())
+        assert meta["request"]["prompt"] == source.report(c)["text"] != ""
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -350,7 +396,7 @@ def test_bad_label_inputs(ckpt_root, tmp_path):
     good = tmp_path / "good.nii.gz"
     save_nifti(good, np.zeros((8, 8, 8), np.uint8), np.eye(4), np.uint8)
     res = run_cli("generate", "--labels", good, "--steps", 5, "--n", 2, "--checkpoint", ckpt_root, "--out", tmp_path / "o3")
-    assert res.returncode == 2 and "--n, --steps: not used with --labels" in res.stderr
+    assert res.returncode == 2 and "--steps: not used with --labels" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o3").exists()
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(b"not a nifti")
