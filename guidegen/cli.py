@@ -91,7 +91,7 @@ def preview(
             target = out
         else:
             target = (out or data / "previews") / f"{cid}.png"
-        save_case_preview(target, item.labels, item.ct, reader.label_set, title=cid)
+        save_case_preview(target, item.labels, item.ct, reader.label_set, title=cid, spacing=item.spacing)
         typer.echo(str(target))
 
 
@@ -122,8 +122,6 @@ def prepare(
     from guidegen.data.layout import parse_grid
     from guidegen.data.prepare import PrepareOptions, prepare_dataset, summary_table
 
-    if margin_mm < 0:
-        raise GuideGenError(f"--margin-mm must be >= 0, got {margin_mm}")
     opts = PrepareOptions(label_set=label_set, totalseg_version=totalseg_version, grid=parse_grid(size, option="--size"), margin_mm=margin_mm, previews=previews, findings=findings)
     report = prepare_dataset(
         ct, labels, out, tumors=tumors, body=body, reports=reports, report_id_column=report_id_column,
@@ -201,7 +199,7 @@ def reconstruct(
     labels: Path = typer.Option(..., "--labels", help="Label map on the CT's grid (NIfTI, label-set ids)."),
     out: Path = typer.Option(..., "--out", help="Output directory (reconstruction.nii.gz, errors.json, PNG)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Autoencoder checkpoint dir (default: shipped demo)."),
-    tile: Optional[int] = typer.Option(None, "--tile", help="Tiled encode/decode with this tile size (voxels, multiple of 4)."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Tiled encode/decode with this tile size (voxels: a multiple of 4 above the 48-voxel overlap)."),
 ) -> None:
     """Encode + decode a CT through the autoencoder; print MAE per HU window and per organ."""
     from guidegen.reconstruct import run_reconstruct

@@ -69,6 +69,7 @@ def run_reconstruct(ct_path: Path, labels_path: Path, out: Path, checkpoint: Pat
     from guidegen.data.latents import load_autoencoder
     from guidegen.io import load_nifti, save_nifti, write_json_atomic
     from guidegen.labels import load_label_set
+    from guidegen.models.tiling import DEFAULT_OVERLAP
     from guidegen.viz import save_case_preview
 
     ckpt = Path(checkpoint) if checkpoint is not None else shipped_root() / "demo" / "autoencoder"
@@ -85,6 +86,9 @@ def run_reconstruct(ct_path: Path, labels_path: Path, out: Path, checkpoint: Pat
     if not np.issubdtype(ct.dtype, np.number) or not np.all(np.isfinite(ct)):
         raise GuideGenError(f"{ct_path}: CT must be finite numbers in HU (dtype {ct.dtype})")
     ae, cfg, _ = load_autoencoder(ckpt)
+    if tile is not None and (tile % ae.downsample_factor or tile <= DEFAULT_OVERLAP):
+        raise GuideGenError(f"--tile must be a multiple of {ae.downsample_factor} larger than the tiles' {DEFAULT_OVERLAP}-voxel "
+                            f"overlap, got {tile}")
     label_set = load_label_set(cfg.data.label_set)
     lab = np.rint(lab).astype(np.int64)
     if lab.min() < 0 or lab.max() >= label_set.num_classes:

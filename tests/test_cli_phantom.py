@@ -118,6 +118,11 @@ def test_preview_and_info_commands(phantom_dir, tmp_path):
     res = run_cli("preview", "--data", phantom_dir, "--case", "phantom_000001", "--out", png)
     assert res.returncode == 0, res.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same picture as the dataset writer's: the phantom's anisotropic voxels drawn to scale
+    from PIL import Image
+
+    written = np.asarray(Image.open(phantom_dir / "previews" / "phantom_000001.png"))
+    assert np.array_equal(np.asarray(Image.open(png)), written)
     res = run_cli("preview", "--data", phantom_dir, "--out", tmp_path / "all.png")
     assert res.returncode == 2 and "a PNG path takes one case (give --case)" in res.stderr and not (tmp_path / "all.png").exists()
     res = run_cli("preview", "--data", phantom_dir, "--case", "nope")

@@ -62,6 +62,17 @@ def test_non_empty_out_needs_overwrite(tmp_path):
     assert (d / "something.txt").exists()
 
 
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_dataset(tmp_path):
+    """A user's data folder with ct/ and labels/ but no dataset.json is not replaced."""
+    d = tmp_path / "hospital"
+    (d / "ct").mkdir(parents=True)
+    (d / "ct" / "p1.nii.gz").write_bytes(b"x")
+    with pytest.raises(GuideGenError, match=r"hospital: holds ct/ but no guidegen dataset .*--overwrite replaces datasets only"):
+        DatasetWriter(d, name="x", mode="overwrite")
+    assert (d / "ct" / "p1.nii.gz").read_bytes() == b"x"
+
+
 def test_out_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")

@@ -97,6 +97,19 @@ def test_dicom_reader_sorts_rescales_and_builds_affine(tmp_path):
     np.testing.assert_allclose(affine, ras_affine((0.8, 0.9, 2.5), (-20.0, 10.0, -100.0)), atol=1e-4)
 
 
+def test_a_corrupt_dicom_slice_is_named_not_dropped(tmp_path):
+    """A truncated DICOM file is an error naming it (dropping it would lose a slice); other
+    files in the folder (notes, thumbnails) are still ignored."""
+    files = write_dicom_series(tmp_path / "s", np.zeros((6, 5, 7), np.float32) - 1000, ras_affine((1.0, 1.0, 2.0)))
+    (tmp_path / "s" / "notes.txt").write_text("scanner export")
+    assert read_dicom_series(tmp_path / "s")[2]["n_slices"] == 7
+    whole = files[3].read_bytes()
+    for keep in (200, 600, len(whole) // 2):
+        files[3].write_bytes(whole[:keep])
+        with pytest.raises(GuideGenError, match=f"{files[3].name}: .*truncated or corrupt"):
+            read_dicom_series(tmp_path / "s")
+
+
 # -------------------------------------------------------------------------- round trip
 def test_round_trip_multilabel_folder_and_dicom(tmp_path, label_set):
     """Three phantom cases, three input forms; labels come back equal, CT within 1 HU."""
@@ -234,6 +247,8 @@ def test_validation_reports_every_problem_and_writes_good_cases(tmp_path, monkey
     # 2D and 4D CT
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), ct / "flat.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.int16), np.eye(4)), ct / "four.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 1), np.int16) - 1000, affine), ct / "slab.nii.gz")  # a 2D image stored as 3D
+    save_nifti(lab / "slab.nii.gz", ml[:, :, :1], affine, np.uint8)
     save_nifti(lab / "flat.nii.gz", ml[:8, :8, :8], np.eye(4), np.uint8)
     save_nifti(lab / "four.nii.gz", ml[:8, :8, :8], np.eye(4), np.uint8)
     # unreadable NIfTI and a non-NIfTI file
@@ -282,6 +297,7 @@ def test_validation_reports_every_problem_and_writes_good_cases(tmp_path, monkey
     expected = {
         "flat.nii.gz: image is 2D",
         "four.nii.gz: image is 4D",
+        "slab.nii.gz: shape (32, 32, 1) has fewer than 8 voxels along an axis",
         "corrupt.nii.gz: cannot read NIfTI",
         "notes.txt: not a NIfTI file",
         "labels/shape.nii.gz: shape (31, 32, 40) differs from the CT's (32, 32, 40)",
@@ -353,6 +369,72 @@ def test_rerun_skips_done_cases_and_redoes_interrupted(tmp_path, label_set):
     other.write_text(Path(guidegen.__file__).with_name("labelsets").joinpath("guidegen22.yaml").read_text().replace("name: guidegen22", "name: other"))
     with pytest.raises(GuideGenError, match="uses label set 'guidegen22', not 'other'"):
         prepare_dataset(*args, options=PrepareOptions(label_set=str(other), grid=GRID), progress=False)
+
+
+def test_rerun_refuses_cases_of_other_inputs_or_settings(tmp_path, label_set):
+    """A finished case whose CT, report or options changed is not skipped as done: the run is
+    refused (nothing written) until --overwrite; an interrupted resume leaves the set incomplete."""
+    for i, case in enumerate(["a", "b"]):
+        _good_inputs(tmp_path, case, label_set, seed=i)
+    reports = tmp_path / "r.csv"
+    reports.write_text("case,text\na,A 3 cm liver mass.\n")
+    args = (tmp_path / "ct", tmp_path / "labels", tmp_path / "out")
+    assert prepare_dataset(*args, reports=reports, options=OPTS, progress=False).count("written") == 2
+    stamp = (tmp_path / "out" / "meta" / "a.json").stat().st_mtime_ns
+    with pytest.raises(GuideGenError, match=r"a.json: case 'a' was prepared from other inputs or settings \(margin_mm\) \(and 1 more"):
+        prepare_dataset(*args, reports=reports, options=PrepareOptions(grid=GRID, previews=False, margin_mm=0.0), progress=False)
+    reports.write_text("case,text\na,A 5 cm liver mass.\n")
+    with pytest.raises(GuideGenError, match=r"case 'a' was prepared from other inputs or settings \(report_sha256\); nothing written"):
+        prepare_dataset(*args, reports=reports, options=OPTS, progress=False)
+    reports.write_text("case,text\na,A 3 cm liver mass.\n")
+    labels, ct, affine = _phantom(5)
+    save_nifti(tmp_path / "ct" / "b.nii.gz", ct, affine, np.float32)  # another CT under the same name
+    with pytest.raises(GuideGenError, match=r"case 'b' was prepared from other inputs or settings \(ct\)"):
+        prepare_dataset(*args, reports=reports, options=OPTS, progress=False)
+    assert (tmp_path / "out" / "meta" / "a.json").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["status"] == "complete"
+    # the new CT is written with --overwrite; then a resume that is interrupted marks the set incomplete
+    export_totalseg_multilabel(tmp_path / "labels" / "b.nii.gz", labels, affine, label_set)
+    assert prepare_dataset(*args, reports=reports, options=OPTS, overwrite=True, progress=False).count("written") == 2
+    _good_inputs(tmp_path, "c", label_set, seed=2)
+    from guidegen.data import prepare as prepare_module
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare_module, "process_case", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_dataset(*args, reports=reports, options=OPTS, progress=False)
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["status"] == "incomplete"
+
+
+def test_bad_report_rows_write_nothing_and_json_arrays_are_read(tmp_path, label_set):
+    _good_inputs(tmp_path, "a", label_set)
+    args = (tmp_path / "ct", tmp_path / "labels", tmp_path / "out")
+    bad = tmp_path / "r.jsonl"
+    bad.write_text('{"case": "a", "text": "liver mass 3 cm"}\nnot json\n')
+    with pytest.raises(GuideGenError, match=r"--reports .*r.jsonl: 1 problem\(s\), first: .*line 2: not valid JSON.*nothing written"):
+        prepare_dataset(*args, reports=bad, options=OPTS, progress=False)
+    assert not (tmp_path / "out").exists()
+    array = tmp_path / "r.json"
+    array.write_text(json.dumps([{"case": "a", "text": "A 3 cm liver mass."}]))
+    assert prepare_dataset(*args, reports=array, options=OPTS, progress=False).count("written") == 1
+    assert DatasetReader(tmp_path / "out").report("a")["text"] == "A 3 cm liver mass."
+    with pytest.raises(GuideGenError, match="--reports .*: is a directory"):
+        load_reports(tmp_path)
+    with pytest.raises(GuideGenError, match="--margin-mm must be a number >= 0, got nan"):
+        prepare_dataset(*args, options=PrepareOptions(grid=GRID, margin_mm=float("nan")), progress=False)
+
+
+def test_an_out_that_holds_the_inputs_is_refused(tmp_path, label_set):
+    """--out above the inputs (with --overwrite above all) would replace them."""
+    _good_inputs(tmp_path / "hospital", "a", label_set)
+    root = tmp_path / "hospital"
+    for overwrite in (False, True):
+        with pytest.raises(GuideGenError, match=r"--out .*hospital: holds the input --ct .*choose an --out outside the inputs"):
+            prepare_dataset(root / "ct", root / "labels", root, options=OPTS, overwrite=overwrite, progress=False)
+    assert sorted(p.name for p in (root / "ct").iterdir()) == ["a.nii.gz"]
 
 
 def test_split_exporter_covers_every_voxel(label_set):

@@ -59,6 +59,10 @@ def test_reconstruct_bad_inputs(ae_ckpt, tmp_path):
     ]
     save_nifti(tmp_path / "labf.nii.gz", np.full((16, 16, 16), 0.5), np.eye(4), np.float32)
     cases.append((["--ct", tmp_path / "ct.nii.gz", "--labels", tmp_path / "labf.nii.gz"], "integer class ids"))
+    save_nifti(tmp_path / "lab16.nii.gz", np.zeros((16, 16, 16)), np.eye(4), np.uint8)
+    for tile in ("32", "50"):
+        cases.append((["--ct", tmp_path / "ct.nii.gz", "--labels", tmp_path / "lab16.nii.gz", "--tile", tile],
+                      f"--tile must be a multiple of 4 larger than the tiles' 48-voxel overlap, got {tile}"))
     for args, needle in cases:
         extra = [] if "--checkpoint" in args else ["--checkpoint", ae_ckpt]
         res = run_cli("reconstruct", *args, *extra, "--out", tmp_path / "o")

@@ -49,6 +49,26 @@ def looks_like_dicom_folder(folder: Path) -> bool:
     return False
 
 
+# CT Image Storage and Enhanced CT Image Storage
+CT_IMAGE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
+
+
+def _sop_class(ds) -> str:
+    """The SOP class UID of a dataset: its file meta's, else its own (``""`` when neither says)."""
+    meta = getattr(ds, "file_meta", None)
+    return str((meta.get("MediaStorageSOPClassUID") if meta is not None else None) or ds.get("SOPClassUID", "") or "")
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """Whether ``path`` starts as a DICOM Part 10 file does (``DICM`` after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def read_dicom_series(folder: str | os.PathLike, *, spacing_tol: float = 0.01) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read the CT series in ``folder``; return ``(hu (X, Y, Z) float32, RAS affine 4x4, info)``.
 
@@ -65,9 +85,13 @@ def read_dicom_series(folder: str | os.PathLike, *, spacing_tol: float = 0.01) -
     for p in _dicom_files(folder):
         try:
             ds = pydicom.dcmread(p)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError):
+        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as exc:
+            if _has_dicom_preamble(p):  # a DICOM file that fails to parse: dropping it would lose a slice
+                raise GuideGenError(f"{p}: DICOM file cannot be read ({type(exc).__name__}); truncated or corrupt?") from None
             continue  # stray non-DICOM files (notes, thumbnails) are ignored
         if "PixelData" not in ds or "ImagePositionPatient" not in ds:
+            if _sop_class(ds) in CT_IMAGE_SOP_CLASSES:  # a CT slice cut short, not a DICOMDIR or report
+                raise GuideGenError(f"{p}: CT image file without pixel data or position; truncated or corrupt?")
             continue
         headers.append((p, ds))
     if not headers:

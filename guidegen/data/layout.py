@@ -150,6 +150,13 @@ class DatasetWriter:
             check_output_root(root, overwrite_option=True, resume=mode == "resume")
         if root.is_dir() and not _dir_is_empty(root):
             if mode == "overwrite":
+                # --overwrite replaces a dataset; a folder without dataset.json that holds ct/,
+                # labels/ ... is someone's data (a user's input folder), not ours to delete
+                if not (root / "dataset.json").is_file():
+                    theirs = [e for e in _LAYOUT_ENTRIES if (root / e).exists()]
+                    if theirs:
+                        raise GuideGenError(f"{root}: holds {theirs[0]}{'/' if (root / theirs[0]).is_dir() else ''} but no guidegen "
+                                            "dataset (no dataset.json); --overwrite replaces datasets only: choose another directory")
                 for entry in _LAYOUT_ENTRIES:
                     target = root / entry
                     if target.is_dir():
@@ -184,7 +191,7 @@ class DatasetWriter:
             self._write_dataset_json(status="incomplete")
 
     def case_ids(self) -> list[str]:
-        return sorted(p.name.removesuffix(".json") for p in (self.root / "meta").glob("*.json"))
+        return sorted(p.name.removesuffix(".json") for p in (self.root / "meta").glob("*.json") if not p.name.startswith("."))
 
     def has_case(self, case: str) -> bool:
         return _case_complete(self.root, case)

@@ -245,6 +245,8 @@ def load_reports(path: str | os.PathLike, *, id_column: str = "case", text_colum
     A missing column raises :class:`GuideGenError`; bad rows are returned as problems.
     """
     path = Path(path)
+    if path.is_dir():
+        raise GuideGenError(f"--reports {path}: is a directory; expected a reports file (.csv, .tsv, .jsonl or .json)")
     if not path.is_file():
         raise GuideGenError(f"--reports {path}: file not found")
     rows: list[tuple[int, dict]] = []
@@ -258,6 +260,19 @@ def load_reports(path: str | os.PathLike, *, id_column: str = "case", text_colum
         reader = csv.DictReader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
         columns = list(reader.fieldnames or [])
         rows = [(i + 2, row) for i, row in enumerate(reader)]  # line 1 is the header
+    elif suffix == ".json" and raw.lstrip().startswith("["):  # one JSON array of report objects
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise GuideGenError(f"--reports {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        columns_seen = {}
+        for i, obj in enumerate(items, start=1):
+            if not isinstance(obj, dict):
+                problems.append(f"{path} item {i}: expected a JSON object")
+                continue
+            columns_seen.update(dict.fromkeys(obj))
+            rows.append((i, obj))
+        columns = list(columns_seen)
     elif suffix in (".jsonl", ".ndjson", ".json"):
         columns_seen: dict[str, None] = {}
         for lineno, line in enumerate(raw.splitlines(), start=1):
@@ -275,7 +290,7 @@ def load_reports(path: str | os.PathLike, *, id_column: str = "case", text_colum
             rows.append((lineno, obj))
         columns = list(columns_seen)
     else:
-        raise GuideGenError(f"--reports {path}: unknown format {suffix or '(no suffix)'}; use .csv, .tsv or .jsonl")
+        raise GuideGenError(f"--reports {path}: unknown format {suffix or '(no suffix)'}; use .csv, .tsv, .jsonl or .json")
     if not rows:
         return {}, problems
     id_col = _pick_column(columns, id_column, ID_COLUMNS, "--report-id-column", path)
@@ -367,13 +382,22 @@ def _check_geometry(path: Path, shape: tuple, affine: np.ndarray, ref_shape: tup
     return None
 
 
+MIN_CT_VOXELS = 8  # per axis: fewer is a 2D image or a slab stored as 3D, not a torso volume
+
+
 def load_ct(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """CT of a case as ``(hu (X, Y, Z) float32, RAS affine, info)`` from NIfTI or DICOM."""
+    """CT of a case as ``(hu (X, Y, Z) float32, RAS affine, info)`` from NIfTI or DICOM, at least
+    :data:`MIN_CT_VOXELS` voxels along every axis."""
     if path.is_dir():
         hu, affine, info = read_dicom_series(path)
-        return hu, affine, {"format": "dicom", **info}
-    hu, affine = load_nifti(path, dtype=np.float32)
-    return hu, affine, {"format": "nifti"}
+        info = {"format": "dicom", **info}
+    else:
+        hu, affine = load_nifti(path, dtype=np.float32)
+        info = {"format": "nifti"}
+    if min(hu.shape) < MIN_CT_VOXELS:
+        raise GuideGenError(f"{path}: shape {tuple(hu.shape)} has fewer than {MIN_CT_VOXELS} voxels along an axis; "
+                            "a 2D image or a thin slab, expected a 3D CT volume")
+    return hu, affine, info
 
 
 def check_ct_values(path: Path, hu: np.ndarray) -> list[str]:
@@ -813,6 +837,7 @@ def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | N
     summary.update(classes=present, all_classes=label_set.names[1:], organs=label_set.organ_names, cropped_shape=labels.shape, tumor_voxels=int((labels == label_set.tumor_id).sum()) if label_set.tumor_id is not None else 0)
     meta = {
         "source": "prepare",
+        "request": case_request(inputs, opts),
         "inputs": {k: (str(v) if isinstance(v, Path) else None) for k, v in (("ct", inputs.ct), ("labels", inputs.labels), ("tumor", inputs.tumor), ("body", inputs.body))},
         "ct_format": ct_info["format"],
         "labels_format": inputs.labels_kind,
@@ -831,6 +856,49 @@ def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | N
     }
     record = CaseRecord(case=inputs.case, labels=labels, affine=affine, ct=hu, text=text, findings=findings, meta=meta)
     return record, summary, []
+
+
+def file_identity(path: Path | None) -> list | None:
+    """``[name, bytes]`` of an input file, or of a folder (DICOM series, per-class masks) its
+    ``[name, files, bytes]``: what tells a replaced input from the one a case was prepared
+    from, cheaply and wherever the data was moved (so no absolute path, no mtime)."""
+    if path is None:
+        return None
+    if path.is_dir():
+        files = [f for f in path.rglob("*") if f.is_file()]
+        return [path.name, len(files), sum(f.stat().st_size for f in files)]
+    return [path.name, path.stat().st_size]
+
+
+def case_request(inputs: CaseInputs, opts: PrepareOptions) -> dict:
+    """What decides a prepared case's content: its input files, report text and the options
+    that change the written volumes or findings (``meta/<case>.json`` ``request``; a re-run
+    that would prepare the case differently is refused instead of skipping it)."""
+    import hashlib
+
+    return {
+        "ct": file_identity(inputs.ct), "labels": file_identity(inputs.labels), "tumor": file_identity(inputs.tumor),
+        "body": file_identity(inputs.body),
+        "report_sha256": hashlib.sha256(inputs.report.encode()).hexdigest()[:16] if inputs.report else None,
+        "label_set": opts.label_set, "totalseg_version": opts.totalseg_version, "margin_mm": opts.margin_mm, "findings": opts.findings,
+    }
+
+
+def changed_request(out: Path, inputs: CaseInputs, opts: PrepareOptions) -> str | None:
+    """Why the finished case ``inputs.case`` in ``out`` does not match this run (None when it
+    does, or when its meta predates requests)."""
+    meta_path = out / "meta" / f"{inputs.case}.json"
+    try:
+        done = json.loads(meta_path.read_text()).get("request")
+    except (OSError, ValueError) as exc:
+        return f"{meta_path}: unreadable meta of a prepared case ({type(exc).__name__})"
+    if done is None:
+        return None
+    wanted = json.loads(json.dumps(case_request(inputs, opts)))
+    differ = [k for k in wanted if done.get(k) != wanted[k]]
+    if not differ:
+        return None
+    return f"{meta_path}: case {inputs.case!r} was prepared from other inputs or settings ({', '.join(differ)})"
 
 
 def cache_configs(opts: PrepareOptions) -> tuple[PreprocessConfig, PreprocessConfig]:
@@ -893,9 +961,14 @@ def _stored_warnings(out: Path, case: str) -> list[dict]:
 
 
 def _worker_init() -> None:
+    import signal
+
     import torch
 
     torch.set_num_threads(1)  # workers share the cores; one thread each
+    # Ctrl-C reaches the whole process group: the main process cancels the queued cases and
+    # lets the running ones finish; a worker that died of the interrupt would break the pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -927,8 +1000,19 @@ def prepare_dataset(
     opts = replace(opts, totalseg_version=parse_totalseg_version(opts.totalseg_version), findings=parse_findings_source(opts.findings))  # validates them
     if workers < 1:
         raise GuideGenError(f"--workers must be at least 1, got {workers}")
+    if not math.isfinite(opts.margin_mm) or opts.margin_mm < 0:
+        raise GuideGenError(f"--margin-mm must be a number >= 0, got {opts.margin_mm}")
     if out is None and not dry_run:
         raise GuideGenError("--out is required (or use --dry-run)")
+    inputs = {"--ct": ct, "--labels": labels, "--tumors": tumors, "--body": body, "--reports": reports}
+    if out is not None:
+        check_out_apart_from_inputs(Path(out), inputs)
+    if reports is not None and not dry_run:
+        # a row that cannot be read belongs to a case that would be written with made-up text
+        _, bad_rows = load_reports(reports, id_column=report_id_column, text_column=report_text_column)
+        if bad_rows:
+            raise GuideGenError(f"--reports {reports}: {len(bad_rows)} problem(s), first: {bad_rows[0]}; nothing written "
+                                "(--dry-run lists them all)")
     cases, input_problems = discover_cases(ct, labels, tumors_dir=tumors, body_dir=body, reports=reports, report_id_column=report_id_column, report_text_column=report_text_column)
 
     results: list[CaseResult] = []
@@ -940,6 +1024,11 @@ def prepare_dataset(
             existing = json.loads((out / "dataset.json").read_text()).get("label_set")
             if existing != label_set.name:
                 raise GuideGenError(f"--out {out}: existing dataset uses label set {existing!r}, not {label_set.name!r} (use --overwrite)")
+            done = set(DatasetReader(out).case_ids())
+            changed = [why for c in cases if c.case in done and (why := changed_request(out, c, opts))]
+            if changed:
+                raise GuideGenError(f"{changed[0]}{f' (and {len(changed) - 1} more case(s))' if len(changed) > 1 else ''}; "
+                                    "nothing written: use --overwrite to prepare again, or another --out")
         info = {"source": "guidegen prepare", "grid": list(opts.grid), "totalseg_version": opts.totalseg_version, "spacing_policy": "full-resolution crops; cache resized to grid"}
         writer = DatasetWriter(out, name="prepared", label_set=label_set.name, mode=mode, info=info)
         todo = []
@@ -951,6 +1040,8 @@ def prepare_dataset(
                     store_cache(out, DatasetReader(out).load_case(c.case), opts)
             else:
                 todo.append(c)
+        if todo:
+            writer.mark_incomplete()  # an interrupted resume must not leave the set marked complete
     else:
         todo = list(cases)
 
@@ -961,13 +1052,7 @@ def prepare_dataset(
             results.append(process_case(c, opts, out_str))
             bar.update()
     else:
-        # spawn: workers start clean (no forked OpenMP/torch thread state from this process)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-            futures = [pool.submit(process_case, c, opts, out_str) for c in todo]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.update()
+        results += _process_in_pool(todo, opts, out_str, workers, bar)
     bar.close()
     if writer is not None:
         writer.finalize()
@@ -975,6 +1060,48 @@ def prepare_dataset(
     report = PrepareReport(results=results, input_problems=input_problems, out=None if dry_run else Path(out), dry_run=dry_run, seconds=time.perf_counter() - t0)
     write_warnings_file(report)
     return report
+
+
+def _process_in_pool(todo: list[CaseInputs], opts: PrepareOptions, out: str | None, workers: int, bar) -> list[CaseResult]:
+    """:func:`process_case` of every case in ``workers`` spawned processes.
+
+    Ctrl-C cancels the queued cases and waits for the running ones (each writes whole cases
+    only), then re-raises; a worker that dies (killed, out of memory) is one error line naming
+    the cases it left, whose complete cases a re-run keeps.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn: workers start clean (no forked OpenMP/torch thread state from this process)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    results: list[CaseResult] = []
+    futures = {pool.submit(process_case, c, opts, out): c.case for c in todo}
+    try:
+        for fut in as_completed(futures):
+            results.append(fut.result())
+            bar.update()
+    except KeyboardInterrupt:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    except BrokenProcessPool:
+        pool.shutdown(wait=False, cancel_futures=True)
+        left = sorted(case for fut, case in futures.items() if not (fut.done() and not fut.exception()))
+        raise GuideGenError(f"a prepare worker process died (killed, or out of memory?) with {len(left)} case(s) unfinished "
+                            f"(first: {left[0]}); complete cases are kept: re-run to resume, with fewer --workers if memory "
+                            "is short") from None
+    pool.shutdown(wait=True)
+    return results
+
+
+def check_out_apart_from_inputs(out: Path, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an ``--out`` that is, or holds, one of the inputs: writing the dataset there
+    (``--overwrite`` above all) would replace them."""
+    target = out.resolve()
+    for option, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise GuideGenError(f"--out {out}: holds the input {option} {path}; choose an --out outside the inputs")
 
 
 def summary_table(report: PrepareReport):

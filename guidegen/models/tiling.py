@@ -37,6 +37,9 @@ def _triple(v: int | Sequence[int], name: str) -> tuple[int, int, int]:
     return t  # type: ignore[return-value]
 
 
+DEFAULT_OVERLAP = 48  # image voxels shared by neighbouring tiles (see tiled_decode)
+
+
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Start indices of tiles of length ``tile`` covering ``[0, size)`` with at least ``overlap`` shared."""
     if tile >= size:
@@ -150,7 +153,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def tiled_encode(model: AnatomyAwareAutoencoder, ct_norm: torch.Tensor, labels: torch.Tensor | None,
-                 tile: int | Sequence[int] = 128, overlap: int | Sequence[int] = 48,
+                 tile: int | Sequence[int] = 128, overlap: int | Sequence[int] = DEFAULT_OVERLAP,
                  device: torch.device | str | None = None) -> DiagonalGaussian:
     """Tiled :meth:`~AnatomyAwareAutoencoder.encode`: (B, 1, X, Y, Z) + (B, X, Y, Z) → posterior on (X/f, Y/f, Z/f).
 
@@ -174,7 +177,7 @@ def tiled_encode(model: AnatomyAwareAutoencoder, ct_norm: torch.Tensor, labels: 
 
 
 def tiled_decode(model: AnatomyAwareAutoencoder, z: torch.Tensor, labels: torch.Tensor | None,
-                 tile: int | Sequence[int] = 128, overlap: int | Sequence[int] = 48,
+                 tile: int | Sequence[int] = 128, overlap: int | Sequence[int] = DEFAULT_OVERLAP,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """Tiled :meth:`~AnatomyAwareAutoencoder.decode`: (B, C, x, y, z) + (B, f·x, f·y, f·z) labels → (B, 1, f·x, f·y, f·z).
 
