@@ -332,8 +332,21 @@ def export_nnunet(
     typer.echo(f"wrote {run_export(data, out, dataset_id, name, overwrite=overwrite, progress=True)} (checked)")
 
 
+class Terminated(SystemExit):
+    """Raised by the SIGTERM handler: the command unwinds through every ``finally``."""
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM (a scheduler's kill, torchrun stopping the other ranks): leave as Ctrl-C does,
+    through every ``finally`` (atomic writes remove their temporary files), exit 128 + 15."""
+    raise Terminated(128 + signum)
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning known errors into one line + exit 2."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)  # training installs its own handlers while it runs
     try:
         code = app(standalone_mode=False)
     except GuideGenError as exc:
@@ -342,6 +355,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Terminated:
+        typer.echo("terminated", err=True)
+        raise
     except SystemExit:
         raise
     except Exception as exc:  # click's usage errors and aborts

@@ -177,3 +177,26 @@ def test_rerun_resumes_or_extends_a_phantom_set_and_refuses_other_settings(tmp_p
         res = run_cli("phantom", *args, "--out", out, "--no-previews")
         assert res.returncode == 2 and message in res.stderr and "--overwrite" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert DatasetReader(out).case_ids() == ["phantom_000000", "phantom_000001", "phantom_000002"]
+
+
+def test_sigterm_leaves_through_finally_and_the_rerun_finishes(tmp_path):
+    """A scheduler's SIGTERM: one line, exit 143, complete cases kept, no temporary files; the
+    re-run resumes."""
+    import signal
+    import time
+
+    out = tmp_path / "ph"
+    proc = subprocess.Popen([sys.executable, "-m", "guidegen", "phantom", "--n", "40", "--size", "32", "--out", str(out), "--no-previews"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any((out / "meta").glob("*.json")):  # the first case is complete
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().endswith("terminated") and "Traceback" not in err
+    assert not [p for p in out.rglob(".*")]
+    kept = DatasetReader(out).case_ids()
+    assert 1 <= len(kept) < 40 and DatasetReader(out).info["status"] == "incomplete"
+    assert run_cli("phantom", "--n", 40, "--size", 32, "--out", out, "--no-previews").returncode == 0
+    assert len(DatasetReader(out).case_ids()) == 40

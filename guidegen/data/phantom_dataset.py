@@ -94,19 +94,18 @@ def write_phantom_dataset(
     seeds = [s for s in range(seed, seed + n) if not writer.has_case(phantom_case_id(s))]
     if seeds and mode == "resume":
         writer.mark_incomplete()
-    bar = tqdm(total=n, initial=n - len(seeds), desc="phantom cases", unit="case", disable=not progress)
-    if workers == 1:
-        for s in seeds:
-            writer.write_case(render_record(s, grid), preview=previews)
-            bar.update()
-    else:
-        preview_root = str(writer.root) if previews else None
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for record in pool.map(_render_with_preview, seeds, [grid] * len(seeds), [preview_root] * len(seeds),
-                                   [writer.label_set.name] * len(seeds)):
-                writer.write_case(record, preview=False)
+    with tqdm(total=n, initial=n - len(seeds), desc="phantom cases", unit="case", disable=not progress) as bar:
+        if workers == 1:
+            for s in seeds:
+                writer.write_case(render_record(s, grid), preview=previews)
                 bar.update()
-    bar.close()
+        else:
+            preview_root = str(writer.root) if previews else None
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for record in pool.map(_render_with_preview, seeds, [grid] * len(seeds), [preview_root] * len(seeds),
+                                       [writer.label_set.name] * len(seeds)):
+                    writer.write_case(record, preview=False)
+                    bar.update()
     writer.finalize()
     return Path(out)
 

@@ -1046,14 +1046,13 @@ def prepare_dataset(
         todo = list(cases)
 
     out_str = None if dry_run else str(out)
-    bar = tqdm(total=len(todo), desc="prepare" if not dry_run else "validate", unit="case", disable=not progress or not todo)
-    if workers == 1 or len(todo) <= 1:
-        for c in todo:
-            results.append(process_case(c, opts, out_str))
-            bar.update()
-    else:
-        results += _process_in_pool(todo, opts, out_str, workers, bar)
-    bar.close()
+    with tqdm(total=len(todo), desc="prepare" if not dry_run else "validate", unit="case", disable=not progress or not todo) as bar:
+        if workers == 1 or len(todo) <= 1:
+            for c in todo:
+                results.append(process_case(c, opts, out_str))
+                bar.update()
+        else:
+            results += _process_in_pool(todo, opts, out_str, workers, bar)
     if writer is not None:
         writer.finalize()
     results.sort(key=lambda r: r.case)
@@ -1079,7 +1078,7 @@ def _process_in_pool(todo: list[CaseInputs], opts: PrepareOptions, out: str | No
         for fut in as_completed(futures):
             results.append(fut.result())
             bar.update()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through the CLI's handler
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     except BrokenProcessPool:
