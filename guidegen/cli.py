@@ -167,7 +167,7 @@ def parse(
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Clinical prompt, e.g. '62-year-old man, 4 cm mass in the left kidney'."),
     out: Path = typer.Option(Path("out"), "--out", help="Output dataset directory (re-runs skip finished samples)."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="File of prompts: .txt (one per line), .csv or .jsonl with ids."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="File of prompts: .txt (one per line), .csv, .tsv or .jsonl with ids."),
     n: int = typer.Option(1, "--n", "--num-samples", help="Samples per prompt (under torchrun write --num-samples: torchrun reads --n as its own option)."),
     seed: int = typer.Option(0, "--seed", help="Base seed (>= 0): sample k of a prompt uses seed + k, plus an offset from its id in a --prompts file."),
     steps: Optional[int] = typer.Option(None, "--steps", help="TCSS sampling steps (network calls; default from the checkpoint)."),
@@ -180,7 +180,7 @@ def generate(
     labels_only: bool = typer.Option(False, "--labels-only", help="Stop after stage 1 (label maps only)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Generate CT for this label map (NIfTI) instead of sampling one; a directory of maps or a guidegen dataset (its reports as prompts) renders each, --n CTs per map."),
     qc_retries: int = typer.Option(0, "--qc-retries", help="Re-sample a sample that fails QC up to K times with new seeds."),
-    raw_labels: bool = typer.Option(False, "--raw-labels", help="Keep the sampled label map as the model gave it (no isolated-voxel or stray-lesion cleanup)."),
+    raw_labels: bool = typer.Option(False, "--raw-labels", help="Keep the sampled label map as the model gave it (no stray-lesion, organ-part or isolated-voxel cleanup)."),
     no_texture: bool = typer.Option(False, "--no-texture", help="Render the decoder's deterministic CT: no per-voxel texture draw from the autoencoder's tables."),
 ) -> None:
     """Generate paired label maps and CT volumes from text (DESIGN §1)."""
@@ -242,7 +242,10 @@ def _train(stage: str, config: Optional[Path], data: Path, out: Path, max_steps:
                    f"{out / 'checkpoint'}, partial export in {export}; re-run the same command to resume", err=True)
         stopped_by = meta.get("stop_signal")
         sys.exit(128 + (signal.Signals[stopped_by].value if stopped_by in signal.Signals.__members__ else signal.SIGINT.value))
-    typer.echo(f"inference checkpoint: {export}")
+    from guidegen.training.common import launch_rank
+
+    if launch_rank()[0] == 0:  # one line for the job, not one per rank
+        typer.echo(f"inference checkpoint: {export}")
 
 
 _CONFIG_HELP = "YAML config or preset name (default: demo)."
@@ -397,3 +400,7 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
         return tuple({getattr(m, attr) for m in modules if isinstance(getattr(m, attr, None), type)})
 
     return found("ClickException"), found("Abort")
+
+
+if __name__ == "__main__":  # `python -m guidegen.cli` (and `torchrun -m guidegen.cli`) as `python -m guidegen`
+    main()

@@ -80,6 +80,45 @@ def load_stage_config(ckpt_dir: Path, stage: str) -> tuple[GuideGenConfig, dict]
     return cfg, meta
 
 
+def check_sampler_options(*, seed: object = 0, steps: object = None, guidance: object = None, ct_steps: object = None,
+                          ct_guidance: object = None) -> None:
+    """Raise one line for a sampler option of the wrong type or range (``None``: the checkpoint's
+    default): seeds are ints in [0, 2**63), step counts ints >= 1, guidance scales finite >= 0."""
+    import math
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
+        raise GuideGenError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    for name, value in (("steps", steps), ("ct_steps", ct_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise GuideGenError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+    for name, value in (("guidance", guidance), ("ct_guidance", ct_guidance)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0):
+            raise GuideGenError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+
+
+def check_label_array(labels: object, label_set: LabelSet, source: str = "labels") -> np.ndarray:
+    """A user's label map as (X, Y, Z) uint8 ids of ``label_set``; raises one line naming
+    ``source`` for anything else (not 3D, non-integer values, ids outside the set, all background)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise GuideGenError(f"{source}: label map must be 3D (X, Y, Z), got shape {labels.shape}")
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating) or labels.dtype == bool):
+        raise GuideGenError(f"{source}: label map must hold integer class ids, got dtype {labels.dtype}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.isfinite(labels)) or not np.allclose(labels, np.rint(labels)):
+            raise GuideGenError(f"{source}: label map must hold integer class ids, found non-integer values")
+    ids = np.rint(labels).astype(np.int64)
+    k = label_set.num_classes
+    if ids.min() < 0 or ids.max() >= k:
+        bad = sorted(set(np.unique(ids[(ids < 0) | (ids >= k)]).tolist()))[:5]
+        raise GuideGenError(f"{source}: label ids {bad} are outside label set {label_set.name} (0..{k - 1}); "
+                            "convert a TotalSegmentator or other map with `guidegen prepare` and pass its labels/<case>.nii.gz")
+    if not ids.any():
+        raise GuideGenError(f"{source}: the label map is all background (0): nothing to render")
+    return ids.astype(np.uint8)
+
+
 def prompt_findings(prompt: str) -> Findings:
     if not prompt or not prompt.strip():
         raise GuideGenError("the prompt is empty; describe the patient, e.g. '60-year-old woman, 3 cm liver mass'")
@@ -416,9 +455,11 @@ class GuideGenPipeline:
         self.clean_labels = clean_labels
 
     @classmethod
-    def from_pretrained(cls, root: str | Path | None = None, *, device: str | None = "cpu", labels_only: bool = False,
+    def from_pretrained(cls, root: str | Path | None = None, *, device: str | None = "auto", labels_only: bool = False,
                         clean_labels: bool = True, texture: bool = True) -> "GuideGenPipeline":
-        """Load the stage checkpoints under ``root`` (default: the shipped demo checkpoints).
+        """Load the stage checkpoints under ``root`` (default: the shipped demo checkpoints) on
+        ``device`` (``"auto"``: a GPU when there is one, as the CLI's ``--device``; ``"cpu"`` for
+        bitwise-reproducible samples).
 
         ``texture`` False renders the decoder's deterministic CT even when the autoencoder has
         texture tables (models/texture.py); ``settings.ct_texture`` in each meta says which.
@@ -434,6 +475,14 @@ class GuideGenPipeline:
             ct.texture = ct.texture and texture
         return cls(labels, ct, root, clean_labels=clean_labels)
 
+    def check_steps(self, steps: int | None, ct_steps: int | None) -> None:
+        """Raise when a step count exceeds its checkpoint's diffusion timesteps (more network
+        calls than timesteps is no sampler: the full ancestral chain is the most there is)."""
+        for option, value, limit in (("--steps", steps, self.labels.cfg.tcss.timesteps),
+                                     ("--ct-steps", ct_steps, self.ct.cfg.ldm.timesteps if self.ct is not None else None)):
+            if value is not None and limit is not None and value > limit:
+                raise GuideGenError(f"{option} must be at most the checkpoint's {limit} diffusion timesteps, got {value}")
+
     def versions(self) -> dict:
         """Identity of the loaded checkpoints (for the meta of each sample)."""
         out = {"tcss": {k: self.labels.meta.get(k) for k in ("train_steps", "total_train_steps", "created", "weights")}}
@@ -444,7 +493,21 @@ class GuideGenPipeline:
     def generate(self, prompt: str, *, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  ct_steps: int | None = None, ct_guidance: float | None = None, labels: np.ndarray | None = None,
                  labels_affine: np.ndarray | None = None, progress: bool = False) -> Sample:
-        """One sample. ``labels`` (X, Y, Z) on the user's grid skips stage 1 (mask → CT)."""
+        """One sample. ``labels`` (X, Y, Z) on the user's grid skips stage 1 (mask → CT).
+
+        ``None`` options take the checkpoints' defaults; every option is checked first (one
+        :class:`GuideGenError` line naming it)."""
+        check_sampler_options(seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps, ct_guidance=ct_guidance)
+        self.check_steps(steps, ct_steps)
+        if labels is not None:
+            labels = check_label_array(labels, self.label_set)
+            if self.ct is None:
+                raise GuideGenError("labels: a pipeline loaded with labels_only=True cannot render a CT for a label map")
+            if labels_affine is not None and (np.shape(labels_affine) != (4, 4) or not np.all(np.isfinite(labels_affine))):
+                raise GuideGenError(f"labels_affine: must be a finite 4 x 4 matrix, got shape {np.shape(labels_affine)}")
+            prompt = "" if prompt is None else prompt  # a mask alone is a valid request
+        if not isinstance(prompt, str):
+            raise GuideGenError(f"the prompt must be a string, got {type(prompt).__name__}")
         findings = prompt_findings(prompt) if labels is None or prompt.strip() else Findings()
         tcfg = self.labels.cfg.tcss
         steps = steps or tcfg.sample_steps
@@ -634,6 +697,25 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
     return written
 
 
+GENERATE_SOURCES = ("guidegen generate", "guidegen generate --labels")  # dataset.json "source" of what generate writes
+
+
+def check_generate_out(out: Path) -> None:
+    """Refuse an ``--out`` that is not a new or empty directory or a dataset ``generate`` wrote:
+    adding synthetic cases to a training set (a phantom or ``prepare`` output) would mix them in
+    and rewrite its ``dataset.json``."""
+    from guidegen.data.layout import check_output_root
+
+    if check_output_root(out, overwrite_option=False) == "resume":
+        try:
+            source = json.loads((out / "dataset.json").read_text()).get("source")
+        except (OSError, ValueError) as exc:
+            raise GuideGenError(f"{out / 'dataset.json'}: unreadable ({type(exc).__name__})") from None
+        if source not in GENERATE_SOURCES:
+            raise GuideGenError(f"{out}: holds a dataset written by {source or 'another tool'!s}, not by guidegen generate; "
+                                "choose a new or empty --out (synthetic cases would mix into it)")
+
+
 def _open_dataset_writer(out: Path, pipe: GuideGenPipeline, rank: int, wait_s: float = 600.0, source: str = "guidegen generate"):
     """The dataset writer of one rank: rank 0 creates (or resumes) ``out``, the others resume it.
 
@@ -650,6 +732,8 @@ def _open_dataset_writer(out: Path, pipe: GuideGenPipeline, rank: int, wait_s: f
             if time.monotonic() > deadline:
                 raise GuideGenError(f"{out}: rank 0 did not create the dataset within {wait_s:.0f} s")
             time.sleep(0.2)
+    if rank == 0:
+        check_generate_out(out)
     mode = "resume" if marker.is_file() else "new"
     return DatasetWriter(out, name="guidegen-synthetic", label_set=pipe.label_set.name, mode=mode,
                          info={"source": source, "checkpoints": str(pipe.checkpoint_root.name)})
@@ -679,10 +763,9 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
         raise GuideGenError(f"--qc-retries must be >= 0, got {qc_retries}")
     if seed < 0:
         raise GuideGenError(f"--seed must be >= 0, got {seed}")
-    if steps is not None and steps < 1:
-        raise GuideGenError(f"--steps must be at least 1, got {steps}")
-    if temperature is not None and not temperature > 0:
-        raise GuideGenError(f"--temperature must be > 0, got {temperature}")
+    check_sampler_options(seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps, ct_guidance=ct_guidance)
+    if temperature is not None and not 0 < temperature < float("inf"):
+        raise GuideGenError(f"--temperature must be a finite number > 0, got {temperature}")
     if labels_path is not None and labels_only:
         raise GuideGenError("--labels and --labels-only exclude each other")
     if (prompt is None) == (prompts_file is None) and labels_path is None:
@@ -712,17 +795,15 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
 
     rank, world = launch_rank()
     if rank == 0:  # a foreign --out fails now, not after the models load (the other ranks wait for rank 0's dataset)
-        from guidegen.data.layout import check_output_root
-
-        check_output_root(out, overwrite_option=False)
+        check_generate_out(out)
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, labels_only=labels_only, clean_labels=not raw_labels,
                                             texture=texture)
+    pipe.check_steps(steps, ct_steps)  # before anything is written
     if temperature is not None:
         pipe.labels.temperature = temperature
     written = generate_dataset(pipe, items, out, n=n, seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps,
                                ct_guidance=ct_guidance, qc_retries=qc_retries, rank=rank, world_size=world)
-    if rank == 0:
-        print(f"{len(written)} sample(s) written to {out}")
+    print(f"{len(written)} sample(s) written to {out}" + (f" by rank {rank}" if world > 1 else ""))
     return written
 
 
@@ -795,18 +876,7 @@ def read_user_label_map(path: Path, label_set: LabelSet) -> tuple[np.ndarray, np
     from guidegen.io import load_nifti
 
     native, affine = load_nifti(path, reorient_to_ras=False)
-    if not np.issubdtype(native.dtype, np.integer):
-        if not np.all(np.isfinite(native)) or not np.allclose(native, np.rint(native)):
-            raise GuideGenError(f"{path}: label map must hold integer class ids, found non-integer values")
-    native = np.rint(native).astype(np.int64)
-    k = label_set.num_classes
-    if native.min() < 0 or native.max() >= k:
-        bad = sorted(set(np.unique(native[(native < 0) | (native >= k)]).tolist()))[:5]
-        raise GuideGenError(f"{path}: label ids {bad} are outside label set {label_set.name} (0..{k - 1}); "
-                            "convert a TotalSegmentator or other map with `guidegen prepare` and pass its labels/<case>.nii.gz")
-    if not native.any():
-        raise GuideGenError(f"{path}: the label map is all background (0): nothing to render")
-    return native.astype(np.uint8), affine
+    return check_label_array(native, label_set, str(path)), affine
 
 
 def generate_for_label_maps(jobs: list[LabelMapJob], out: Path, checkpoint: Path | None, device: str, *, seed: int, n: int = 1,
@@ -824,7 +894,7 @@ def generate_for_label_maps(jobs: list[LabelMapJob], out: Path, checkpoint: Path
     """
     from tqdm import tqdm
 
-    from guidegen.data.layout import CaseRecord, check_output_root
+    from guidegen.data.layout import CaseRecord
     from guidegen.io import from_ras, to_ras
     from guidegen.qc import quality_check
     from guidegen.training.common import launch_rank
@@ -838,8 +908,9 @@ def generate_for_label_maps(jobs: list[LabelMapJob], out: Path, checkpoint: Path
         if job.path not in digests:
             digests[job.path] = labels_digest(*read_user_label_map(job.path, label_set))
     if rank == 0:
-        check_output_root(out, overwrite_option=False)
+        check_generate_out(out)
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, texture=texture)
+    pipe.check_steps(None, ct_steps)  # before anything is written
     requests = {case: sample_request(pipe, job.prompt, s, ct_steps=ct_steps, ct_guidance=ct_guidance, labels_file=job.path.name,
                                      labels_digest=digests[job.path]) for case, job, s in mine}
     writer = _open_dataset_writer(out, pipe, rank, source="guidegen generate --labels")

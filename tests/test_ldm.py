@@ -242,10 +242,9 @@ def test_single_process_cache_needs_no_process_group(workspace, monkeypatch):
     assert ds.missing() == []
 
 
-def test_fallback_and_interrupted_autoencoder_warn(workspace, tmp_path, monkeypatch, caplog, label_set):
+def test_fallback_and_interrupted_autoencoder_warn(workspace, tmp_path, monkeypatch, capsys, label_set):
     """No ldm.autoencoder_checkpoint: the shipped demo AE is used, with a warning (stderr and the
     run's train.log); an AE exported by an interrupted run is used with a warning too."""
-    import logging
     import shutil
 
     import guidegen.checkpoints
@@ -258,18 +257,17 @@ def test_fallback_and_interrupted_autoencoder_warn(workspace, tmp_path, monkeypa
     meta_path.write_text(json.dumps({**meta, "interrupted": True}))
     monkeypatch.setattr(guidegen.checkpoints, "shipped_root", lambda: shipped)
     out = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="guidegen.training"):
-        ldm_setup(tiny_cfg(), label_set, workspace["data"], out)
-    text = caplog.text
-    assert "ldm.autoencoder_checkpoint is not set" in text and "shipped:demo/autoencoder" in text
+    capsys.readouterr()
+    ldm_setup(tiny_cfg(), label_set, workspace["data"], out)
+    text = capsys.readouterr().err
+    assert "warning: ldm.autoencoder_checkpoint is not set" in text and "shipped:demo/autoencoder" in text
     assert "interrupted" in text
     log = (out / "train.log").read_text()
     assert "[warning] ldm.autoencoder_checkpoint is not set" in log and "interrupted: true" in log
 
-    caplog.clear()  # an explicitly configured, complete AE: no warning
-    with caplog.at_level(logging.WARNING, logger="guidegen.training"):
-        ldm_setup(tiny_cfg(autoencoder_checkpoint=str(workspace["ae"])), label_set, workspace["data"])
-    assert caplog.text == ""
+    # an explicitly configured, complete AE: no warning
+    ldm_setup(tiny_cfg(autoencoder_checkpoint=str(workspace["ae"])), label_set, workspace["data"])
+    assert "warning:" not in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ training + sampling

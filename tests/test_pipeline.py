@@ -373,8 +373,13 @@ def test_mask_to_ct_for_a_folder_of_maps_and_for_a_dataset(ckpt_root, tmp_path, 
         (["liver mass", "--device", "tpu"], "--device"),
         (["liver mass", "--checkpoint", "/nonexistent/ckpt"], "checkpoint directory not found"),
         (["liver mass", "--n", "0"], "--n"),
-        (["liver mass", "--temperature", "0"], "--temperature must be > 0"),
+        (["liver mass", "--temperature", "0"], "--temperature must be a finite number > 0"),
         (["liver mass", "--seed", "-1"], "--seed must be >= 0"),
+        (["liver mass", "--ct-steps", "0"], "--ct-steps must be an integer >= 1, got 0"),
+        (["liver mass", "--steps", "-2"], "--steps must be an integer >= 1, got -2"),
+        (["liver mass", "--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
+        (["liver mass", "--ct-guidance", "inf"], "--ct-guidance must be a finite number >= 0, got inf"),
+        (["liver mass", "--temperature", "inf"], "--temperature must be a finite number > 0"),
         ([], "PROMPT"),
     ],
 )
@@ -385,6 +390,60 @@ def test_bad_input_is_one_line(tmp_path, args, needle):
     assert needle in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not out.exists() or not any((out / "meta").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(ckpt_root):
+    from guidegen.pipeline import GuideGenPipeline
+
+    return GuideGenPipeline.from_pretrained(ckpt_root, device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "--steps must be an integer >= 1, got 0"),
+    ({"steps": 2.5}, "--steps must be an integer >= 1, got 2.5"),
+    ({"steps": 21}, "--steps must be at most the checkpoint's 20 diffusion timesteps, got 21"),
+    ({"ct_steps": -1}, "--ct-steps must be an integer >= 1, got -1"),
+    ({"ct_steps": 21}, "--ct-steps must be at most the checkpoint's 20 diffusion timesteps"),
+    ({"seed": None}, "seed must be an integer in [0, 2**63), got None"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"seed": 2**70}, "seed must be an integer in [0, 2**63)"),
+    ({"guidance": float("nan")}, "--guidance must be a finite number >= 0, got nan"),
+    ({"prompt": 123}, "the prompt must be a string, got int"),
+    ({"labels": np.zeros((8, 8), np.uint8)}, "labels: label map must be 3D (X, Y, Z), got shape (8, 8)"),
+    ({"labels": np.full((8, 8, 8), 99, np.uint8)}, "labels: label ids [99] are outside label set"),
+    ({"labels": np.zeros((8, 8, 8), np.uint8)}, "labels: the label map is all background"),
+    ({"labels": np.full((8, 8, 8), 0.5, np.float32)}, "labels: label map must hold integer class ids"),
+    ({"labels": np.ones((8, 8, 8), np.uint8), "labels_affine": np.eye(3)}, "labels_affine: must be a finite 4 x 4 matrix"),
+])
+def test_the_python_api_checks_its_arguments(tiny_pipe, kwargs, message):
+    """Every bad argument is one GuideGenError naming it, before any sampling."""
+    from guidegen.errors import GuideGenError
+
+    kwargs = {"prompt": "liver mass 3 cm", **kwargs}
+    with pytest.raises(GuideGenError) as err:
+        tiny_pipe.generate(kwargs.pop("prompt"), **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_api_takes_a_float_label_array_as_ids(tiny_pipe):
+    from guidegen.data.phantom import render_phantom
+
+    labels = render_phantom(3, GRID).labels.astype(np.float32)
+    sample = tiny_pipe.generate(None, labels=labels, ct_steps=2)
+    assert sample.labels.dtype == np.uint8 and np.array_equal(sample.labels, labels.astype(np.uint8))
+    assert sample.ct.shape == labels.shape and sample.ct.dtype == np.int16
+
+
+def test_generate_refuses_to_write_into_a_training_set(ckpt_root, tmp_path):
+    """A phantom (or prepared) set is not generate's: synthetic cases would mix into it."""
+    from guidegen.data.phantom_dataset import write_phantom_dataset
+
+    ds = write_phantom_dataset(tmp_path / "ph", n=1, grid=(16, 16, 16), previews=False, progress=False)
+    before = (ds / "dataset.json").read_text()
+    res = run_cli("generate", "liver mass", "--labels-only", "--checkpoint", ckpt_root, "--out", ds)
+    assert res.returncode == 2 and "holds a dataset written by guidegen procedural phantom, not by guidegen generate" in res.stderr
+    assert (ds / "dataset.json").read_text() == before and DatasetReader(ds).case_ids() == ["phantom_000000"]
 
 
 def test_bad_label_inputs(ckpt_root, tmp_path):

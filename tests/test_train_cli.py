@@ -212,8 +212,7 @@ def test_an_interrupted_run_exits_non_zero(tmp_path, monkeypatch, capsys, stop_s
         assert "inference checkpoint:" in out
 
 
-def test_resume_on_other_or_incomplete_data_is_warned_and_exports_record_their_data(setup, caplog):
-    import logging
+def test_resume_on_other_or_incomplete_data_is_warned_and_exports_record_their_data(setup, capsys):
     import shutil
 
     from guidegen.training.run import run_training
@@ -229,10 +228,10 @@ def test_resume_on_other_or_incomplete_data_is_warned_and_exports_record_their_d
     first.unlink()  # one case fewer, and the set marked as an interrupted write
     info = json.loads((other / "dataset.json").read_text())
     (other / "dataset.json").write_text(json.dumps({**info, "status": "incomplete"}))
-    with caplog.at_level(logging.WARNING, logger="guidegen.training"):
-        meta = json.loads((run_training("tcss", cfg, other, run, max_steps=2, progress=False) / "meta.json").read_text())
+    capsys.readouterr()
+    meta = json.loads((run_training("tcss", cfg, other, run, max_steps=2, progress=False) / "meta.json").read_text())
     log = (run / "train.log").read_text()
     assert "not the dataset this run started on (data, 2 cases; now data_other, 1 cases)" in log
     assert "dataset.json says status 'incomplete'" in log and "training on its 1 complete case(s)" in log
-    assert "not the dataset this run started on" in caplog.text
+    assert "warning: --data" in capsys.readouterr().err
     assert meta["data"]["cases"] == 1 and meta["train_steps"] == 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +14,6 @@ from guidegen.labels import LabelSet
 from guidegen.text.findings import Findings, parse_findings
 from guidegen.text.knowledge import TextConditioner
 
-log = logging.getLogger(__name__)
-
 
 def launch_rank() -> tuple[int, int]:
     """``(rank, world size)`` of this process under torchrun / accelerate (their ``RANK`` and
@@ -25,11 +22,15 @@ def launch_rank() -> tuple[int, int]:
 
 
 def warn_run(text: str, out: Path | None) -> None:
-    """A warning on stderr (logging) and, on the main process, in the run's ``train.log``."""
+    """A ``warning:`` line on stderr and in the run's ``train.log``, from the main process only
+    (every rank of a torchrun job would repeat it)."""
+    import sys
     from datetime import datetime
 
-    log.warning(text)
-    if out is not None and launch_rank()[0] == 0:
+    if launch_rank()[0] != 0:
+        return
+    print(f"warning: {text}", file=sys.stderr)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "train.log", "a") as fh:
             fh.write(f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} [warning] {text}\n")
