@@ -648,20 +648,21 @@ def generate_dataset(pipe: GuideGenPipeline, items: list[PromptItem], out: str |
 
     if not 0 <= rank < world_size:
         raise GuideGenError(f"rank {rank} is outside world size {world_size} (check RANK / WORLD_SIZE)")
+    if n < 1:
+        raise GuideGenError(f"--n must be at least 1, got {n}")
     out = Path(out)
     writer = _open_dataset_writer(out, pipe, rank)
     samples = sample_ids(items, n)
     mine = [(cid, it, k) for i, (cid, it, k) in enumerate(samples) if i % world_size == rank]
     requests = {cid: sample_request(pipe, it.prompt, sample_seed(seed, it, k), steps=steps, guidance=guidance, ct_steps=ct_steps,
-                                    ct_guidance=ct_guidance) for cid, it, k in mine}
-    # every finished sample is checked before any new one is drawn: a conflict found half-way
-    # would leave a dataset that mixes the two requests
-    todo = []
-    for cid, it, k in mine:
+                                    ct_guidance=ct_guidance) for cid, it, k in samples}
+    # every finished sample (of every rank's share) is checked before any new one is drawn: a
+    # conflict found half-way, or by another rank only, would leave a dataset that mixes requests
+    defaults = request_defaults(pipe)
+    for cid, _, _ in samples:
         if writer.has_case(cid):
-            check_finished_request(out, cid, requests[cid], request_defaults(pipe))
-        else:
-            todo.append((cid, it, k))
+            check_finished_request(out, cid, requests[cid], defaults)
+    todo = [(cid, it, k) for cid, it, k in mine if not writer.has_case(cid)]
     if todo:
         writer.mark_incomplete()
     written = []

@@ -67,7 +67,7 @@ def run_reconstruct(ct_path: Path, labels_path: Path, out: Path, checkpoint: Pat
     """The command: validate inputs, reconstruct (on the volume's own grid), write NIfTI + JSON + PNG."""
     from guidegen.checkpoints import shipped_root
     from guidegen.data.latents import load_autoencoder
-    from guidegen.io import load_nifti, save_nifti, write_json_atomic
+    from guidegen.io import from_ras, load_nifti, save_nifti, spacing_from_affine, to_ras, write_json_atomic
     from guidegen.labels import load_label_set
     from guidegen.models.tiling import DEFAULT_OVERLAP
     from guidegen.viz import save_case_preview
@@ -75,8 +75,9 @@ def run_reconstruct(ct_path: Path, labels_path: Path, out: Path, checkpoint: Pat
     ckpt = Path(checkpoint) if checkpoint is not None else shipped_root() / "demo" / "autoencoder"
     if not (ckpt / "model.safetensors").is_file():
         raise GuideGenError(f"{ckpt}: autoencoder checkpoint not found (expected model.safetensors)")
-    ct, ct_aff = load_nifti(ct_path)
-    lab, lab_aff = load_nifti(labels_path)
+    # read on their own axes (the output keeps them); the model sees RAS copies (to_ras)
+    ct, ct_aff = load_nifti(ct_path, reorient_to_ras=False)
+    lab, lab_aff = load_nifti(labels_path, reorient_to_ras=False)
     if ct.shape != lab.shape:
         raise GuideGenError(f"{labels_path}: shape {lab.shape} differs from the CT's {ct.shape} ({ct_path.name})")
     if not np.allclose(ct_aff, lab_aff, atol=1e-3):
@@ -93,15 +94,18 @@ def run_reconstruct(ct_path: Path, labels_path: Path, out: Path, checkpoint: Pat
     lab = np.rint(lab).astype(np.int64)
     if lab.min() < 0 or lab.max() >= label_set.num_classes:
         raise GuideGenError(f"{labels_path}: label ids outside label set {label_set.name} (0..{label_set.num_classes - 1})")
+    ct_ras, ras_aff, back = to_ras(ct.astype(np.float32), ct_aff)
+    lab_ras = to_ras(lab, lab_aff)[0]
     f = ae.downsample_factor
-    pad = [(0, (-n) % f) for n in ct.shape]  # the AE needs multiples of its factor: pad with air
-    ct_p = np.pad(ct.astype(np.float32), pad, constant_values=-1000.0)
-    lab_p = np.pad(lab, pad, constant_values=0)
+    pad = [(0, (-n) % f) for n in ct_ras.shape]  # the AE needs multiples of its factor: pad with air
+    ct_p = np.pad(ct_ras, pad, constant_values=-1000.0)
+    lab_p = np.pad(lab_ras, pad, constant_values=0)
     recon = reconstruct_volume(ae, ct_p, lab_p, tuple(cfg.autoencoder.hu_range), tile=tile)
-    recon = recon[tuple(slice(0, n) for n in ct.shape)]
-    errors = reconstruction_errors(ct.astype(np.float32), recon, lab, label_set)
+    recon = recon[tuple(slice(0, n) for n in ct_ras.shape)]
+    errors = reconstruction_errors(ct_ras, recon, lab_ras, label_set)
     out.mkdir(parents=True, exist_ok=True)
-    save_nifti(out / "reconstruction.nii.gz", recon, ct_aff, np.int16)
+    save_nifti(out / "reconstruction.nii.gz", from_ras(recon, back), ct_aff, np.int16)
     write_json_atomic(out / "errors.json", {"ct": ct_path.name, "labels": labels_path.name, "checkpoint": str(ckpt), **errors})
-    save_case_preview(out / "reconstruction.png", lab.astype(np.uint8), recon, label_set, title="reconstruction")
+    save_case_preview(out / "reconstruction.png", lab_ras.astype(np.uint8), recon, label_set, title="reconstruction",
+                      spacing=spacing_from_affine(ras_aff))
     return errors

@@ -427,6 +427,19 @@ def test_bad_report_rows_write_nothing_and_json_arrays_are_read(tmp_path, label_
         prepare_dataset(*args, options=PrepareOptions(grid=GRID, margin_mm=float("nan")), progress=False)
 
 
+def test_a_ct_without_orientation_is_written_with_a_warning(tmp_path, label_set):
+    _, ct, affine = _good_inputs(tmp_path, "a", label_set)
+    ml = nib.load(tmp_path / "labels" / "a.nii.gz")
+    for folder, data in (("ct", ct), ("labels", np.asarray(ml.dataobj))):  # both written by a tool that drops orientation
+        img = nib.Nifti1Image(data, affine)
+        img.set_qform(None, code=0)
+        img.set_sform(None, code=0)
+        nib.save(img, tmp_path / folder / "a.nii.gz")
+    rep = prepare_dataset(tmp_path / "ct", tmp_path / "labels", None, options=OPTS, dry_run=True, progress=False)
+    assert rep.warning_counts() == {"no_orientation": 1}
+    assert any("a.nii.gz: no orientation in the NIfTI header" in line for line in rep.warnings)
+
+
 def test_an_out_that_holds_the_inputs_is_refused(tmp_path, label_set):
     """--out above the inputs (with --overwrite above all) would replace them."""
     _good_inputs(tmp_path / "hospital", "a", label_set)

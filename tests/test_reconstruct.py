@@ -46,6 +46,19 @@ def test_reconstruct_writes_volume_and_errors(ae_ckpt, tmp_path, label_set):
     np.testing.assert_allclose(rec_aff, aff)
     errors = json.loads((tmp_path / "o" / "errors.json").read_text())
     assert set(errors["mae"]) == set(WINDOWS_HU) and "liver" in errors["classes"]
+    # the same volume stored in LPS axes comes back on those axes: the same reconstruction, flipped
+    import nibabel as nib
+
+    to_lps = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt("LPS"))
+    for name, arr, dtype in (("ct", case.ct, np.int16), ("lab", case.labels, np.uint8)):
+        img = nib.Nifti1Image(arr.astype(dtype), aff).as_reoriented(to_lps)
+        save_nifti(tmp_path / f"{name}_lps.nii.gz", np.asarray(img.dataobj), img.affine, dtype)
+    res = run_cli("reconstruct", "--ct", tmp_path / "ct_lps.nii.gz", "--labels", tmp_path / "lab_lps.nii.gz", "--out", tmp_path / "o2",
+                  "--checkpoint", ae_ckpt)
+    assert res.returncode == 0, res.stderr
+    lps, lps_aff = load_nifti(tmp_path / "o2" / "reconstruction.nii.gz", reorient_to_ras=False)
+    np.testing.assert_allclose(lps_aff, nib.load(tmp_path / "ct_lps.nii.gz").affine)
+    assert np.array_equal(lps, rec[::-1, ::-1, :])
 
 
 def test_reconstruct_bad_inputs(ae_ckpt, tmp_path):

@@ -78,6 +78,7 @@ WARNING_KINDS = {
     "size_mismatch": "the report's tumour size is more than ±50 % off the label map's",
     "map_tumor_unreported": "the label map has a tumour region the report does not name",
     "unknown_class_file": "unknown class file(s) in the per-class folder ignored",
+    "no_orientation": "the CT file has no orientation (NIfTI qform and sform codes 0): left and right may be swapped",
 }
 
 
@@ -382,6 +383,16 @@ def _check_geometry(path: Path, shape: tuple, affine: np.ndarray, ref_shape: tup
     return None
 
 
+def nifti_is_oriented(path: Path) -> bool:
+    """Whether a NIfTI header says where its axes point (qform or sform code > 0); without
+    either, nibabel falls back to pixdim scaling with a conventional axis order, which may be
+    mirrored."""
+    import nibabel as nib
+
+    header = nib.load(str(path)).header
+    return bool(int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0)
+
+
 MIN_CT_VOXELS = 8  # per axis: fewer is a 2D image or a slab stored as 3D, not a torso volume
 
 
@@ -393,7 +404,7 @@ def load_ct(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         info = {"format": "dicom", **info}
     else:
         hu, affine = load_nifti(path, dtype=np.float32)
-        info = {"format": "nifti"}
+        info = {"format": "nifti", "oriented": nifti_is_oriented(path)}
     if min(hu.shape) < MIN_CT_VOXELS:
         raise GuideGenError(f"{path}: shape {tuple(hu.shape)} has fewer than {MIN_CT_VOXELS} voxels along an axis; "
                             "a 2D image or a thin slab, expected a 3D CT volume")
@@ -762,6 +773,11 @@ def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | N
     try:
         hu, ct_affine, ct_info = load_ct(inputs.ct)
         problems += check_ct_values(inputs.ct, hu)
+        if ct_info.get("oriented") is False:
+            summary.setdefault("warnings", []).append(_warning(
+                "no_orientation", f"{inputs.ct}: no orientation in the NIfTI header (qform and sform codes 0): axes taken as "
+                "nibabel's default with the pixdim spacing; left and right may be swapped (check a kidney or the liver)",
+                "no orientation"))
         finite = hu[np.isfinite(hu)]
         summary.update(hu_range=(float(finite.min()), float(finite.max())) if finite.size else None, spacing=spacing_from_affine(ct_affine), shape=hu.shape)
     except GuideGenError as exc:
@@ -774,7 +790,7 @@ def build_case(inputs: CaseInputs, opts: PrepareOptions) -> tuple[CaseRecord | N
         used: tuple[int, str] | None = (2 if version == "auto" else int(version), "class names")
         labels, body, lab_affine, p, w = load_class_folder(inputs.labels, label_set, used[0], ref_shape, ct_affine, opts)
         problems += p
-        summary["warnings"] = w
+        summary["warnings"] = summary.get("warnings", []) + w
     else:
         labels, lab_affine, p, used = load_multilabel(inputs.labels, label_set, opts.totalseg_version)
         problems += p
