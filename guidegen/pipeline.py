@@ -901,6 +901,9 @@ def generate_for_label_maps(jobs: list[LabelMapJob], out: Path, checkpoint: Path
     from guidegen.training.common import launch_rank
 
     label_set = checkpoint_label_set(checkpoint)
+    inside = next((job.path for job in jobs if Path(out).resolve() in job.path.resolve().parents), None)
+    if inside is not None:  # the new CTs would land among the maps they are made from
+        raise GuideGenError(f"--out {out}: holds the label map {inside}; choose an --out outside --labels")
     rank, world = launch_rank()
     samples = [(f"{job.stem}_seed{seed + k}", job, seed + k) for job in jobs for k in range(n)]
     mine = [sample for i, sample in enumerate(samples) if i % world == rank]

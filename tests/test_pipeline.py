@@ -352,6 +352,8 @@ def test_mask_to_ct_for_a_folder_of_maps_and_for_a_dataset(ckpt_root, tmp_path, 
     res = run_cli("generate", "--labels", maps, "--checkpoint", ckpt_root, "--out", tmp_path / "o2")
     assert res.returncode == 2 and "c.nii.gz: label ids [40] are outside label set" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
+    res = run_cli("generate", "--labels", maps, "--checkpoint", ckpt_root, "--out", maps)
+    assert res.returncode == 2 and "holds the label map" in res.stderr and "choose an --out outside --labels" in res.stderr
     (tmp_path / "none").mkdir()
     res = run_cli("generate", "--labels", tmp_path / "none", "--checkpoint", ckpt_root, "--out", tmp_path / "o3")
     assert res.returncode == 2 and "holds no label maps (.nii / .nii.gz files) and no guidegen dataset" in res.stderr
