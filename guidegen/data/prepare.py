@@ -250,7 +250,7 @@ def load_reports(path: str | os.PathLike, *, id_column: str = "case", text_colum
         raise GuideGenError(f"--reports {path}: is a directory; expected a reports file (.csv, .tsv, .jsonl or .json)")
     if not path.is_file():
         raise GuideGenError(f"--reports {path}: file not found")
-    rows: list[tuple[int, dict]] = []
+    rows: list[tuple[str, dict]] = []  # ("line N" / "item N", row)
     problems: list[str] = []
     suffix = path.suffix.lower()
     try:
@@ -260,35 +260,29 @@ def load_reports(path: str | os.PathLike, *, id_column: str = "case", text_colum
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
         columns = list(reader.fieldnames or [])
-        rows = [(i + 2, row) for i, row in enumerate(reader)]  # line 1 is the header
-    elif suffix == ".json" and raw.lstrip().startswith("["):  # one JSON array of report objects
-        try:
-            items = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise GuideGenError(f"--reports {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        columns_seen = {}
-        for i, obj in enumerate(items, start=1):
-            if not isinstance(obj, dict):
-                problems.append(f"{path} item {i}: expected a JSON object")
-                continue
-            columns_seen.update(dict.fromkeys(obj))
-            rows.append((i, obj))
-        columns = list(columns_seen)
+        rows = [(f"line {i + 2}", row) for i, row in enumerate(reader)]  # line 1 is the header
     elif suffix in (".jsonl", ".ndjson", ".json"):
-        columns_seen: dict[str, None] = {}
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
+        entries: list[tuple[str, object]] = []  # (where in the file, parsed value)
+        if suffix == ".json" and raw.lstrip().startswith("["):  # one JSON array of report objects
             try:
-                obj = json.loads(line)
+                entries = [(f"item {i}", obj) for i, obj in enumerate(json.loads(raw), start=1)]
             except json.JSONDecodeError as exc:
-                problems.append(f"{path} line {lineno}: not valid JSON ({exc.msg})")
-                continue
+                raise GuideGenError(f"--reports {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        else:
+            for lineno, line in enumerate(raw.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entries.append((f"line {lineno}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    problems.append(f"{path} line {lineno}: not valid JSON ({exc.msg})")
+        columns_seen: dict[str, None] = {}
+        for where, obj in entries:
             if not isinstance(obj, dict):
-                problems.append(f"{path} line {lineno}: expected a JSON object")
+                problems.append(f"{path} {where}: expected a JSON object")
                 continue
             columns_seen.update(dict.fromkeys(obj))
-            rows.append((lineno, obj))
+            rows.append((where, obj))
         columns = list(columns_seen)
     else:
         raise GuideGenError(f"--reports {path}: unknown format {suffix or '(no suffix)'}; use .csv, .tsv, .jsonl or .json")
@@ -297,10 +291,10 @@ def load_reports(path: str | os.PathLike, *, id_column: str = "case", text_colum
     id_col = _pick_column(columns, id_column, ID_COLUMNS, "--report-id-column", path)
     text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "--report-text-column", path)
     reports: dict[str, tuple[str, str]] = {}
-    for lineno, row in rows:
+    for place, row in rows:
         case = strip_nifti_suffix(str(row.get(id_col) or "").strip())
         text = str(row.get(text_col) or "").strip()
-        where = f"{path} line {lineno}"
+        where = f"{path} {place}"
         if not case:
             problems.append(f"{where}: empty case id")
         elif case in reports:
