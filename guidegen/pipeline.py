@@ -783,6 +783,9 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
         if ignored:
             raise GuideGenError(f"{', '.join(ignored)}: not used with --labels (the label map is given, not sampled; "
                                 "--n, --ct-steps, --ct-guidance, --seed and --no-texture apply)")
+        from guidegen.data.layout import check_out_apart_from_inputs
+
+        check_out_apart_from_inputs(out, {"--labels": labels_path})  # new CTs among the maps they are made from
         return generate_for_label_maps(label_map_jobs(labels_path, prompt), out, checkpoint, device, seed=seed, n=n,
                                        ct_steps=ct_steps, ct_guidance=ct_guidance, texture=texture)
     items = read_prompts(prompts_file) if prompts_file is not None else [PromptItem(single_prompt_id(prompt or "", seed), prompt or "")]
@@ -901,46 +904,57 @@ def generate_for_label_maps(jobs: list[LabelMapJob], out: Path, checkpoint: Path
     from guidegen.training.common import launch_rank
 
     label_set = checkpoint_label_set(checkpoint)
-    inside = next((job.path for job in jobs if Path(out).resolve() in job.path.resolve().parents), None)
-    if inside is not None:  # the new CTs would land among the maps they are made from
-        raise GuideGenError(f"--out {out}: holds the label map {inside}; choose an --out outside --labels")
     rank, world = launch_rank()
     samples = [(f"{job.stem}_seed{seed + k}", job, seed + k) for job in jobs for k in range(n)]
     mine = [sample for i, sample in enumerate(samples) if i % world == rank]
-    digests = {}
-    for _, job, _ in mine:  # read once here so a bad map fails before the models load
+    digests: dict[Path, str] = {}
+
+    def digest(job: LabelMapJob) -> str:
         if job.path not in digests:
             digests[job.path] = labels_digest(*read_user_label_map(job.path, label_set))
+        return digests[job.path]
+
+    for _, job, _ in mine:  # read here so a bad map fails before the models load
+        digest(job)
     if rank == 0:
         check_generate_out(out)
+        if not any(job.prompt.strip() for job in jobs):
+            print("warning: no prompt: the CT is conditioned on the label map alone (no sex, age, phase or tumour findings; "
+                  "give a PROMPT, or a guidegen dataset whose reports are the prompts)", file=sys.stderr)
     pipe = GuideGenPipeline.from_pretrained(checkpoint, device=device, texture=texture)
     pipe.check_steps(None, ct_steps)  # before anything is written
-    requests = {case: sample_request(pipe, job.prompt, s, ct_steps=ct_steps, ct_guidance=ct_guidance, labels_file=job.path.name,
-                                     labels_digest=digests[job.path]) for case, job, s in mine}
     writer = _open_dataset_writer(out, pipe, rank, source="guidegen generate --labels")
-    todo = []
-    for case, job, s in mine:
+
+    def request(job: LabelMapJob, s: int) -> dict:
+        return sample_request(pipe, job.prompt, s, ct_steps=ct_steps, ct_guidance=ct_guidance, labels_file=job.path.name,
+                              labels_digest=digest(job))
+
+    # every finished sample, of every rank's share, is checked before any new one is drawn (as
+    # generate_dataset does): a conflict seen by one rank only would leave a mixed dataset
+    defaults = request_defaults(pipe)
+    for case, job, s in samples:
         if writer.has_case(case):
-            check_finished_request(out, case, requests[case], request_defaults(pipe))
-            print(f"{case}: already generated in {out}")
-        else:
-            todo.append((case, job, s))
+            check_finished_request(out, case, request(job, s), defaults)
+    todo = [(case, job, s) for case, job, s in mine if not writer.has_case(case)]
+    if len(todo) < len(mine):
+        print(f"{len(mine) - len(todo)} sample(s) already generated in {out}, skipped" + (f" by rank {rank}" if world > 1 else ""))
     if todo:
         writer.mark_incomplete()
-    for case, job, s in tqdm(todo, desc="mask to CT", unit="sample", disable=not progress or len(todo) < 2):
+    desc = f"mask to CT (rank {rank})" if world > 1 else "mask to CT"
+    for case, job, s in tqdm(todo, desc=desc, unit="sample", disable=not progress or len(todo) < 2):
         native, native_affine = read_user_label_map(job.path, label_set)
         lab, affine, back = to_ras(native, native_affine)
         sample = pipe.generate(job.prompt, seed=s, ct_steps=ct_steps, ct_guidance=ct_guidance, labels=lab, labels_affine=affine)
         qc = quality_check(sample, pipe)
         meta = {"source": "guidegen generate --labels", "labels_file": job.path.name, "seed": s, "settings": sample.settings,
-                "timings": sample.timings, "models": pipe.versions(), "request": requests[case], "qc": qc}
+                "timings": sample.timings, "models": pipe.versions(), "request": request(job, s), "qc": qc}
         writer.write_case(CaseRecord(case=case, labels=native, affine=native_affine, ct=from_ras(sample.ct, back), text=job.prompt,
                                      findings=sample.findings.to_dict(), meta=meta))
         warn_qc(case, qc)
     if all(writer.has_case(case) for case, _, _ in samples):
         writer.finalize()
     if todo:
-        print(f"{len(todo)} sample(s) written to {out}")
+        print(f"{len(todo)} sample(s) written to {out}" + (f" by rank {rank}" if world > 1 else ""))
     return [case for case, _, _ in mine]
 
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -98,6 +99,22 @@ def test_metrics_json_keys_and_ranges(runs):
     assert m["alignment_dice_real_reference_mean"] == pytest.approx(np.mean(ref), abs=1e-3)
     assert m["downstream"]["n_train"] == 6 and m["downstream"]["n_test_real"] == 2
     assert any("Slice-wise FID/LPIPS skipped" in n for n in m["notes"])
+
+
+def test_a_synthetic_set_made_from_the_real_maps_is_flagged_and_kept_out_of_the_test(runs, tmp_path):
+    """A mask → CT set from the real set's own maps: the shared maps are counted and noted, and
+    the usefulness arm never trains on a held-out case's anatomy."""
+    root, _, _ = runs
+    shutil.copytree(root / "real", tmp_path / "copy")
+    res = evaluate(root / "real", tmp_path / "copy", tmp_path / "out", replace(CFG, downstream_steps=5), threads=1)
+    m = res.metrics
+    held = set(m["real_split"]["held_out_ids"])
+    assert m["synthetic_label_maps_from_real"] == {"cases": 8, "of": 8, "from_held_out": 2, "real_cases": DatasetReader(root / "real").case_ids()}
+    assert any("8 of 8 synthetic cases have a real case's label map" in n for n in m["notes"])
+    assert len(m["downstream"]["synthetic_cases"]) == 6 and not held & set(m["downstream"]["synthetic_cases"])
+    # a set of other anatomies shares none
+    good = json.loads((root / "out_good" / "metrics.json").read_text())
+    assert good["synthetic_label_maps_from_real"]["cases"] == 0
 
 
 def test_real_reference_is_held_out_from_every_network(runs):

@@ -286,6 +286,7 @@ def test_mask_to_ct_keeps_an_lps_maps_axes_and_fills_beyond_the_torso(ckpt_root,
         meta = json.loads((out / "meta" / f"{cid}.json").read_text())
         assert meta["settings"]["labelled_outside_box"]["voxels"] > 0
         assert any("beyond the organs' z-range" in f for f in meta["qc"]["failures"])
+        assert "warning: no prompt: the CT is conditioned on the label map alone" in res.stderr
         assert f"warning: {cid}: QC failed" in res.stderr and "Traceback" not in res.stderr
     assert cid == "my_case_seed0"
     assert np.array_equal(cts["lps"][0], cts["ras"][0][::-1, ::-1, :])  # the same CT, on the LPS axes
@@ -345,15 +346,17 @@ def test_mask_to_ct_for_a_folder_of_maps_and_for_a_dataset(ckpt_root, tmp_path, 
     assert not np.array_equal(a3, a4)  # two seeds, two CTs of one map
     stamps = {c: (out / "meta" / f"{c}.json").stat().st_mtime_ns for c in reader.case_ids()}
     res = run_cli("generate", "arterial phase", "--labels", maps, "--n", 2, "--seed", 3, "--checkpoint", ckpt_root, "--out", out)
-    assert res.returncode == 0 and res.stdout.count("already generated") == 4
+    assert res.returncode == 0 and "4 sample(s) already generated" in res.stdout
     assert stamps == {c: (out / "meta" / f"{c}.json").stat().st_mtime_ns for c in DatasetReader(out).case_ids()}
 
     save_nifti(maps / "c.nii.gz", np.full((8, 8, 8), 40, np.uint8), np.eye(4), np.uint8)
     res = run_cli("generate", "--labels", maps, "--checkpoint", ckpt_root, "--out", tmp_path / "o2")
     assert res.returncode == 2 and "c.nii.gz: label ids [40] are outside label set" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
-    res = run_cli("generate", "--labels", maps, "--checkpoint", ckpt_root, "--out", maps)
-    assert res.returncode == 2 and "holds the label map" in res.stderr and "choose an --out outside --labels" in res.stderr
+    for inside in (maps, maps / "sub", tmp_path):  # the folder itself, below it, above it
+        res = run_cli("generate", "--labels", maps, "--checkpoint", ckpt_root, "--out", inside)
+        assert res.returncode == 2 and "the input --labels" in res.stderr and "choose an --out outside the inputs" in res.stderr
+    assert not (maps / "sub").exists()
     (tmp_path / "none").mkdir()
     res = run_cli("generate", "--labels", tmp_path / "none", "--checkpoint", ckpt_root, "--out", tmp_path / "o3")
     assert res.returncode == 2 and "holds no label maps (.nii / .nii.gz files) and no guidegen dataset" in res.stderr
@@ -361,6 +364,7 @@ def test_mask_to_ct_for_a_folder_of_maps_and_for_a_dataset(ckpt_root, tmp_path, 
     ds = write_phantom_dataset(tmp_path / "ph", n=2, grid=(20, 20, 24), seed=7, previews=False, progress=False)
     res = run_cli("generate", "--labels", ds, "--checkpoint", ckpt_root, "--out", tmp_path / "o4")
     assert res.returncode == 0, res.stderr
+    assert "warning: no prompt" not in res.stderr  # the dataset's reports are the prompts
     source = DatasetReader(ds)
     assert DatasetReader(tmp_path / "o4").case_ids() == [f"{c}_seed0" for c in source.case_ids()]
     for c in source.case_ids():

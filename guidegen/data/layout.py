@@ -108,6 +108,21 @@ def check_output_root(root: str | os.PathLike, *, overwrite_option: bool, resume
     raise GuideGenError(f"{root}: directory {what} ({hint})")
 
 
+def check_out_apart_from_inputs(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output directory that is an input, holds one, or lies inside an input
+    directory (option name → path; None entries are skipped): writing there would mix the
+    outputs into the inputs, and ``--overwrite`` could replace them."""
+    target = Path(out).resolve()
+    for option, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise GuideGenError(f"--out {out}: holds the input {option} {path}; choose an --out outside the inputs")
+        if source.is_dir() and source in target.parents:
+            raise GuideGenError(f"--out {out}: lies inside the input {option} {path}; choose an --out outside the inputs")
+
+
 def write_case_preview(root: str | os.PathLike, record: CaseRecord, label_set: LabelSet) -> None:
     """``root/previews/<case>.png`` of a record (atomic).
 

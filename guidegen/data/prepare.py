@@ -58,7 +58,7 @@ from tqdm import tqdm
 from guidegen.data.cache import PreprocessCache, PreprocessConfig, preprocess_case, torso_bbox
 from guidegen.data.datasets import cache_sources
 from guidegen.data.dicom import looks_like_dicom_folder, read_dicom_series
-from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check_case_id
+from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter, check_case_id, check_out_apart_from_inputs
 from guidegen.data.totalseg import BODY_CLASS_NAMES, guess_totalseg_version, known_class_names, lung_ratio, totalseg_classes
 from guidegen.errors import GuideGenError
 from guidegen.evaluation.metrics import CaseStats, TumorComponent, case_stats, match_tumors, midline_x_mm
@@ -1099,18 +1099,6 @@ def _process_in_pool(todo: list[CaseInputs], opts: PrepareOptions, out: str | No
                             "is short") from None
     pool.shutdown(wait=True)
     return results
-
-
-def check_out_apart_from_inputs(out: Path, inputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse an ``--out`` that is, or holds, one of the inputs: writing the dataset there
-    (``--overwrite`` above all) would replace them."""
-    target = out.resolve()
-    for option, path in inputs.items():
-        if path is None:
-            continue
-        source = Path(path).resolve()
-        if source == target or target in source.parents:
-            raise GuideGenError(f"--out {out}: holds the input {option} {path}; choose an --out outside the inputs")
 
 
 def summary_table(report: PrepareReport):

@@ -151,6 +151,19 @@ def split_real(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[
     return sorted(int(i) for i in perm[held:]), sorted(int(i) for i in perm[:held])
 
 
+def shared_label_maps(real: EvalSet, synth: EvalSet) -> dict[int, int]:
+    """``{synthetic index: real index}`` for every synthetic case whose label map (on the
+    evaluation grid) is a real case's: a mask → CT set made from the real set's own maps
+    (``generate --labels``). Such cases leak: their anatomy is the real case's."""
+    import hashlib
+
+    def key(labels: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()
+
+    real_keys = {key(real.labels[j]): j for j in range(len(real))}
+    return {i: real_keys[k] for i in range(len(synth)) if (k := key(synth.labels[i])) in real_keys}
+
+
 def _with_digest(ds: EvalSet, index: list[int]) -> EvalSet:
     sub = ds.subset(index)
     sub.digest = dataset_digest(sub.reader, sub.cases)
@@ -421,6 +434,18 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
         real_train, real_ref = _with_digest(real_set, train_idx), real_set.subset(held_idx)
     ref_part = "all" if in_sample else "held_out"
     train_part = "all" if in_sample else "train"
+    # synthetic cases that carry a real case's label map (mask -> CT from the real set)
+    shared = shared_label_maps(real_set, synth_set)
+    from_held_out = sorted(i for i, j in shared.items() if j in set(held_idx))
+    if shared:
+        notes.append(f"{len(shared)} of {len(synth_set)} synthetic cases have a real case's label map (a mask → CT set made from "
+                     f"the real set): the label-map statistics compare those maps with themselves, and their alignment Dice uses "
+                     f"maps the segmenter was trained on when the source is a training case; {len(from_held_out)} come from held-out "
+                     "cases and are left out of the usefulness arm (they would train on the test anatomy).")
+    metrics["synthetic_label_maps_from_real"] = {
+        "cases": len(shared), "of": len(synth_set), "from_held_out": len(from_held_out),
+        "real_cases": sorted({real_set.cases[j] for j in shared.values()}),
+    }
 
     # distribution ------------------------------------------------------------------
     t = time.perf_counter()
@@ -487,12 +512,17 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
         notes.append("Usefulness (downstream segmentation) skipped by configuration.")
     elif in_sample:
         notes.append(f"Usefulness skipped: the real set has {len(real_set)} cases; at least {MIN_SPLIT_CASES} are needed to hold some out.")
+    elif len(from_held_out) == len(synth_set):
+        notes.append("Usefulness skipped: every synthetic case carries a held-out real case's label map.")
     else:
-        n = min(len(synth_set), len(train_idx), cfg.downstream_n or 10**9)
+        # synthetic cases drawn like the real split (seeded), never one made from a held-out map
+        eligible = [i for i in range(len(synth_set)) if i not in set(from_held_out)]
+        n = min(len(eligible), len(train_idx), cfg.downstream_n or 10**9)
+        synth_idx = sorted(int(i) for i in np.random.default_rng(cfg.split_seed).permutation(eligible)[:n])
         steps = cfg.downstream_steps or cfg.segmenter.steps
         dcfg = replace(cfg.segmenter, steps=steps)
         results = {}
-        for arm, src, idx in (("synthetic", synth_set, list(range(n))), ("real", real_set, train_idx[:n])):
+        for arm, src, idx in (("synthetic", synth_set, synth_idx), ("real", real_set, train_idx[:n])):
             if arm == "real" and idx == train_idx and dcfg == cfg.segmenter:
                 net = seg  # the alignment net was trained on exactly these cases with this recipe
             else:
@@ -505,7 +535,8 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
         metrics["downstream_dice_real"] = _mean(results["real"])
         metrics["downstream_dice_synthetic_per_class"] = results["synthetic"]
         metrics["downstream_dice_real_per_class"] = results["real"]
-        metrics["downstream"] = {"n_train": n, "n_test_real": len(held_idx), "steps": steps}
+        metrics["downstream"] = {"n_train": n, "n_test_real": len(held_idx), "steps": steps,
+                                 "synthetic_cases": [synth_set.cases[i] for i in synth_idx]}
     timings["usefulness"] = time.perf_counter() - t
 
     ds_info = metrics.get("downstream")
