@@ -235,6 +235,29 @@ def test_temperature_option_reaches_the_sampler_and_the_meta(ckpt_root, tmp_path
     assert not np.array_equal(written["default"][1], written["hot"][1])  # same seed, another distribution
 
 
+def test_upsampling_the_ct_reads_each_voxel_from_its_own_class():
+    """On a finer map each voxel's HU is a mix of its own class's model-grid HU only (within
+    that class's range), a one-class map gives plain trilinear resampling, and a class the model
+    grid lost is read from the plain CT."""
+    from guidegen.data.cache import resize_ct, resize_labels
+    from guidegen.pipeline import upsample_ct_by_class
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 4, (6, 5, 7)).astype(np.uint8)
+    ct_small = (small * 300.0 + rng.normal(0, 20, small.shape)).astype(np.float32)  # class levels 300 HU apart
+    big = resize_labels(small, (17, 13, 19))
+    big[0, 0, 0] = 9  # a class absent from the model grid
+    up = upsample_ct_by_class(ct_small, small, big)
+    plain = resize_ct(ct_small, big.shape)
+    for c in range(4):
+        lo, hi = ct_small[small == c].min(), ct_small[small == c].max()
+        assert lo - 1e-3 <= up[big == c].min() and up[big == c].max() <= hi + 1e-3
+    assert up[0, 0, 0] == pytest.approx(plain[0, 0, 0], abs=1e-3)
+    assert (np.abs(plain - up) > 100).any()  # plain resampling mixes classes 300 HU apart at their borders
+    one = np.zeros_like(small)
+    np.testing.assert_allclose(upsample_ct_by_class(ct_small, one, np.zeros((17, 13, 19), np.uint8)), plain, atol=1e-3)
+
+
 def test_mask_to_ct_on_the_users_grid(ckpt_root, tmp_path, label_set):
     from guidegen.data.phantom import render_phantom
 
