@@ -99,6 +99,7 @@ def test_metrics_json_keys_and_ranges(runs):
     assert m["alignment_dice_real_reference_mean"] == pytest.approx(np.mean(ref), abs=1e-3)
     assert m["downstream"]["n_train"] == 6 and m["downstream"]["n_test_real"] == 2
     assert any("Slice-wise FID/LPIPS skipped" in n for n in m["notes"])
+    assert any("The real reference has 2 case(s): Fréchet distance, precision and recall" in n for n in m["notes"])
 
 
 def test_a_synthetic_set_made_from_the_real_maps_is_flagged_and_kept_out_of_the_test(runs, tmp_path):

@@ -147,3 +147,12 @@ def test_an_export_that_fails_its_check_replaces_nothing(phantom, tmp_path, expo
         export_nnunet(phantom, exported.parent, 42, "GuideGenPhantom", overwrite=True)
     assert sorted(p.relative_to(exported) for p in exported.rglob("*")) == before
     assert [p.name for p in exported.parent.iterdir()] == [exported.name]  # no partial copy left
+
+
+def test_an_incomplete_set_is_exported_with_a_warning(phantom, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom, copy)
+    info = json.loads((copy / "dataset.json").read_text())
+    (copy / "dataset.json").write_text(json.dumps({**info, "status": "incomplete"}))
+    export_nnunet(copy, tmp_path / "raw", 7, "Partial")
+    assert "warning: --data" in capsys.readouterr().err

@@ -308,6 +308,12 @@ class DatasetReader:
         self.label_set: LabelSet = load_label_set(self.info.get("label_set", "guidegen22"))
         self._reports: dict[str, dict] | None = None
 
+    @property
+    def incomplete(self) -> bool:
+        """Whether ``dataset.json`` says the run that writes this set has not finished (an
+        interrupted phantom, prepare or generate run; a missing status counts as finished)."""
+        return self.info.get("status") == "incomplete"
+
     def case_ids(self) -> list[str]:
         meta_dir = self.root / "meta"
         if not meta_dir.is_dir():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -46,6 +47,9 @@ def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str,
         raise GuideGenError(f"--name: give the name without the DatasetNNN_ prefix (--dataset-id sets the number), got {name!r}")
     reader = open_dataset(data, "--data")
     cases = reader.case_ids()
+    if reader.incomplete:
+        print(f"warning: --data {data}: dataset.json says status 'incomplete' (an interrupted run?): exporting its "
+              f"{len(cases)} complete case(s)", file=sys.stderr)
     missing = [c for c in cases if not reader.ct_path(c).is_file()]
     if missing:
         raise GuideGenError(f"--data {data}: {len(missing)} of {len(cases)} case(s) have no CT (first: ct/{missing[0]}.nii.gz); nnU-Net needs image + label pairs")

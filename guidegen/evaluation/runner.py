@@ -82,6 +82,9 @@ class EvalConfig:
 
 
 # ------------------------------------------------------------------------------ helpers
+MIN_REFERENCE_CASES = 10  # real reference cases below which the distribution figures get a note
+
+
 def pick_threads(requested: int | None = None) -> int:
     """Torch CPU threads for the evaluation nets: ``requested``, else the cores left idle.
 
@@ -434,6 +437,13 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
         real_train, real_ref = _with_digest(real_set, train_idx), real_set.subset(held_idx)
     ref_part = "all" if in_sample else "held_out"
     train_part = "all" if in_sample else "train"
+    for option, ds in (("--real", real_set), ("--synthetic", synth_set)):
+        if ds.reader.incomplete:
+            notes.append(f"{option} {ds.root}: dataset.json says status 'incomplete' (an interrupted run?): its {len(ds)} complete "
+                         "case(s) are evaluated.")
+    if len(real_ref) < MIN_REFERENCE_CASES:
+        notes.append(f"The real reference has {len(real_ref)} case(s): Fréchet distance, precision and recall against so few are "
+                     f"unstable (their k-nearest-neighbour radii above all); read them with at least {MIN_REFERENCE_CASES} held-out cases.")
     # synthetic cases that carry a real case's label map (mask -> CT from the real set)
     shared = shared_label_maps(real_set, synth_set)
     from_held_out = sorted(i for i, j in shared.items() if j in set(held_idx))

@@ -83,7 +83,7 @@ def check_run_data(out: Path, reader) -> dict:
     from guidegen.training.common import launch_rank, warn_run
 
     record = dataset_record(reader)
-    if reader.info.get("status") == "incomplete":
+    if reader.incomplete:
         warn_run(f"{reader.root}: dataset.json says status {reader.info.get('status')!r} (an interrupted phantom, "
                  f"prepare or generate run?): training on its {record['cases']} complete case(s)", out)
     path = out / DATA_RECORD
