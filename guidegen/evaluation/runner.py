@@ -446,7 +446,7 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
                      f"unstable (their k-nearest-neighbour radii above all); read them with at least {MIN_REFERENCE_CASES} held-out cases.")
     # synthetic cases that carry a real case's label map (mask -> CT from the real set)
     shared = shared_label_maps(real_set, synth_set)
-    from_held_out = sorted(i for i, j in shared.items() if j in set(held_idx))
+    from_held_out = sorted(i for i, j in shared.items() if j in held_idx)
     if shared:
         notes.append(f"{len(shared)} of {len(synth_set)} synthetic cases have a real case's label map (a mask → CT set made from "
                      f"the real set): the label-map statistics compare those maps with themselves, and their alignment Dice uses "
@@ -526,7 +526,7 @@ def _evaluate(real, synthetic, out, config, inception_weights, lpips_weights, ca
         notes.append("Usefulness skipped: every synthetic case carries a held-out real case's label map.")
     else:
         # synthetic cases drawn like the real split (seeded), never one made from a held-out map
-        eligible = [i for i in range(len(synth_set)) if i not in set(from_held_out)]
+        eligible = [i for i in range(len(synth_set)) if i not in from_held_out]
         n = min(len(eligible), len(train_idx), cfg.downstream_n or 10**9)
         synth_idx = sorted(int(i) for i in np.random.default_rng(cfg.split_seed).permutation(eligible)[:n])
         steps = cfg.downstream_steps or cfg.segmenter.steps
