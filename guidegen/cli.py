@@ -332,7 +332,13 @@ def export_nnunet(
     """Write an nnU-Net v2 raw dataset (imagesTr, labelsTr, dataset.json) and check it."""
     from guidegen.evaluation.export import export_nnunet as run_export
 
-    typer.echo(f"wrote {run_export(data, out, dataset_id, name, overwrite=overwrite, progress=True)} (checked)")
+    from guidegen.evaluation.export import SPLITS_FILE
+
+    target = run_export(data, out, dataset_id, name, overwrite=overwrite, progress=True)
+    typer.echo(f"wrote {target} (checked)")
+    if (target / SPLITS_FILE).is_file():
+        typer.echo(f"{SPLITS_FILE}: the CTs of each source label map share one fold; copy it to $nnUNet_preprocessed/{target.name}/ "
+                   "after nnUNetv2_plan_and_preprocess, or nnU-Net's random folds put one map's CTs in training and validation")
 
 
 class Terminated(SystemExit):

@@ -156,3 +156,36 @@ def test_an_incomplete_set_is_exported_with_a_warning(phantom, tmp_path, capsys)
     (copy / "dataset.json").write_text(json.dumps({**info, "status": "incomplete"}))
     export_nnunet(copy, tmp_path / "raw", 7, "Partial")
     assert "warning: --data" in capsys.readouterr().err
+
+
+def test_ct_of_one_source_map_share_a_fold(tmp_path):
+    """A mask -> CT set with 2-3 CTs per source map gets a splits_final.json whose folds never
+    split a map's CTs between training and validation; a set without repeats gets none."""
+    from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter
+    from guidegen.evaluation.export import SPLITS_FILE
+
+    writer = DatasetWriter(tmp_path / "aug", name="guidegen-synthetic", mode="new", info={"source": "guidegen generate --labels"})
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:6, 2:6, 2:6] = 3
+    ct = np.full((8, 8, 8), -1000, np.int16)
+    for m in range(7):
+        for k in range(1 + m % 3):
+            writer.write_case(CaseRecord(case=f"map{m}_seed{k}", labels=labels, affine=np.eye(4), ct=ct, text="",
+                                         meta={"request": {"labels_digest": f"d{m}"}}), preview=False)
+    writer.finalize()
+    exported = export_nnunet(tmp_path / "aug", tmp_path / "raw", 9, "Aug")
+    splits = json.loads((exported / SPLITS_FILE).read_text())
+    cases = sorted(DatasetReader(tmp_path / "aug").case_ids())
+    assert len(splits) == 5 and sorted(c for f in splits for c in f["val"]) == cases
+    for fold in splits:
+        assert not set(fold["train"]) & set(fold["val"]) and sorted(fold["train"] + fold["val"]) == cases
+        assert fold["val"]  # every fold validates something
+        val_maps = {c.split("_")[0] for c in fold["val"]}
+        assert not val_maps & {c.split("_")[0] for c in fold["train"]}  # a map's CTs stay together
+    assert check_nnunet_dataset(exported) == []
+    plain = export_nnunet(_plain_set(tmp_path), tmp_path / "raw2", 10, "Plain")
+    assert not (plain / SPLITS_FILE).exists()
+
+
+def _plain_set(tmp_path):
+    return write_phantom_dataset(tmp_path / "plain", n=6, grid=(16, 16, 24), seed=1, previews=False, progress=False)

@@ -85,6 +85,9 @@ def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str,
         "label_set": ls.name,
     }
     write_json_atomic(tmp / "dataset.json", body)
+    splits = grouped_splits(reader, cases)
+    if splits is not None:
+        write_json_atomic(tmp / SPLITS_FILE, splits)
     # checked before it replaces anything: a failing export leaves the previous dataset as it was
     problems = check_nnunet_dataset(tmp)
     if problems:
@@ -102,6 +105,41 @@ def export_nnunet(data: str | Path, out: str | Path, dataset_id: int, name: str,
     if old.exists():
         shutil.rmtree(old)
     return target
+
+
+SPLITS_FILE = "splits_final.json"
+NNUNET_FOLDS = 5
+
+
+def source_map_groups(reader, cases: list[str]) -> dict[str, list[str]]:
+    """Cases grouped by the label map they were rendered from: the CTs ``generate --labels``
+    made of one map (``request.labels_digest`` in their meta) form one group; every other case
+    is its own."""
+    groups: dict[str, list[str]] = {}
+    for case in cases:
+        digest = (reader.meta(case).get("request") or {}).get("labels_digest")
+        groups.setdefault(f"map:{digest}" if digest else f"case:{case}", []).append(case)
+    return groups
+
+
+def grouped_splits(reader, cases: list[str], folds: int = NNUNET_FOLDS, seed: int = 0) -> list[dict] | None:
+    """nnU-Net's ``splits_final.json`` (``[{"train": [...], "val": [...]}] * folds``) with every
+    source map's CTs in one fold, or None when no map has more than one CT (nnU-Net's own random
+    split is then as good) or there are fewer groups than folds.
+
+    Why: nnU-Net splits cases at random for its cross-validation; several CTs of one label map
+    (``--n`` > 1) would land in both training and validation, and the validation Dice would
+    measure memorised anatomy. Groups go to folds largest first, each to the fold with the fewest
+    cases so far (ties by a seeded shuffle)."""
+    groups = list(source_map_groups(reader, cases).values())
+    if all(len(g) == 1 for g in groups) or len(groups) < folds:
+        return None
+    order = np.random.default_rng(seed).permutation(len(groups))
+    fold_cases: list[list[str]] = [[] for _ in range(folds)]
+    for i in sorted(order, key=lambda i: -len(groups[i])):  # stable: the shuffle breaks size ties
+        min(fold_cases, key=len).extend(groups[i])
+    return [{"train": sorted(c for j, f in enumerate(fold_cases) if j != k for c in f), "val": sorted(fold_cases[k])}
+            for k in range(folds)]
 
 
 def _case_of_image(fname: str, ending: str) -> tuple[str, str] | None:
