@@ -630,6 +630,12 @@ def without_defaults(request: dict, defaults: dict) -> dict:
     return {k: None if k in defaults and v is not None and v == defaults[k] else v for k, v in request.items()}
 
 
+def _without_stage1(request: dict) -> dict:
+    """A request without what only stage 1 (the label-map sampler) depends on."""
+    models = {k: v for k, v in (request.get("models") or {}).items() if k != "tcss"}
+    return {**{k: v for k, v in request.items() if k != "tcss_temperature"}, "models": models}
+
+
 def check_finished_request(out: Path, case: str, request: dict, defaults: dict | None = None) -> None:
     """Raise when the finished ``case`` in ``out`` was generated for another ``request``.
 
@@ -647,6 +653,10 @@ def check_finished_request(out: Path, case: str, request: dict, defaults: dict |
     defaults = defaults or {}
     done = without_defaults(done, defaults)
     wanted = json.loads(json.dumps(request))  # as the stored one reads back (tuples as lists, int keys as str)
+    if wanted.get("labels_file") is not None:
+        # mask -> CT samples no label map: the TCSS checkpoint (and its temperature) cannot change
+        # the CT, so a new TCSS checkpoint leaves these samples valid
+        done, wanted = (_without_stage1(r) for r in (done, wanted))
     differ = [k for k in wanted if done.get(k) != wanted[k]]
 
     def spelled(key: str, value):

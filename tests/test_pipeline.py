@@ -317,6 +317,26 @@ def test_mask_to_ct_keeps_an_lps_maps_axes_and_fills_beyond_the_torso(ckpt_root,
     assert legs.min() > -500  # tissue, not air
 
 
+def test_a_new_tcss_checkpoint_leaves_mask_to_ct_samples_valid(tmp_path):
+    """Mask -> CT samples do not depend on stage 1: another TCSS checkpoint (or temperature) does
+    not make them another request; another LDM does, and for text -> pair samples so does TCSS."""
+    from guidegen.errors import GuideGenError
+    from guidegen.pipeline import check_finished_request
+
+    (tmp_path / "meta").mkdir()
+    models = {"tcss": {"weights": "a"}, "ldm": {"weights": "l"}, "autoencoder": {"weights": "e"}}
+    stored = {"prompt": "", "seed": 0, "labels_file": "m.nii.gz", "labels_digest": "d", "tcss_temperature": 0.6, "models": models}
+    (tmp_path / "meta" / "m_seed0.json").write_text(json.dumps({"request": stored}))
+    new_tcss = {**stored, "tcss_temperature": 0.4, "models": {**models, "tcss": {"weights": "b"}}}
+    check_finished_request(tmp_path, "m_seed0", new_tcss)  # accepted
+    with pytest.raises(GuideGenError, match="models: other checkpoints"):
+        check_finished_request(tmp_path, "m_seed0", {**stored, "models": {**models, "ldm": {"weights": "x"}}})
+    text = {**stored, "labels_file": None, "labels_digest": None}
+    (tmp_path / "meta" / "t.json").write_text(json.dumps({"request": text}))
+    with pytest.raises(GuideGenError, match="models: other checkpoints"):
+        check_finished_request(tmp_path, "t", {**text, "models": {**models, "tcss": {"weights": "b"}}})
+
+
 def test_mask_to_ct_refuses_before_loading_models(ckpt_root, tmp_path, label_set):
     """An all-background map, an --out that holds something else, and another map under the same
     file name: one line each, nothing created or replaced."""
