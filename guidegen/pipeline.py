@@ -140,6 +140,9 @@ class Sample:
     # (labels uint8, CT int16 HU) on the model grid when the CT was generated on a resampled copy
     # of ``labels`` (a user's map on another grid); QC checks the HU calibration there
     model_grid: tuple[np.ndarray, np.ndarray] | None = None
+    # a user's map is rendered on RAS axes (``labels``, ``ct`` and ``affine`` are on them);
+    # ``guidegen.io.from_ras(array, native_axes)`` puts an array back on the map's own axes
+    native_axes: np.ndarray | None = None
 
 
 class LabelMapGenerator:
@@ -537,6 +540,13 @@ class GuideGenPipeline:
             if labels_affine is not None and (np.shape(labels_affine) != (4, 4) or not np.all(np.isfinite(labels_affine))):
                 raise GuideGenError(f"labels_affine: must be a finite 4 x 4 matrix, got shape {np.shape(labels_affine)}")
             prompt = "" if prompt is None else prompt  # a mask alone is a valid request
+        native_axes = None
+        if labels is not None and labels_affine is not None:
+            from guidegen.io import to_ras
+
+            # the models (and QC's anatomical order) read RAS axes: an LPS or permuted map is
+            # flipped / permuted, never resampled, and Sample.native_axes turns results back
+            labels, labels_affine, native_axes = to_ras(labels, labels_affine)
         if not isinstance(prompt, str):
             raise GuideGenError(f"the prompt must be a string, got {type(prompt).__name__}")
         findings = prompt_findings(prompt) if labels is None or prompt.strip() else Findings()
@@ -576,7 +586,7 @@ class GuideGenPipeline:
             timings["ct_s"] = round(time.perf_counter() - t1, 3)
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         return Sample(prompt=prompt, findings=findings, labels=label_map, affine=affine, ct=ct, seed=seed, timings=timings,
-                      settings=settings, model_grid=model_grid)
+                      settings=settings, model_grid=model_grid, native_axes=native_axes)
 
     __call__ = generate
 
@@ -940,7 +950,7 @@ def generate_for_label_maps(jobs: list[LabelMapJob], out: Path, checkpoint: Path
     from tqdm import tqdm
 
     from guidegen.data.layout import CaseRecord
-    from guidegen.io import from_ras, to_ras
+    from guidegen.io import from_ras
     from guidegen.qc import quality_check
     from guidegen.training.common import launch_rank
 
@@ -984,12 +994,12 @@ def generate_for_label_maps(jobs: list[LabelMapJob], out: Path, checkpoint: Path
     desc = f"mask to CT (rank {rank})" if world > 1 else "mask to CT"
     for case, job, s in tqdm(todo, desc=desc, unit="sample", disable=not progress or len(todo) < 2):
         native, native_affine = read_user_label_map(job.path, label_set)
-        lab, affine, back = to_ras(native, native_affine)
-        sample = pipe.generate(job.prompt, seed=s, ct_steps=ct_steps, ct_guidance=ct_guidance, labels=lab, labels_affine=affine)
+        sample = pipe.generate(job.prompt, seed=s, ct_steps=ct_steps, ct_guidance=ct_guidance, labels=native, labels_affine=native_affine)
         qc = quality_check(sample, pipe)
         meta = {"source": "guidegen generate --labels", "labels_file": job.path.name, "seed": s, "settings": sample.settings,
                 "timings": sample.timings, "models": pipe.versions(), "request": request(job, s), "qc": qc}
-        writer.write_case(CaseRecord(case=case, labels=native, affine=native_affine, ct=from_ras(sample.ct, back), text=job.prompt,
+        ct = from_ras(sample.ct, sample.native_axes)  # on the map's own axes, as the map is written
+        writer.write_case(CaseRecord(case=case, labels=native, affine=native_affine, ct=ct, text=job.prompt,
                                      findings=sample.findings.to_dict(), meta=meta))
         warn_qc(case, qc)
     if all(writer.has_case(case) for case, _, _ in samples):

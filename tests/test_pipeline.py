@@ -475,13 +475,22 @@ def test_the_python_api_checks_its_arguments(tiny_pipe, kwargs, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_the_api_takes_a_float_label_array_as_ids(tiny_pipe):
+def test_the_api_takes_a_float_label_array_as_ids_and_an_lps_map(tiny_pipe):
     from guidegen.data.phantom import render_phantom
+    from guidegen.io import from_ras
 
     labels = render_phantom(3, GRID).labels.astype(np.float32)
     sample = tiny_pipe.generate(None, labels=labels, ct_steps=2)
     assert sample.labels.dtype == np.uint8 and np.array_equal(sample.labels, labels.astype(np.uint8))
     assert sample.ct.shape == labels.shape and sample.ct.dtype == np.int16
+    # an LPS copy is rendered on RAS axes (the same CT) and native_axes turns it back
+    ras = ras_affine((8.0, 8.0, 8.0))
+    lps_affine = ras @ np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps_affine[:2, 3] = [8.0 * (GRID[0] - 1), 8.0 * (GRID[1] - 1)]
+    a = tiny_pipe.generate(None, labels=labels, labels_affine=ras, ct_steps=2)
+    b = tiny_pipe.generate(None, labels=labels[::-1, ::-1, :], labels_affine=lps_affine, ct_steps=2)
+    np.testing.assert_allclose(b.affine, ras)
+    assert np.array_equal(b.ct, a.ct) and np.array_equal(from_ras(b.ct, b.native_axes), a.ct[::-1, ::-1, :])
 
 
 def test_generate_refuses_to_write_into_a_training_set(ckpt_root, tmp_path):
