@@ -337,8 +337,10 @@ def export_nnunet(
     target = run_export(data, out, dataset_id, name, overwrite=overwrite, progress=True)
     typer.echo(f"wrote {target} (checked)")
     if (target / SPLITS_FILE).is_file():
-        typer.echo(f"{SPLITS_FILE}: the CTs of each source label map share one fold; copy it to $nnUNet_preprocessed/{target.name}/ "
-                   "after nnUNetv2_plan_and_preprocess, or nnU-Net's random folds put one map's CTs in training and validation")
+        folds = len(json.loads((target / SPLITS_FILE).read_text()))
+        typer.echo(f"{SPLITS_FILE}: {folds} folds, the CTs of each source label map in one; copy it to $nnUNet_preprocessed/{target.name}/ "
+                   f"after nnUNetv2_plan_and_preprocess (then train folds 0-{folds - 1}), or nnU-Net's random folds put one map's CTs "
+                   "in training and validation")
 
 
 class Terminated(SystemExit):

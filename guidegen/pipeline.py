@@ -103,7 +103,8 @@ def check_label_array(labels: object, label_set: LabelSet, source: str = "labels
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise GuideGenError(f"{source}: label map must be 3D (X, Y, Z), got shape {labels.shape}")
-    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating) or labels.dtype == bool):
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        # a boolean mask is one structure, not a map of the label set's classes
         raise GuideGenError(f"{source}: label map must hold integer class ids, got dtype {labels.dtype}")
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.all(np.isfinite(labels)) or not np.allclose(labels, np.rint(labels)):
@@ -368,6 +369,9 @@ class PromptItem:
     seed_offset: int = 0
 
 
+MAX_SEED = 2**62  # a --seed; the seeds derived from it stay below torch's 2**63
+
+
 def id_seed_offset(prompt_id: str) -> int:
     """A prompt's seed offset from its id (SHA-256, < 2**28): a sample's seed depends on its own
     prompt id only, so inserting, removing or reordering lines of a prompts file leaves every
@@ -532,13 +536,18 @@ class GuideGenPipeline:
         ``None`` options take the checkpoints' defaults; every option is checked first (one
         :class:`GuideGenError` line naming it)."""
         check_sampler_options(seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps, ct_guidance=ct_guidance)
+        seed = int(seed)  # a numpy integer is fine, but torch's generator wants a Python int
         self.check_steps(steps, ct_steps)
         if labels is not None:
             labels = check_label_array(labels, self.label_set)
             if self.ct is None:
                 raise GuideGenError("labels: a pipeline loaded with labels_only=True cannot render a CT for a label map")
-            if labels_affine is not None and (np.shape(labels_affine) != (4, 4) or not np.all(np.isfinite(labels_affine))):
-                raise GuideGenError(f"labels_affine: must be a finite 4 x 4 matrix, got shape {np.shape(labels_affine)}")
+            if steps is not None or guidance is not None:
+                raise GuideGenError("steps, guidance: not used with labels (the label map is given, not sampled; ct_steps and "
+                                    "ct_guidance apply)")
+            if labels_affine is not None and (np.shape(labels_affine) != (4, 4) or not np.all(np.isfinite(labels_affine))
+                                              or abs(np.linalg.det(np.asarray(labels_affine, np.float64)[:3, :3])) < 1e-9):
+                raise GuideGenError(f"labels_affine: must be a finite, invertible 4 x 4 matrix, got {np.asarray(labels_affine).tolist()}")
             prompt = "" if prompt is None else prompt  # a mask alone is a valid request
         native_axes = None
         if labels is not None and labels_affine is not None:
@@ -813,8 +822,8 @@ def run_generate_command(*, prompt: str | None, out: Path, prompts_file: Path | 
         raise GuideGenError(f"--n must be at least 1, got {n}")
     if qc_retries < 0:
         raise GuideGenError(f"--qc-retries must be >= 0, got {qc_retries}")
-    if seed < 0:
-        raise GuideGenError(f"--seed must be >= 0, got {seed}")
+    if not 0 <= seed < MAX_SEED:  # below 2**63 with every offset a sample's seed gets (k, prompt id, retries)
+        raise GuideGenError(f"--seed must be >= 0 and < 2**62, got {seed}")
     check_sampler_options(seed=seed, steps=steps, guidance=guidance, ct_steps=ct_steps, ct_guidance=ct_guidance)
     if temperature is not None and not 0 < temperature < float("inf"):
         raise GuideGenError(f"--temperature must be a finite number > 0, got {temperature}")
@@ -894,9 +903,6 @@ class LabelMapJob:
     prompt: str
 
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
 def label_map_jobs(labels_path: Path, prompt: str | None) -> list[LabelMapJob]:
     """The label maps ``--labels`` names: one NIfTI file; every case of a guidegen dataset (a
     ``prepare`` output or another generated set: each case's report text is its prompt unless
@@ -912,7 +918,9 @@ def label_map_jobs(labels_path: Path, prompt: str | None) -> list[LabelMapJob]:
         reader = open_dataset(labels_path, "--labels")
         return [LabelMapJob(reader.labels_path(c), c, prompt if prompt is not None else reader.report(c).get("text") or "")
                 for c in reader.case_ids()]
-    files = sorted(f for f in labels_path.iterdir() if f.is_file() and f.name.endswith(NIFTI_SUFFIXES) and not f.name.startswith("."))
+    from guidegen.io import is_nifti
+
+    files = sorted(f for f in labels_path.iterdir() if f.is_file() and is_nifti(f) and not f.name.startswith("."))
     if not files:
         raise GuideGenError(f"{labels_path}: directory holds no label maps (.nii / .nii.gz files) and no guidegen dataset")
     jobs, seen = [], {}

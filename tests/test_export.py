@@ -162,7 +162,7 @@ def test_ct_of_one_source_map_share_a_fold(tmp_path):
     """A mask -> CT set with 2-3 CTs per source map gets a splits_final.json whose folds never
     split a map's CTs between training and validation; a set without repeats gets none."""
     from guidegen.data.layout import CaseRecord, DatasetReader, DatasetWriter
-    from guidegen.evaluation.export import SPLITS_FILE
+    from guidegen.evaluation.export import SPLITS_FILE, grouped_splits
 
     writer = DatasetWriter(tmp_path / "aug", name="guidegen-synthetic", mode="new", info={"source": "guidegen generate --labels"})
     labels = np.zeros((8, 8, 8), np.uint8)
@@ -185,6 +185,13 @@ def test_ct_of_one_source_map_share_a_fold(tmp_path):
     assert check_nnunet_dataset(exported) == []
     plain = export_nnunet(_plain_set(tmp_path), tmp_path / "raw2", 10, "Plain")
     assert not (plain / SPLITS_FILE).exists()
+    # three maps: three folds, still grouped; one map: no split can separate anything
+    few = DatasetReader(tmp_path / "aug")
+    three = [c for c in few.case_ids() if c.split("_")[0] in ("map0", "map1", "map2")]
+    splits = grouped_splits(few, three)
+    assert len(splits) == 3 and sorted(c for f in splits for c in f["val"]) == sorted(three)
+    with pytest.raises(GuideGenError, match="come from one label map"):
+        grouped_splits(few, [c for c in few.case_ids() if c.startswith("map2_")])
 
 
 def _plain_set(tmp_path):

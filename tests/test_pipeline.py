@@ -424,6 +424,7 @@ def test_mask_to_ct_for_a_folder_of_maps_and_for_a_dataset(ckpt_root, tmp_path, 
         (["liver mass", "--n", "0"], "--n"),
         (["liver mass", "--temperature", "0"], "--temperature must be a finite number > 0"),
         (["liver mass", "--seed", "-1"], "--seed must be >= 0"),
+        (["liver mass", "--seed", str(2**62)], "--seed must be >= 0 and < 2**62"),
         (["liver mass", "--ct-steps", "0"], "--ct-steps must be an integer >= 1, got 0"),
         (["liver mass", "--steps", "-2"], "--steps must be an integer >= 1, got -2"),
         (["liver mass", "--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
@@ -463,7 +464,10 @@ def tiny_pipe(ckpt_root):
     ({"labels": np.full((8, 8, 8), 99, np.uint8)}, "labels: label ids [99] are outside label set"),
     ({"labels": np.zeros((8, 8, 8), np.uint8)}, "labels: the label map is all background"),
     ({"labels": np.full((8, 8, 8), 0.5, np.float32)}, "labels: label map must hold integer class ids"),
-    ({"labels": np.ones((8, 8, 8), np.uint8), "labels_affine": np.eye(3)}, "labels_affine: must be a finite 4 x 4 matrix"),
+    ({"labels": np.ones((8, 8, 8), np.uint8), "labels_affine": np.eye(3)}, "labels_affine: must be a finite, invertible 4 x 4 matrix"),
+    ({"labels": np.ones((8, 8, 8), np.uint8), "labels_affine": np.zeros((4, 4))}, "labels_affine: must be a finite, invertible"),
+    ({"labels": np.ones((8, 8, 8), bool)}, "labels: label map must hold integer class ids, got dtype bool"),
+    ({"labels": np.ones((8, 8, 8), np.uint8), "steps": 5}, "steps, guidance: not used with labels"),
 ])
 def test_the_python_api_checks_its_arguments(tiny_pipe, kwargs, message):
     """Every bad argument is one GuideGenError naming it, before any sampling."""
@@ -480,7 +484,7 @@ def test_the_api_takes_a_float_label_array_as_ids_and_an_lps_map(tiny_pipe):
     from guidegen.io import from_ras
 
     labels = render_phantom(3, GRID).labels.astype(np.float32)
-    sample = tiny_pipe.generate(None, labels=labels, ct_steps=2)
+    sample = tiny_pipe.generate(None, labels=labels, ct_steps=2, seed=np.int64(0))  # a numpy seed is an int
     assert sample.labels.dtype == np.uint8 and np.array_equal(sample.labels, labels.astype(np.uint8))
     assert sample.ct.shape == labels.shape and sample.ct.dtype == np.int16
     # an LPS copy is rendered on RAS axes (the same CT) and native_axes turns it back

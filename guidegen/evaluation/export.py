@@ -123,17 +123,21 @@ def source_map_groups(reader, cases: list[str]) -> dict[str, list[str]]:
 
 
 def grouped_splits(reader, cases: list[str], folds: int = NNUNET_FOLDS, seed: int = 0) -> list[dict] | None:
-    """nnU-Net's ``splits_final.json`` (``[{"train": [...], "val": [...]}] * folds``) with every
-    source map's CTs in one fold, or None when no map has more than one CT (nnU-Net's own random
-    split is then as good) or there are fewer groups than folds.
+    """nnU-Net's ``splits_final.json`` (``[{"train": [...], "val": [...]}]``, ``folds`` of them,
+    fewer when there are fewer source maps) with every source map's CTs in one fold; None when no
+    map has more than one CT (nnU-Net's own random split is then as good).
 
     Why: nnU-Net splits cases at random for its cross-validation; several CTs of one label map
     (``--n`` > 1) would land in both training and validation, and the validation Dice would
     measure memorised anatomy. Groups go to folds largest first, each to the fold with the fewest
-    cases so far (ties by a seeded shuffle)."""
+    cases so far (ties by a seeded shuffle). One source map alone cannot be split: raises."""
     groups = list(source_map_groups(reader, cases).values())
-    if all(len(g) == 1 for g in groups) or len(groups) < folds:
+    if all(len(g) == 1 for g in groups):
         return None
+    if len(groups) < 2:
+        raise GuideGenError(f"--data {reader.root}: all {len(cases)} CTs come from one label map; no cross-validation split can "
+                            "keep training and validation apart (render CTs of more maps)")
+    folds = min(folds, len(groups))
     order = np.random.default_rng(seed).permutation(len(groups))
     fold_cases: list[list[str]] = [[] for _ in range(folds)]
     for i in sorted(order, key=lambda i: -len(groups[i])):  # stable: the shuffle breaks size ties
