@@ -72,12 +72,15 @@ def _json_default(obj: object) -> object:
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).endswith(NIFTI_SUFFIXES)
+    """Whether a file name ends in ``.nii`` or ``.nii.gz``, in any case (scanners and Windows
+    tools write ``.NII.GZ``; nibabel reads them alike)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def strip_nifti_suffix(name: str) -> str:
+    """``name`` without its ``.nii`` / ``.nii.gz`` suffix (in any case)."""
     for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 

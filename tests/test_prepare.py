@@ -427,6 +427,13 @@ def test_bad_report_rows_write_nothing_and_json_arrays_are_read(tmp_path, label_
         prepare_dataset(*args, options=PrepareOptions(grid=GRID, margin_mm=float("nan")), progress=False)
 
 
+def test_upper_case_nifti_names_pair_like_lower_case_ones(tmp_path, label_set):
+    _good_inputs(tmp_path, "CT01", label_set)
+    (tmp_path / "ct" / "CT01.nii.gz").rename(tmp_path / "ct" / "CT01.NII.GZ")
+    rep = prepare_dataset(tmp_path / "ct", tmp_path / "labels", None, options=OPTS, dry_run=True, progress=False)
+    assert rep.problems == [] and [r.case for r in rep.results] == ["CT01"] and rep.count("valid") == 1
+
+
 def test_a_ct_without_orientation_is_written_with_a_warning(tmp_path, label_set):
     _, ct, affine = _good_inputs(tmp_path, "a", label_set)
     ml = nib.load(tmp_path / "labels" / "a.nii.gz")
