@@ -299,8 +299,8 @@ def upsample_ct_by_class(ct_small: np.ndarray, labels_small: np.ndarray, labels:
 
     Why: plain trilinear resampling blends a structure with its neighbours over a whole model
     voxel (~8 mm on the demo grid), so on a finer map a rib voxel got lung and muscle mixed in
-    (the written rib median ~420 HU against ~920 on the model grid) and the CT's edges did not
-    follow the map the user trains on. Here, for class c, every model voxel takes the HU of its
+    (on three 2×-finer phantom maps the written rib median was ~270 HU against ~860 in the truth,
+    docs/measurements.md) and the CT's edges did not follow the map the user trains on. Here, for class c, every model voxel takes the HU of its
     nearest class-c voxel (a Euclidean distance transform), and the map's class-c voxels are
     read from that volume with trilinear weights at the same coordinates ``resize_ct`` uses
     (half-voxel centres, edges clamped): a convex mix of class-c values only. A class the model
@@ -545,14 +545,14 @@ class GuideGenPipeline:
             if steps is not None or guidance is not None:
                 raise GuideGenError("steps, guidance: not used with labels (the label map is given, not sampled; ct_steps and "
                                     "ct_guidance apply)")
-            if labels_affine is not None and (np.shape(labels_affine) != (4, 4) or not np.all(np.isfinite(labels_affine))
-                                              or abs(np.linalg.det(np.asarray(labels_affine, np.float64)[:3, :3])) < 1e-9):
-                raise GuideGenError(f"labels_affine: must be a finite, invertible 4 x 4 matrix, got {np.asarray(labels_affine).tolist()}")
             prompt = "" if prompt is None else prompt  # a mask alone is a valid request
         native_axes = None
         if labels is not None and labels_affine is not None:
             from guidegen.io import to_ras
 
+            if (np.shape(labels_affine) != (4, 4) or not np.all(np.isfinite(labels_affine))
+                    or abs(np.linalg.det(np.asarray(labels_affine, np.float64)[:3, :3])) < 1e-9):
+                raise GuideGenError(f"labels_affine: must be a finite, invertible 4 x 4 matrix, got {np.asarray(labels_affine).tolist()}")
             # the models (and QC's anatomical order) read RAS axes: an LPS or permuted map is
             # flipped / permuted, never resampled, and Sample.native_axes turns results back
             labels, labels_affine, native_axes = to_ras(labels, labels_affine)
@@ -765,13 +765,10 @@ def check_generate_out(out: Path) -> None:
     """Refuse an ``--out`` that is not a new or empty directory or a dataset ``generate`` wrote:
     adding synthetic cases to a training set (a phantom or ``prepare`` output) would mix them in
     and rewrite its ``dataset.json``."""
-    from guidegen.data.layout import check_output_root
+    from guidegen.data.layout import DatasetReader, check_output_root
 
     if check_output_root(out, overwrite_option=False) == "resume":
-        try:
-            source = json.loads((out / "dataset.json").read_text()).get("source")
-        except (OSError, ValueError) as exc:
-            raise GuideGenError(f"{out / 'dataset.json'}: unreadable ({type(exc).__name__})") from None
+        source = DatasetReader(out).info.get("source")
         if source not in GENERATE_SOURCES:
             raise GuideGenError(f"{out}: holds a dataset written by {source or 'another tool'!s}, not by guidegen generate; "
                                 "choose a new or empty --out (synthetic cases would mix into it)")
